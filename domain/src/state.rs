@@ -1,0 +1,439 @@
+//! The replicated state of one Raft group and the deterministic `apply`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::*;
+use crate::stock::Stock;
+use crate::types::*;
+
+/// Everything one Raft group replicates: the sales and stock of its SKUs and
+/// the sessions, carts and orders of its shoppers.
+///
+/// Only ordered collections (`BTreeMap`/`BTreeSet`): iteration order is part
+/// of the state machine's behaviour (which holds expire first), so it must be
+/// the same on every replica and in every simulator run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// The latest leader timestamp applied. Never goes backwards, even if a
+    /// new leader's clock is behind the old one's.
+    clock_ms: u64,
+    /// One entry per SKU on sale.
+    skus: BTreeMap<String, SkuState>,
+    /// Open sessions by id.
+    sessions: BTreeMap<SessionId, Session>,
+    /// SHA-256 of a session's bearer token → session, to authenticate requests.
+    tokens: BTreeMap<String, SessionId>,
+    /// Every order ever placed.
+    orders: BTreeMap<OrderId, Order>,
+    /// `(pay_by_ms, order)` for each order pending payment: the expiry queue.
+    deadlines: BTreeSet<(u64, OrderId)>,
+    /// The id the next session gets.
+    next_session: SessionId,
+    /// The id the next order gets.
+    next_order: OrderId,
+}
+
+/// A SKU's sale, stock, and how much of it each shopper holds or bought.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SkuState {
+    sale: Sale,
+    stock: Stock,
+    /// Units held or sold per shopper, for the per-shopper limit. A shopper
+    /// appears only while the count is above zero.
+    per_shopper: BTreeMap<String, u64>,
+}
+
+/// A shopper's session: cart, orders, and idempotency keys.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Session {
+    shopper: String,
+    /// SKU → quantity.
+    cart: BTreeMap<String, u32>,
+    /// Idempotency key → (the `items` of the first checkout with that key, its order).
+    checkouts: BTreeMap<String, (Option<Vec<Line>>, OrderId)>,
+}
+
+impl GroupState {
+    /// Applies one log entry. Deterministic: the same state and request give
+    /// the same state and response on every replica.
+    pub fn apply(&mut self, request: &Request) -> Response {
+        self.clock_ms = self.clock_ms.max(request.stamped_at_ms);
+        self.expire_due();
+        let outcomes = request.commands.iter().map(|command| self.apply_command(command)).collect();
+        if cfg!(debug_assertions) {
+            self.check_invariants();
+        }
+        Response { outcomes }
+    }
+
+    fn apply_command(&mut self, command: &Command) -> Outcome {
+        let result = match command {
+            Command::CreateSale(sale) => self.create_sale(sale),
+            Command::Restock { sku, units } => self.restock(sku, *units),
+            Command::OpenSession { shopper, token_hash } => self.open_session(shopper, token_hash),
+            Command::SetCartItem { session, sku, qty } => self.set_cart_item(*session, sku, *qty),
+            Command::RemoveCartItem { session, sku } => self.remove_cart_item(*session, sku),
+            Command::Checkout { session, idempotency_key, items, hold_ms } => {
+                self.checkout(*session, idempotency_key, items.as_deref(), *hold_ms)
+            }
+            Command::Pay { session, order } => self.pay(*session, *order),
+            Command::Cancel { session, order } => self.cancel(*session, *order),
+        };
+        result.unwrap_or_else(Outcome::Rejected)
+    }
+
+    fn create_sale(&mut self, sale: &Sale) -> Result<Outcome, Rejection> {
+        validate_sku(&sale.sku)?;
+        if sale.name.is_empty() || sale.name.len() > SALE_NAME_LEN_MAX {
+            return Err(Rejection::Invalid(format!("name must be 1 to {SALE_NAME_LEN_MAX} bytes")));
+        }
+        if sale.price_minor > PRICE_MINOR_MAX {
+            return Err(Rejection::Invalid(format!("price_minor must be at most {PRICE_MINOR_MAX}")));
+        }
+        if sale.stock > SALE_STOCK_MAX {
+            return Err(Rejection::Invalid(format!("stock must be at most {SALE_STOCK_MAX}")));
+        }
+        if sale.ends_at_ms <= sale.starts_at_ms {
+            return Err(Rejection::Invalid("ends_at_ms must be after starts_at_ms".into()));
+        }
+        if self.skus.contains_key(&sale.sku) {
+            return Err(Rejection::SaleExists { sku: sale.sku.clone() });
+        }
+        if self.skus.len() >= SALES_MAX {
+            return Err(Rejection::TooManySales);
+        }
+        let state = SkuState { sale: sale.clone(), stock: Stock::new(sale.stock), per_shopper: BTreeMap::new() };
+        let view = state.view();
+        self.skus.insert(sale.sku.clone(), state);
+        Ok(Outcome::Sku(view))
+    }
+
+    fn restock(&mut self, sku: &str, units: u64) -> Result<Outcome, Rejection> {
+        let state = self.sku_mut(sku)?;
+        if units == 0 {
+            return Err(Rejection::Invalid("units must be at least 1".into()));
+        }
+        if state.stock.total.saturating_add(units) > SALE_STOCK_MAX {
+            return Err(Rejection::StockOverflow);
+        }
+        state.stock.restock(units);
+        Ok(Outcome::Sku(state.view()))
+    }
+
+    fn open_session(&mut self, shopper: &str, token_hash: &str) -> Result<Outcome, Rejection> {
+        validate_shopper(shopper)?;
+        if token_hash.len() != 64 || !token_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Rejection::Invalid("token_hash must be 64 hex digits".into()));
+        }
+        if self.tokens.contains_key(token_hash) {
+            return Err(Rejection::Invalid("token already in use".into()));
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(
+            id,
+            Session { shopper: shopper.to_string(), cart: BTreeMap::new(), checkouts: BTreeMap::new() },
+        );
+        self.tokens.insert(token_hash.to_string(), id);
+        Ok(Outcome::SessionOpened { session: id })
+    }
+
+    fn set_cart_item(&mut self, session: SessionId, sku: &str, qty: u32) -> Result<Outcome, Rejection> {
+        validate_sku(sku)?;
+        validate_qty(qty)?;
+        if !self.skus.contains_key(sku) {
+            return Err(Rejection::UnknownSku { sku: sku.to_string() });
+        }
+        let session = self.sessions.get_mut(&session).ok_or(Rejection::UnknownSession)?;
+        if !session.cart.contains_key(sku) && session.cart.len() >= CART_LINES_MAX {
+            return Err(Rejection::CartFull);
+        }
+        session.cart.insert(sku.to_string(), qty);
+        Ok(Outcome::Cart(session.cart_view()))
+    }
+
+    fn remove_cart_item(&mut self, session: SessionId, sku: &str) -> Result<Outcome, Rejection> {
+        validate_sku(sku)?;
+        let session = self.sessions.get_mut(&session).ok_or(Rejection::UnknownSession)?;
+        session.cart.remove(sku);
+        Ok(Outcome::Cart(session.cart_view()))
+    }
+
+    /// Reserves every line or none: all checks run before the first unit moves.
+    fn checkout(
+        &mut self,
+        session_id: SessionId,
+        key: &str,
+        items: Option<&[Line]>,
+        hold_ms: u64,
+    ) -> Result<Outcome, Rejection> {
+        validate_idempotency_key(key)?;
+        let session = self.sessions.get(&session_id).ok_or(Rejection::UnknownSession)?;
+        if let Some((first_items, order)) = session.checkouts.get(key) {
+            return if first_items.as_deref() == items {
+                Ok(Outcome::Order { order: self.orders[order].clone(), replayed: true })
+            } else {
+                Err(Rejection::IdempotencyConflict)
+            };
+        }
+        if session.checkouts.len() >= ORDERS_PER_SESSION_MAX {
+            return Err(Rejection::TooManyOrders);
+        }
+        let mut lines: Vec<Line> = match items {
+            Some(items) => items.to_vec(),
+            None => session.cart.iter().map(|(sku, qty)| Line { sku: sku.clone(), qty: *qty }).collect(),
+        };
+        validate_lines(&lines)?;
+        lines.sort();
+
+        let mut amount_minor = 0u64;
+        for line in &lines {
+            let sku = self.sku(&line.sku)?;
+            let sale = &sku.sale;
+            if self.clock_ms < sale.starts_at_ms {
+                return Err(Rejection::SaleNotOpen { sku: line.sku.clone() });
+            }
+            if self.clock_ms >= sale.ends_at_ms {
+                return Err(Rejection::SaleEnded { sku: line.sku.clone() });
+            }
+            let qty = u64::from(line.qty);
+            if qty > sku.stock.available {
+                return Err(Rejection::SoldOut { sku: line.sku.clone(), available: sku.stock.available });
+            }
+            let already = sku.per_shopper.get(&session.shopper).copied().unwrap_or(0);
+            if sale.limit_per_shopper > 0 && already + qty > u64::from(sale.limit_per_shopper) {
+                return Err(Rejection::LimitExceeded {
+                    sku: line.sku.clone(),
+                    limit: sale.limit_per_shopper,
+                    already,
+                });
+            }
+            // Bounded by the limits: 32 lines × 10^4 units × 10^12 < 2^64.
+            amount_minor += sale.price_minor * qty;
+        }
+
+        // Every check passed: now move units.
+        let shopper = session.shopper.clone();
+        for line in &lines {
+            let sku = self.skus.get_mut(&line.sku).expect("checked above");
+            sku.stock.hold(u64::from(line.qty));
+            *sku.per_shopper.entry(shopper.clone()).or_insert(0) += u64::from(line.qty);
+        }
+        let id = self.next_order;
+        self.next_order += 1;
+        let pay_by_ms = self.clock_ms.saturating_add(hold_ms);
+        let order = Order {
+            id,
+            session: session_id,
+            shopper,
+            lines,
+            amount_minor,
+            status: OrderStatus::PendingPayment,
+            placed_at_ms: self.clock_ms,
+            pay_by_ms,
+            updated_at_ms: self.clock_ms,
+        };
+        self.orders.insert(id, order.clone());
+        self.deadlines.insert((pay_by_ms, id));
+        let session = self.sessions.get_mut(&session_id).expect("checked above");
+        session.checkouts.insert(key.to_string(), (items.map(<[Line]>::to_vec), id));
+        if items.is_none() {
+            session.cart.clear();
+        }
+        Ok(Outcome::Order { order, replayed: false })
+    }
+
+    fn pay(&mut self, session: SessionId, order_id: OrderId) -> Result<Outcome, Rejection> {
+        let order = self.session_order(session, order_id)?;
+        match order.status {
+            OrderStatus::Paid => return Ok(Outcome::Order { order: order.clone(), replayed: true }),
+            OrderStatus::PendingPayment => {}
+            status => return Err(Rejection::OrderFinal { order: order_id, status }),
+        }
+        // `apply` expired every due order before this command, so a pending
+        // order here is still inside its deadline.
+        debug_assert!(order.pay_by_ms > self.clock_ms);
+        let order = self.settle(order_id, OrderStatus::Paid);
+        Ok(Outcome::Order { order, replayed: false })
+    }
+
+    fn cancel(&mut self, session: SessionId, order_id: OrderId) -> Result<Outcome, Rejection> {
+        let order = self.session_order(session, order_id)?;
+        match order.status {
+            OrderStatus::Cancelled => return Ok(Outcome::Order { order: order.clone(), replayed: true }),
+            OrderStatus::PendingPayment => {}
+            status => return Err(Rejection::OrderFinal { order: order_id, status }),
+        }
+        let order = self.settle(order_id, OrderStatus::Cancelled);
+        Ok(Outcome::Order { order, replayed: false })
+    }
+
+    /// Releases the holds of every pending order whose deadline has passed.
+    fn expire_due(&mut self) {
+        while let Some(&(pay_by_ms, order)) = self.deadlines.first() {
+            if pay_by_ms > self.clock_ms {
+                break;
+            }
+            self.settle(order, OrderStatus::Expired);
+        }
+    }
+
+    /// Moves a pending order to a final status and its held units to sold
+    /// (paid) or back to available (cancelled, expired).
+    fn settle(&mut self, order_id: OrderId, status: OrderStatus) -> Order {
+        assert_ne!(status, OrderStatus::PendingPayment);
+        let order = self.orders.get_mut(&order_id).expect("settle of an unknown order");
+        assert_eq!(order.status, OrderStatus::PendingPayment, "settle of a final order {order_id}");
+        assert!(self.deadlines.remove(&(order.pay_by_ms, order_id)), "pending order {order_id} had no deadline");
+        order.status = status;
+        order.updated_at_ms = self.clock_ms;
+        for line in &order.lines {
+            let sku = self.skus.get_mut(&line.sku).expect("order line of an unknown sku");
+            let units = u64::from(line.qty);
+            if status == OrderStatus::Paid {
+                sku.stock.confirm(units);
+            } else {
+                sku.stock.release(units);
+                let count = sku.per_shopper.get_mut(&order.shopper).expect("held units without a shopper count");
+                *count -= units;
+                if *count == 0 {
+                    sku.per_shopper.remove(&order.shopper);
+                }
+            }
+        }
+        order.clone()
+    }
+
+    fn sku(&self, sku: &str) -> Result<&SkuState, Rejection> {
+        self.skus.get(sku).ok_or_else(|| Rejection::UnknownSku { sku: sku.to_string() })
+    }
+
+    fn sku_mut(&mut self, sku: &str) -> Result<&mut SkuState, Rejection> {
+        self.skus.get_mut(sku).ok_or_else(|| Rejection::UnknownSku { sku: sku.to_string() })
+    }
+
+    fn session_order(&self, session: SessionId, order: OrderId) -> Result<&Order, Rejection> {
+        match self.orders.get(&order) {
+            Some(found) if found.session == session => Ok(found),
+            _ => Err(Rejection::UnknownOrder { order }),
+        }
+    }
+
+    // ---- Reads. They see this replica's applied state; callers that need a
+    // ---- linearizable read confirm leadership first.
+
+    /// The latest leader time applied.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    /// A SKU's sale and stock.
+    pub fn sku_view(&self, sku: &str) -> Option<SkuView> {
+        self.skus.get(sku).map(SkuState::view)
+    }
+
+    /// Every SKU's sale and stock, in SKU order (for metrics and the demo).
+    pub fn sku_views(&self) -> impl Iterator<Item = SkuView> + '_ {
+        self.skus.values().map(SkuState::view)
+    }
+
+    /// The session a bearer token's SHA-256 belongs to, with its shopper.
+    pub fn session_by_token(&self, token_hash: &str) -> Option<(SessionId, &str)> {
+        let id = *self.tokens.get(token_hash)?;
+        Some((id, &self.sessions[&id].shopper))
+    }
+
+    /// A session's cart.
+    pub fn cart(&self, session: SessionId) -> Result<Cart, Rejection> {
+        self.sessions.get(&session).map(Session::cart_view).ok_or(Rejection::UnknownSession)
+    }
+
+    /// One of a session's orders; another session's order is "not found".
+    pub fn order(&self, session: SessionId, order: OrderId) -> Result<Order, Rejection> {
+        self.session_order(session, order).cloned()
+    }
+
+    /// Any order by id, for operators, recovery checks and the demo's audit.
+    pub fn order_by_id(&self, order: OrderId) -> Option<&Order> {
+        self.orders.get(&order)
+    }
+
+    /// The earliest payment deadline of a pending order: when the state
+    /// machine next needs time to pass for holds to expire.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.deadlines.first().map(|&(pay_by_ms, _)| pay_by_ms)
+    }
+
+    /// How many orders are in each status, in `OrderStatus` declaration order
+    /// (pending, paid, cancelled, expired).
+    pub fn order_counts(&self) -> [u64; 4] {
+        let mut counts = [0u64; 4];
+        for order in self.orders.values() {
+            counts[order.status as usize] += 1;
+        }
+        counts
+    }
+
+    /// Checks every invariant of DESIGN.md that one group's state can show,
+    /// from scratch, and panics with the first one broken. Runs after every
+    /// apply in debug builds and after every step of the property tests.
+    pub fn check_invariants(&self) {
+        let mut held: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut sold: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut per_shopper: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        let mut pending = BTreeSet::new();
+        for order in self.orders.values() {
+            assert!(self.sessions.contains_key(&order.session), "order {} of an unknown session", order.id);
+            assert!(order.id < self.next_order, "order id {} not yet assigned", order.id);
+            for line in &order.lines {
+                let counter = match order.status {
+                    OrderStatus::PendingPayment => &mut held,
+                    OrderStatus::Paid => &mut sold,
+                    OrderStatus::Cancelled | OrderStatus::Expired => continue,
+                };
+                *counter.entry(&line.sku).or_default() += u64::from(line.qty);
+                *per_shopper.entry((&line.sku, &order.shopper)).or_default() += u64::from(line.qty);
+            }
+            if order.status == OrderStatus::PendingPayment {
+                assert!(order.pay_by_ms > self.clock_ms, "order {} is past its deadline but pending", order.id);
+                pending.insert((order.pay_by_ms, order.id));
+            }
+        }
+        assert_eq!(pending, self.deadlines, "expiry queue differs from the pending orders");
+        for (code, sku) in &self.skus {
+            let stock = &sku.stock;
+            stock.assert_conserved();
+            assert_eq!(stock.held, held.get(code.as_str()).copied().unwrap_or(0), "held of {code}");
+            assert_eq!(stock.sold, sold.get(code.as_str()).copied().unwrap_or(0), "sold of {code}");
+            for (shopper, units) in &sku.per_shopper {
+                assert!(*units > 0, "zero count kept for {shopper} on {code}");
+                assert_eq!(Some(units), per_shopper.get(&(code.as_str(), shopper.as_str())), "{shopper} on {code}");
+                let limit = u64::from(sku.sale.limit_per_shopper);
+                assert!(limit == 0 || *units <= limit, "{shopper} holds {units} of {code}, limit {limit}");
+            }
+        }
+        let counted = per_shopper.keys().filter(|(code, _)| self.skus.contains_key(*code)).count();
+        let kept: usize = self.skus.values().map(|sku| sku.per_shopper.len()).sum();
+        assert_eq!(counted, kept, "per-shopper counts out of step with orders");
+        for (session_id, session) in &self.sessions {
+            for (_, order) in session.checkouts.values() {
+                assert_eq!(self.orders[order].session, *session_id, "idempotency key points at a foreign order");
+            }
+        }
+        assert_eq!(self.tokens.len(), self.sessions.len(), "one token per session");
+    }
+}
+
+impl SkuState {
+    fn view(&self) -> SkuView {
+        SkuView { sale: self.sale.clone(), stock: self.stock }
+    }
+}
+
+impl Session {
+    fn cart_view(&self) -> Cart {
+        Cart { lines: self.cart.iter().map(|(sku, qty)| Line { sku: sku.clone(), qty: *qty }).collect() }
+    }
+}

@@ -1,0 +1,256 @@
+//! The vocabulary of the replicated log: commands in, outcomes out, and the
+//! records a shopper or operator can read back.
+
+use serde::{Deserialize, Serialize};
+
+use crate::stock::Stock;
+
+/// A session's id, assigned by the state machine in log order so that every
+/// replica agrees on it without coordination.
+pub type SessionId = u64;
+/// An order's id, assigned by the state machine in log order.
+pub type OrderId = u64;
+
+/// One Raft log entry: the commands one proposer collected while its previous
+/// proposal was in flight (group commit), stamped with the leader's clock.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Milliseconds since the Unix epoch on the leader when it proposed the
+    /// entry. The state machine's only notion of time: sale windows and
+    /// payment deadlines are judged against it, never against a local clock.
+    pub stamped_at_ms: u64,
+    /// Applied in order; each gets one outcome.
+    pub commands: Vec<Command>,
+}
+
+/// What applying one [`Request`] produced: one outcome per command, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// `outcomes[i]` answers `commands[i]`.
+    pub outcomes: Vec<Outcome>,
+}
+
+/// A sale as the operator defines it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sale {
+    /// The product's code; one sale per SKU.
+    pub sku: String,
+    /// Shown to shoppers.
+    pub name: String,
+    /// Unit price in minor currency units (cents), so money is never a float.
+    pub price_minor: u64,
+    /// Units for sale at creation; restocks add to the SKU's total.
+    pub stock: u64,
+    /// Checkouts are accepted from this moment (leader time, ms since epoch)...
+    pub starts_at_ms: u64,
+    /// ...until just before this one.
+    pub ends_at_ms: u64,
+    /// Most units one shopper may hold or have bought of this SKU; 0 means no limit.
+    pub limit_per_shopper: u32,
+}
+
+/// One line of a cart or an order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Line {
+    /// Which product.
+    pub sku: String,
+    /// How many units.
+    pub qty: u32,
+}
+
+/// Where an order is in its life. `PendingPayment` holds stock; the other
+/// three are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderStatus {
+    /// Stock is held until `pay_by_ms`.
+    PendingPayment,
+    /// Held units became sold.
+    Paid,
+    /// The shopper cancelled; held units returned to stock.
+    Cancelled,
+    /// The deadline passed unpaid; held units returned to stock.
+    Expired,
+}
+
+impl OrderStatus {
+    /// The name used in the API and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::PendingPayment => "pending_payment",
+            OrderStatus::Paid => "paid",
+            OrderStatus::Cancelled => "cancelled",
+            OrderStatus::Expired => "expired",
+        }
+    }
+}
+
+/// An order as it is replicated and as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// Assigned in log order.
+    pub id: OrderId,
+    /// The session that placed it: only that session may read or change it.
+    pub session: SessionId,
+    /// The shopper the per-shopper limits count it against.
+    pub shopper: String,
+    /// What was reserved, sorted by SKU.
+    pub lines: Vec<Line>,
+    /// Sum of unit price times quantity, in minor units, fixed at checkout.
+    pub amount_minor: u64,
+    /// Where the order is in its life.
+    pub status: OrderStatus,
+    /// Leader time at which the order was placed.
+    pub placed_at_ms: u64,
+    /// Leader time at which an unpaid order expires and its stock returns.
+    pub pay_by_ms: u64,
+    /// Leader time of the last status change.
+    pub updated_at_ms: u64,
+}
+
+/// A sale together with its live stock, as `GET /v1/skus/{sku}` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkuView {
+    /// The sale as created (its `stock` is the initial stock).
+    pub sale: Sale,
+    /// The current counters.
+    pub stock: Stock,
+}
+
+/// A session's cart as the API shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cart {
+    /// Sorted by SKU.
+    pub lines: Vec<Line>,
+}
+
+/// A change to the replicated state. Every command is validated again by the
+/// state machine: a command that fails validation is rejected and changes
+/// nothing, whoever proposed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Operator: put a SKU on sale.
+    CreateSale(Sale),
+    /// Operator: add units to a SKU's total.
+    Restock { sku: String, units: u64 },
+    /// Shopper: start a session. `token_hash` is the SHA-256 of the bearer
+    /// token, so the log never holds a usable credential.
+    OpenSession { shopper: String, token_hash: String },
+    /// Shopper: set a cart line's quantity (adds the line if missing).
+    SetCartItem { session: SessionId, sku: String, qty: u32 },
+    /// Shopper: drop a cart line.
+    RemoveCartItem { session: SessionId, sku: String },
+    /// Shopper: reserve `items` (or, when `None`, the whole cart) as one order,
+    /// all lines or none. The same `idempotency_key` with the same `items`
+    /// returns the first order; with different `items` it is a conflict.
+    Checkout {
+        session: SessionId,
+        idempotency_key: String,
+        items: Option<Vec<Line>>,
+        /// How long the order may stay unpaid, from the entry's timestamp.
+        hold_ms: u64,
+    },
+    /// Shopper: the payment provider approved; held units become sold.
+    Pay { session: SessionId, order: OrderId },
+    /// Shopper: give up an unpaid order; held units return to stock.
+    Cancel { session: SessionId, order: OrderId },
+}
+
+impl Command {
+    /// The SKU whose stock this command touches first, if any: the proposer
+    /// routes a command to that SKU's actor so that a hot SKU's requests share
+    /// one batch.
+    pub fn routing_sku(&self) -> Option<&str> {
+        match self {
+            Command::CreateSale(sale) => Some(&sale.sku),
+            Command::Restock { sku, .. } => Some(sku),
+            Command::Checkout { items: Some(items), .. } => items.first().map(|line| line.sku.as_str()),
+            _ => None,
+        }
+    }
+
+    /// A short name for metrics and traces.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::CreateSale(_) => "create_sale",
+            Command::Restock { .. } => "restock",
+            Command::OpenSession { .. } => "open_session",
+            Command::SetCartItem { .. } => "set_cart_item",
+            Command::RemoveCartItem { .. } => "remove_cart_item",
+            Command::Checkout { .. } => "checkout",
+            Command::Pay { .. } => "pay",
+            Command::Cancel { .. } => "cancel",
+        }
+    }
+}
+
+/// What one command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// `CreateSale` or `Restock` succeeded.
+    Sku(SkuView),
+    /// `OpenSession` succeeded.
+    SessionOpened { session: SessionId },
+    /// A cart command succeeded; the cart after it.
+    Cart(Cart),
+    /// `Checkout`, `Pay` or `Cancel` succeeded. `replayed` is true when the
+    /// command had already been applied (a retry) and nothing changed now.
+    Order { order: Order, replayed: bool },
+    /// The command changed nothing, for this reason.
+    Rejected(Rejection),
+}
+
+/// Why a command changed nothing. These are normal outcomes of a flash sale
+/// (sold out, limit reached) or of bad input, not internal errors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// Malformed input: the message says which bound it broke.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// No sale exists for this SKU.
+    #[error("no sale for sku {sku}")]
+    UnknownSku { sku: String },
+    /// A sale for this SKU exists already.
+    #[error("a sale for sku {sku} exists already")]
+    SaleExists { sku: String },
+    /// The group holds as many sales as it may.
+    #[error("too many sales")]
+    TooManySales,
+    /// Now is before the sale's start.
+    #[error("the sale of {sku} has not started")]
+    SaleNotOpen { sku: String },
+    /// Now is at or after the sale's end.
+    #[error("the sale of {sku} has ended")]
+    SaleEnded { sku: String },
+    /// Fewer units are available than the line asks for.
+    #[error("sku {sku} is sold out ({available} available)")]
+    SoldOut { sku: String, available: u64 },
+    /// The line would take the shopper past the per-shopper limit.
+    #[error("limit of {limit} per shopper for sku {sku} reached ({already} held or bought)")]
+    LimitExceeded { sku: String, limit: u32, already: u64 },
+    /// Checkout of an empty cart, or an order with no lines.
+    #[error("nothing to order")]
+    EmptyOrder,
+    /// The cart already has as many lines as it may.
+    #[error("the cart is full")]
+    CartFull,
+    /// The session has placed as many orders as it may.
+    #[error("this session has placed its maximum number of orders")]
+    TooManyOrders,
+    /// The idempotency key was used before with a different request body.
+    #[error("idempotency key reused with a different request")]
+    IdempotencyConflict,
+    /// No such session (or its token is unknown).
+    #[error("unknown session")]
+    UnknownSession,
+    /// No such order for this session. Another session's order is reported
+    /// the same way, so its existence leaks nothing.
+    #[error("order {order} not found")]
+    UnknownOrder { order: OrderId },
+    /// The order is in a state the command cannot act on (paying an expired
+    /// order, cancelling a paid one).
+    #[error("order {order} is {status:?}")]
+    OrderFinal { order: OrderId, status: OrderStatus },
+    /// Restocking would take the total past [`crate::SALE_STOCK_MAX`].
+    #[error("stock would exceed the maximum")]
+    StockOverflow,
+}

@@ -1,0 +1,277 @@
+//! Property tests: random command sequences against one group's state, with
+//! every invariant checked after every step.
+
+use std::collections::BTreeMap;
+
+use domain::*;
+use proptest::prelude::*;
+
+const SKUS: [&str; 3] = ["hot", "warm", "cold"];
+const SHOPPERS: [&str; 3] = ["ann", "bob", "cyd"];
+const HOLD_MS: u64 = 5_000;
+
+/// One step of a random run. Indices are reduced modulo what exists, so every
+/// generated step means something.
+#[derive(Clone, Debug)]
+enum Step {
+    Open { shopper: usize },
+    SetCart { session: usize, sku: usize, qty: u32 },
+    RemoveCart { session: usize, sku: usize },
+    Checkout { session: usize, key: u8, items: Option<Vec<(usize, u32)>> },
+    Pay { session: usize, order: usize },
+    Cancel { session: usize, order: usize },
+    Restock { sku: usize, units: u64 },
+    Wait { ms: u64 },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let items = proptest::option::of(proptest::collection::vec((0..SKUS.len(), 0u32..4), 0..4));
+    prop_oneof![
+        1 => (0..SHOPPERS.len()).prop_map(|shopper| Step::Open { shopper }),
+        2 => (0..8usize, 0..SKUS.len(), 0u32..4).prop_map(|(session, sku, qty)| Step::SetCart { session, sku, qty }),
+        1 => (0..8usize, 0..SKUS.len()).prop_map(|(session, sku)| Step::RemoveCart { session, sku }),
+        5 => (0..8usize, 0u8..4, items).prop_map(|(session, key, items)| Step::Checkout { session, key, items }),
+        3 => (0..8usize, 0..16usize).prop_map(|(session, order)| Step::Pay { session, order }),
+        1 => (0..8usize, 0..16usize).prop_map(|(session, order)| Step::Cancel { session, order }),
+        1 => (0..SKUS.len(), 0u64..3).prop_map(|(sku, units)| Step::Restock { sku, units }),
+        2 => (0u64..4_000).prop_map(|ms| Step::Wait { ms }),
+    ]
+}
+
+/// A state with three sales open from t=1000 to t=100_000, and that opening moment: a scarce hot SKU
+/// with a per-shopper limit, and two roomier ones.
+fn opened() -> (GroupState, u64) {
+    let mut state = GroupState::default();
+    let sales = SKUS.iter().zip([(5, 2), (20, 0), (50, 3)]).map(|(sku, (stock, limit))| {
+        Command::CreateSale(Sale {
+            sku: sku.to_string(),
+            name: format!("{sku} item"),
+            price_minor: 1_999,
+            stock,
+            starts_at_ms: 1_000,
+            ends_at_ms: 100_000,
+            limit_per_shopper: limit,
+        })
+    });
+    // Created before the sales open, so a test may still try a checkout too early.
+    let response = state.apply(&Request { stamped_at_ms: 0, commands: sales.collect() });
+    assert!(response.outcomes.iter().all(|o| matches!(o, Outcome::Sku(_))));
+    (state, 1_000)
+}
+
+fn token(n: usize) -> String {
+    format!("{n:064x}")
+}
+
+/// What the test remembers of the run, to check the promises the API makes.
+#[derive(Default)]
+struct Memory {
+    sessions: Vec<SessionId>,
+    /// Every order ever acknowledged.
+    orders: Vec<OrderId>,
+    /// (session, key) → (items, order) of the first successful checkout.
+    keys: BTreeMap<(SessionId, u8), (Option<Vec<Line>>, OrderId)>,
+}
+
+fn run(steps: Vec<Step>) {
+    let (mut state, mut now) = opened();
+    let mut memory = Memory::default();
+    for step in steps {
+        let command = match &step {
+            Step::Wait { ms } => {
+                now += ms;
+                state.apply(&Request { stamped_at_ms: now, commands: vec![] });
+                state.check_invariants();
+                continue;
+            }
+            Step::Open { shopper } => Command::OpenSession {
+                shopper: SHOPPERS[*shopper].to_string(),
+                token_hash: token(memory.sessions.len()),
+            },
+            _ if memory.sessions.is_empty() => continue,
+            Step::SetCart { session, sku, qty } => Command::SetCartItem {
+                session: memory.sessions[session % memory.sessions.len()],
+                sku: SKUS[*sku].to_string(),
+                qty: *qty,
+            },
+            Step::RemoveCart { session, sku } => Command::RemoveCartItem {
+                session: memory.sessions[session % memory.sessions.len()],
+                sku: SKUS[*sku].to_string(),
+            },
+            Step::Checkout { session, key, items } => Command::Checkout {
+                session: memory.sessions[session % memory.sessions.len()],
+                idempotency_key: format!("key-{key}"),
+                items: items.as_ref().map(|items| {
+                    items.iter().map(|(sku, qty)| Line { sku: SKUS[*sku].to_string(), qty: *qty }).collect()
+                }),
+                hold_ms: HOLD_MS,
+            },
+            Step::Pay { session, order } | Step::Cancel { session, order } if !memory.orders.is_empty() => {
+                let session = memory.sessions[session % memory.sessions.len()];
+                let order = memory.orders[order % memory.orders.len()];
+                if matches!(step, Step::Pay { .. }) {
+                    Command::Pay { session, order }
+                } else {
+                    Command::Cancel { session, order }
+                }
+            }
+            Step::Pay { .. } | Step::Cancel { .. } => continue,
+            Step::Restock { sku, units } => Command::Restock { sku: SKUS[*sku].to_string(), units: *units },
+        };
+
+        // Let time's own effects (expiry) happen first, so that a rejected
+        // command can be compared against the state right before it.
+        state.apply(&Request { stamped_at_ms: now, commands: vec![] });
+        let before = state.clone();
+        let response = state.apply(&Request { stamped_at_ms: now, commands: vec![command.clone()] });
+        state.check_invariants();
+        let outcome = &response.outcomes[0];
+
+        match outcome {
+            Outcome::Rejected(_) => assert_eq!(before, state, "rejected {command:?} changed the state"),
+            Outcome::Order { replayed: true, .. } => assert_eq!(before, state, "replayed {command:?} changed the state"),
+            _ => {}
+        }
+        remember(&mut memory, &command, outcome);
+    }
+
+    // Every acknowledged order is still there, and once every deadline has
+    // passed nothing is held any more: expired holds return to stock.
+    state.apply(&Request { stamped_at_ms: now + HOLD_MS, commands: vec![] });
+    state.check_invariants();
+    for order in &memory.orders {
+        let order = state.order_by_id(*order).expect("an acknowledged order vanished");
+        assert_ne!(order.status, OrderStatus::PendingPayment);
+    }
+    for view in state.sku_views() {
+        assert_eq!(view.stock.held, 0, "{} still holds units after every deadline", view.sale.sku);
+    }
+}
+
+fn remember(memory: &mut Memory, command: &Command, outcome: &Outcome) {
+    match (command, outcome) {
+        (Command::OpenSession { .. }, Outcome::SessionOpened { session }) => memory.sessions.push(*session),
+        (Command::Checkout { session, idempotency_key, items, .. }, outcome) => {
+            let key = idempotency_key.trim_start_matches("key-").parse::<u8>().unwrap();
+            let first = memory.keys.get(&(*session, key));
+            match (first, outcome) {
+                // At most once: a retry with the same body gets the same order.
+                (Some((first_items, order)), Outcome::Order { order: got, replayed }) => {
+                    assert!(replayed);
+                    assert_eq!(first_items, items);
+                    assert_eq!(got.id, *order);
+                }
+                (Some((first_items, _)), Outcome::Rejected(Rejection::IdempotencyConflict)) => {
+                    assert_ne!(first_items, items)
+                }
+                (Some(_), other) => panic!("retried key answered {other:?}"),
+                (None, Outcome::Order { order, replayed }) => {
+                    assert!(!replayed);
+                    assert_eq!(order.status, OrderStatus::PendingPayment);
+                    memory.orders.push(order.id);
+                    memory.keys.insert((*session, key), (items.clone(), order.id));
+                }
+                (None, _) => {}
+            }
+        }
+        (Command::Pay { order, .. }, Outcome::Order { order: got, .. }) => {
+            assert_eq!((got.id, got.status), (*order, OrderStatus::Paid))
+        }
+        (Command::Cancel { order, .. }, Outcome::Order { order: got, .. }) => {
+            assert_eq!((got.id, got.status), (*order, OrderStatus::Cancelled))
+        }
+        _ => {}
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_after_every_step(steps in proptest::collection::vec(step(), 1..120)) {
+        run(steps);
+    }
+}
+
+/// A table of single commands against a fresh state, each with the outcome a
+/// user relies on.
+#[test]
+fn checkout_outcomes() {
+    fn check(commands: Vec<Command>, now: u64, expect: impl Fn(&Outcome) -> bool) {
+        let (mut state, _) = opened();
+        let mut setup = vec![Command::OpenSession { shopper: "ann".into(), token_hash: token(0) }];
+        setup.extend(commands);
+        let response = state.apply(&Request { stamped_at_ms: now, commands: setup });
+        let last = response.outcomes.last().unwrap();
+        assert!(expect(last), "unexpected outcome {last:?}");
+        state.check_invariants();
+    }
+    let checkout = |key: &str, lines: &[(&str, u32)]| Command::Checkout {
+        session: 0,
+        idempotency_key: key.into(),
+        items: Some(lines.iter().map(|(sku, qty)| Line { sku: sku.to_string(), qty: *qty }).collect()),
+        hold_ms: HOLD_MS,
+    };
+
+    check(vec![checkout("k", &[("hot", 2)])], 2_000, |o| matches!(o, Outcome::Order { replayed: false, .. }));
+    check(vec![checkout("k", &[("hot", 1)])], 500, |o| matches!(o, Outcome::Rejected(Rejection::SaleNotOpen { .. })));
+    check(vec![checkout("k", &[("hot", 1)])], 100_000, |o| matches!(o, Outcome::Rejected(Rejection::SaleEnded { .. })));
+    check(vec![checkout("k", &[("hot", 3)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::LimitExceeded { .. })));
+    check(vec![checkout("k", &[("warm", 21)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::SoldOut { available: 20, .. })));
+    check(vec![checkout("k", &[("nope", 1)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::UnknownSku { .. })));
+    check(vec![checkout("k", &[("hot", 0)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::Invalid(_))));
+    check(vec![checkout("k", &[("hot", u32::MAX)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::Invalid(_))));
+    check(vec![checkout("k", &[("hot", 1), ("hot", 1)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::Invalid(_))));
+    check(vec![checkout("k", &[])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::EmptyOrder)));
+    check(vec![checkout("", &[("hot", 1)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::Invalid(_))));
+    // One line sold out rejects the whole order: nothing of "warm" is held.
+    check(vec![checkout("k", &[("warm", 1), ("hot", 9)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::SoldOut { .. })));
+    check(
+        vec![checkout("k", &[("hot", 1)]), checkout("k", &[("hot", 2)])],
+        2_000,
+        |o| matches!(o, Outcome::Rejected(Rejection::IdempotencyConflict)),
+    );
+    check(
+        vec![checkout("k", &[("hot", 1)]), checkout("k", &[("hot", 1)])],
+        2_000,
+        |o| matches!(o, Outcome::Order { replayed: true, order } if order.id == 0),
+    );
+    check(
+        vec![checkout("k", &[("hot", 1)]), Command::Pay { session: 1, order: 0 }],
+        2_000,
+        |o| matches!(o, Outcome::Rejected(Rejection::UnknownSession | Rejection::UnknownOrder { .. })),
+    );
+}
+
+#[test]
+fn unpaid_order_expires_at_its_deadline_and_cannot_be_paid() {
+    let (mut state, now) = opened();
+    let open = Command::OpenSession { shopper: "ann".into(), token_hash: token(0) };
+    let checkout = Command::Checkout {
+        session: 0,
+        idempotency_key: "k".into(),
+        items: Some(vec![Line { sku: "hot".into(), qty: 2 }]),
+        hold_ms: HOLD_MS,
+    };
+    state.apply(&Request { stamped_at_ms: now, commands: vec![open, checkout] });
+    assert_eq!(state.sku_view("hot").unwrap().stock.held, 2);
+
+    let response = state.apply(&Request {
+        stamped_at_ms: now + HOLD_MS,
+        commands: vec![Command::Pay { session: 0, order: 0 }],
+    });
+    assert_eq!(
+        response.outcomes[0],
+        Outcome::Rejected(Rejection::OrderFinal { order: 0, status: OrderStatus::Expired })
+    );
+    let stock = state.sku_view("hot").unwrap().stock;
+    assert_eq!((stock.available, stock.held, stock.sold), (5, 0, 0));
+}
+
+#[test]
+fn leader_time_never_goes_backwards() {
+    let (mut state, now) = opened();
+    state.apply(&Request { stamped_at_ms: now + 10_000, commands: vec![] });
+    state.apply(&Request { stamped_at_ms: now, commands: vec![] });
+    assert_eq!(state.clock_ms(), now + 10_000);
+}
