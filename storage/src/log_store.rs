@@ -1,0 +1,281 @@
+//! The Raft log, vote and log pointers of one group, in redb.
+
+use std::fmt;
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+
+use openraft::storage::LogFlushed;
+use openraft::storage::RaftLogStorage;
+use openraft::LogId;
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::StorageError;
+use openraft::StorageIOError;
+use openraft::Vote;
+use redb::Database;
+use redb::ReadableDatabase;
+use redb::ReadableTable;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec;
+use crate::error::to_storage_error;
+use crate::schema;
+use crate::StoreError;
+use crate::SurgeTypeConfig;
+
+/// The Raft log store of one group: log entries, vote, committed log id and last purged
+/// log id, all in the group's redb database.
+///
+/// It keeps no state in memory: every call is one short redb transaction, so the store is
+/// always exactly what is on disk, and clones (the log readers openraft hands to
+/// replication tasks) need no synchronisation beyond redb's own MVCC.
+///
+/// Durability: `append`, `save_vote`, `truncate` and `purge` commit with fsync before they
+/// return, so every write that openraft is told about survives a crash. Only
+/// `save_committed` is not fsynced; see its comment.
+pub struct LogStore<C> {
+    /// The group's database, shared with its [`crate::StateMachineStore`].
+    db: Arc<Database>,
+    /// Ties the store to one Raft type config without storing a value of it.
+    _config: PhantomData<C>,
+}
+
+impl<C> LogStore<C> {
+    /// Wraps a database whose tables [`crate::from_database`] has created.
+    pub(crate) fn new(db: Arc<Database>) -> Self {
+        Self {
+            db,
+            _config: PhantomData,
+        }
+    }
+}
+
+// Manual impls: derives would demand `C: Clone + Debug` for no reason.
+impl<C> Clone for LogStore<C> {
+    fn clone(&self) -> Self {
+        Self::new(self.db.clone())
+    }
+}
+
+impl<C> Debug for LogStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+impl<C: SurgeTypeConfig> LogStore<C> {
+    /// Reads one record of the `LOG_META` table.
+    fn read_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(schema::LOG_META)?;
+        let value = table.get(key)?;
+        value
+            .map(|bytes| codec::decode(bytes.value()))
+            .transpose()
+            .map_err(StoreError::from)
+    }
+
+    /// Writes one record of the `LOG_META` table, fsynced or not.
+    fn write_meta<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        let bytes = codec::encode(value)?;
+        let txn = if durable {
+            schema::begin_durable_write(&self.db)?
+        } else {
+            schema::begin_lazy_write(&self.db)?
+        };
+        txn.open_table(schema::LOG_META)?
+            .insert(key, bytes.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Reads the entries whose index is in `range`, in log order.
+    fn read_entries(&self, range: (Bound<u64>, Bound<u64>)) -> Result<Vec<C::Entry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(schema::LOG)?;
+        let mut entries = Vec::new();
+        for row in table.range::<u64>(range)? {
+            let (index, bytes) = row?;
+            entries.push(decode_entry::<C>(index.value(), bytes.value())?);
+        }
+        Ok(entries)
+    }
+
+    /// Reads the first and last log state in one snapshot of the database.
+    fn read_log_state(&self) -> Result<LogState<C>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(schema::LOG_META)?;
+        let last_purged_log_id: Option<LogId<u64>> = match meta.get(schema::KEY_LAST_PURGED)? {
+            Some(bytes) => Some(codec::decode(bytes.value())?),
+            None => None,
+        };
+        let log = txn.open_table(schema::LOG)?;
+        let last_log_id = match log.last()? {
+            Some((index, bytes)) => Some(decode_entry::<C>(index.value(), bytes.value())?.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    /// Writes `entries` in one durable transaction.
+    fn write_entries(&self, entries: impl Iterator<Item = C::Entry>) -> Result<(), StoreError> {
+        let mut entries = entries.peekable();
+        if entries.peek().is_none() {
+            // Nothing to make durable; skip the commit and its fsync.
+            return Ok(());
+        }
+        let txn = schema::begin_durable_write(&self.db)?;
+        {
+            let mut table = txn.open_table(schema::LOG)?;
+            for entry in entries {
+                let bytes = codec::encode(&entry)?;
+                table.insert(entry.log_id.index, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes every entry at or after `since_index`, durably.
+    fn delete_since(&self, since_index: u64) -> Result<(), StoreError> {
+        let txn = schema::begin_durable_write(&self.db)?;
+        txn.open_table(schema::LOG)?
+            .retain_in::<u64, _>(since_index.., |_, _| false)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Records `upto` as purged and deletes every entry up to it, in one durable
+    /// transaction, so the log never shows a gap without the purge pointer explaining it.
+    fn purge_upto(&self, upto: LogId<u64>) -> Result<(), StoreError> {
+        let txn = schema::begin_durable_write(&self.db)?;
+        {
+            let mut meta = txn.open_table(schema::LOG_META)?;
+            let previous: Option<LogId<u64>> = match meta.get(schema::KEY_LAST_PURGED)? {
+                Some(bytes) => Some(codec::decode(bytes.value())?),
+                None => None,
+            };
+            // openraft purges monotonically; a smaller purge would move the pointer back
+            // over entries that are already gone.
+            if previous.is_some_and(|previous| previous.index >= upto.index) {
+                return Ok(());
+            }
+            meta.insert(schema::KEY_LAST_PURGED, codec::encode(&upto)?.as_slice())?;
+        }
+        txn.open_table(schema::LOG)?
+            .retain_in::<u64, _>(..=upto.index, |_, _| false)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Decodes a stored entry and checks it is stored under its own index (assert after
+/// reading: a mismatch is corruption, not something Raft should see).
+fn decode_entry<C: SurgeTypeConfig>(index: u64, bytes: &[u8]) -> Result<C::Entry, StoreError> {
+    let entry: C::Entry = codec::decode(bytes)?;
+    if entry.log_id.index != index {
+        return Err(StoreError::Inconsistent(format!(
+            "log entry {} is stored under index {index}",
+            entry.log_id
+        )));
+    }
+    Ok(entry)
+}
+
+impl<C: SurgeTypeConfig> RaftLogReader<C> for LogStore<C> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<C::Entry>, StorageError<u64>> {
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.read_entries(bounds)
+            .map_err(to_storage_error(StorageIOError::read_logs))
+    }
+}
+
+impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<u64>> {
+        self.read_log_state()
+            .map_err(to_storage_error(StorageIOError::read_logs))
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        // Durable: a node that forgot its vote could vote twice in one term.
+        self.write_meta(schema::KEY_VOTE, vote, true)
+            .map_err(to_storage_error(StorageIOError::write_vote))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        self.read_meta(schema::KEY_VOTE)
+            .map_err(to_storage_error(StorageIOError::read_vote))
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<u64>>,
+    ) -> Result<(), StorageError<u64>> {
+        // Not fsynced: openraft treats the saved committed id as a hint that lets a
+        // restarting node re-apply its log before it hears from a leader. Losing the
+        // latest value in a crash only makes that re-apply stop earlier; the leader
+        // re-sends the commit index. Fsyncing it would double the fsyncs on the hot path.
+        // The next durable commit (the next append) persists it, since redb orders commits.
+        self.write_meta(schema::KEY_COMMITTED, &committed, false)
+            .map_err(to_storage_error(StorageIOError::write))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        // Stored as `Option` because openraft may save `None`; flatten "never saved".
+        self.read_meta::<Option<LogId<u64>>>(schema::KEY_COMMITTED)
+            .map(Option::flatten)
+            .map_err(to_storage_error(StorageIOError::read))
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<C>,
+    ) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // The commit fsyncs before it returns, so the entries are on disk when openraft
+        // is told they are: an acknowledged append survives a crash. Writing inline
+        // (no background flusher) keeps the store single-threaded for the simulator.
+        self.write_entries(entries.into_iter())
+            .map_err(to_storage_error(StorageIOError::write_logs))?;
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        tracing::debug!(%log_id, "truncate log");
+        self.delete_since(log_id.index)
+            .map_err(to_storage_error(StorageIOError::write_logs))
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        tracing::debug!(%log_id, "purge log");
+        self.purge_upto(log_id)
+            .map_err(to_storage_error(StorageIOError::write_logs))
+    }
+}
