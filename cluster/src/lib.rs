@@ -1,0 +1,43 @@
+//! Surge's Raft groups, the actors that propose to them, and routing.
+//!
+//! **Architecture invariant:** `cluster` makes no business decision. Whether a
+//! checkout succeeds is decided by `domain::GroupState::apply` on every
+//! replica; this crate decides only which log entry a command travels in and
+//! when.
+//!
+//! Today a node runs one single-voter group (see [`network`]); the multi-node
+//! transport adds members and peers under the same [`Group::propose`].
+
+pub mod actors;
+pub mod clock;
+pub mod group;
+pub mod network;
+mod node;
+
+pub use actors::{ActorLimits, Router};
+pub use clock::{Clock, SystemClock};
+pub use group::{Group, GroupConfig};
+pub use node::{Node, NodeConfig};
+
+/// Why a command got no outcome from the state machine. None of these says
+/// the command did not apply except `Overloaded` and `NotLeader`: after a
+/// `Timeout` or `Unavailable` it may or may not have, so clients retry with
+/// the same idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// A mailbox or queue is full: back off and retry.
+    #[error("overloaded")]
+    Overloaded,
+    /// No outcome arrived in time.
+    #[error("timed out waiting for the outcome")]
+    Timeout,
+    /// This node does not lead the group.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader this node knows of, if any.
+        leader: Option<u64>,
+    },
+    /// Raft or storage failed; the message says how.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
