@@ -1,0 +1,222 @@
+//! The JSON shapes of the public API. They are the contract, so they live
+//! apart from the domain types: the domain can change its insides without
+//! changing what shoppers and operators see.
+
+use domain::{Line, Order, OrderStatus, SkuView};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /v1/sales`: put a SKU on sale.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSale {
+    /// 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+    pub sku: String,
+    /// Shown to shoppers.
+    pub name: String,
+    /// Unit price in minor currency units (cents).
+    pub price_minor: u64,
+    /// Units on sale.
+    pub stock: u64,
+    /// Opening time, milliseconds since the Unix epoch.
+    pub starts_at_ms: u64,
+    /// Closing time, milliseconds since the Unix epoch.
+    pub ends_at_ms: u64,
+    /// Most units one shopper may hold or buy; 0 for no limit.
+    #[serde(default)]
+    pub limit_per_shopper: u32,
+}
+
+/// `POST /v1/skus/{sku}/restock`: add units.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Restock {
+    /// Units to add to the total.
+    pub units: u64,
+}
+
+/// A SKU's sale and live stock.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Sku {
+    pub sku: String,
+    pub name: String,
+    pub price_minor: u64,
+    pub starts_at_ms: u64,
+    pub ends_at_ms: u64,
+    pub limit_per_shopper: u32,
+    /// Units a checkout can reserve now.
+    pub available: u64,
+    /// Units reserved by orders pending payment.
+    pub held: u64,
+    /// Units of paid orders.
+    pub sold: u64,
+    /// `available + held + sold`.
+    pub total: u64,
+}
+
+impl From<SkuView> for Sku {
+    fn from(view: SkuView) -> Self {
+        let SkuView { sale, stock } = view;
+        Sku {
+            sku: sale.sku,
+            name: sale.name,
+            price_minor: sale.price_minor,
+            starts_at_ms: sale.starts_at_ms,
+            ends_at_ms: sale.ends_at_ms,
+            limit_per_shopper: sale.limit_per_shopper,
+            available: stock.available,
+            held: stock.held,
+            sold: stock.sold,
+            total: stock.total,
+        }
+    }
+}
+
+/// `POST /v1/sessions`: start a shopper session.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    /// The shopper's account id: per-shopper limits count against it.
+    pub shopper: String,
+}
+
+/// A new session and the bearer token that acts for it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SessionCreated {
+    pub session_id: u64,
+    /// Send as `Authorization: Bearer <token>`. Shown once; the server keeps
+    /// only its SHA-256.
+    pub token: String,
+}
+
+/// `PUT /v1/cart/items/{sku}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetCartItem {
+    /// 1 to 10,000.
+    pub qty: u32,
+}
+
+/// One line of a cart or an order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    pub sku: String,
+    pub qty: u32,
+}
+
+impl From<Line> for Item {
+    fn from(line: Line) -> Self {
+        Item { sku: line.sku, qty: line.qty }
+    }
+}
+
+impl From<Item> for Line {
+    fn from(item: Item) -> Self {
+        Line { sku: item.sku, qty: item.qty }
+    }
+}
+
+/// A session's cart.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Cart {
+    pub items: Vec<Item>,
+}
+
+/// `POST /v1/checkout` body. Absent or without `items`: check out the cart.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Checkout {
+    /// Reserve these instead of the cart (the cart is left as it is).
+    pub items: Option<Vec<Item>>,
+}
+
+/// `POST /v1/orders/{id}/pay` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pay {
+    /// A token of the built-in test payment provider: `tok_approve` is
+    /// approved; `tok_decline` and `tok_insufficient_funds` are declined.
+    pub payment_token: String,
+}
+
+/// An order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderBody {
+    pub order_id: u64,
+    /// `pending_payment`, `paid`, `cancelled` or `expired`.
+    pub status: String,
+    pub items: Vec<Item>,
+    /// Sum of unit price × quantity, in minor units.
+    pub amount_minor: u64,
+    /// When the order was placed (leader time, ms since epoch).
+    pub placed_at_ms: u64,
+    /// An unpaid order expires at this time and its units return to stock.
+    pub pay_by_ms: u64,
+}
+
+impl From<Order> for OrderBody {
+    fn from(order: Order) -> Self {
+        OrderBody {
+            order_id: order.id,
+            status: order.status.as_str().to_string(),
+            items: order.lines.into_iter().map(Item::from).collect(),
+            amount_minor: order.amount_minor,
+            placed_at_ms: order.placed_at_ms,
+            pay_by_ms: order.pay_by_ms,
+        }
+    }
+}
+
+/// `GET /v1/cluster`: this node's view of its Raft group.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatus {
+    pub node_id: u64,
+    /// Leader, Follower, Candidate or Learner.
+    pub state: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    /// Live SKU actors on this node.
+    pub sku_actors: usize,
+    /// Live session actors on this node.
+    pub session_actors: usize,
+    /// Orders by status: pending_payment, paid, cancelled, expired.
+    pub orders: OrderCounts,
+}
+
+/// Orders by status.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderCounts {
+    pub pending_payment: u64,
+    pub paid: u64,
+    pub cancelled: u64,
+    pub expired: u64,
+}
+
+impl From<[u64; 4]> for OrderCounts {
+    fn from(counts: [u64; 4]) -> Self {
+        let [pending_payment, paid, cancelled, expired] = counts;
+        OrderCounts { pending_payment, paid, cancelled, expired }
+    }
+}
+
+/// An RFC 9457 problem document: the body of every error.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// Stable per kind of error, e.g. `/problems/sold-out`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short, stable per type.
+    pub title: String,
+    /// The HTTP status, repeated.
+    pub status: u16,
+    /// What happened this time.
+    pub detail: String,
+}
+
+/// Status names the API shows, in `OrderStatus` order.
+pub const ORDER_STATUSES: [OrderStatus; 4] =
+    [OrderStatus::PendingPayment, OrderStatus::Paid, OrderStatus::Cancelled, OrderStatus::Expired];

@@ -1,0 +1,284 @@
+//! The route handlers. Each validates its input, turns it into one domain
+//! command (or a read), and maps the outcome to a response. None of them
+//! decides anything the state machine decides.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use domain::{Command, Line, OrderId, Outcome, Rejection};
+
+use crate::auth::{token_hash, Operator, Shopper};
+use crate::dto::*;
+use crate::payments;
+use crate::problem::ApiError;
+use crate::AppState;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// Parses an optional JSON body: empty means `T::default()`.
+fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::Malformed(format!("invalid JSON body: {e}")))
+}
+
+fn sku_path(sku: &str) -> Result<&str> {
+    domain::validate_sku(sku)?;
+    Ok(sku)
+}
+
+fn order_path(id: &str) -> Result<OrderId> {
+    id.parse().map_err(|_| ApiError::Malformed(format!("order id must be a non-negative integer, got {id:?}")))
+}
+
+fn expect_sku(outcome: Outcome) -> Result<Sku> {
+    match outcome {
+        Outcome::Sku(view) => Ok(view.into()),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn expect_cart(outcome: Outcome) -> Result<Cart> {
+    match outcome {
+        Outcome::Cart(cart) => Ok(Cart { items: cart.lines.into_iter().map(Item::from).collect() }),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn expect_order(outcome: Outcome) -> Result<(OrderBody, bool)> {
+    match outcome {
+        Outcome::Order { order, replayed } => Ok((order.into(), replayed)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// A rejection becomes its problem document; any other mismatch is a bug
+/// between the handler and the state machine, reported as unavailable rather
+/// than a panic in a worker.
+fn unexpected(outcome: Outcome) -> ApiError {
+    match outcome {
+        Outcome::Rejected(rejection) => ApiError::Rejected(rejection),
+        other => {
+            tracing::error!(?other, "state machine answered with an unexpected outcome");
+            ApiError::Unavailable(cluster::ProposeError::Unavailable("unexpected outcome".into()))
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/v1/sales", tag = "operator", request_body = CreateSale,
+    security(("operator" = [])),
+    responses((status = 201, body = Sku), (status = 409, body = Problem), (status = 422, body = Problem), (status = 401, body = Problem)))]
+/// Put a SKU on sale.
+pub async fn create_sale(_: Operator, state: web::Data<AppState>, body: web::Json<CreateSale>) -> Result<HttpResponse> {
+    let body = body.into_inner();
+    let sale = domain::Sale {
+        sku: body.sku,
+        name: body.name,
+        price_minor: body.price_minor,
+        stock: body.stock,
+        starts_at_ms: body.starts_at_ms,
+        ends_at_ms: body.ends_at_ms,
+        limit_per_shopper: body.limit_per_shopper,
+    };
+    let outcome = state.node.operator(Command::CreateSale(sale)).await?;
+    Ok(HttpResponse::Created().json(expect_sku(outcome)?))
+}
+
+#[utoipa::path(post, path = "/v1/skus/{sku}/restock", tag = "operator", request_body = Restock,
+    security(("operator" = [])),
+    responses((status = 200, body = Sku), (status = 404, body = Problem), (status = 422, body = Problem)))]
+/// Add units to a SKU's stock.
+pub async fn restock(
+    _: Operator,
+    state: web::Data<AppState>,
+    sku: web::Path<String>,
+    body: web::Json<Restock>,
+) -> Result<HttpResponse> {
+    let sku = sku_path(&sku)?.to_string();
+    let outcome = state.node.operator(Command::Restock { sku, units: body.units }).await?;
+    Ok(HttpResponse::Ok().json(expect_sku(outcome)?))
+}
+
+#[utoipa::path(get, path = "/v1/skus/{sku}", tag = "shopper",
+    responses((status = 200, body = Sku), (status = 404, body = Problem)))]
+/// A SKU's sale and current stock (a linearizable read).
+pub async fn get_sku(state: web::Data<AppState>, sku: web::Path<String>) -> Result<HttpResponse> {
+    let sku = sku_path(&sku)?;
+    let view = state.node.read(|s| s.sku_view(sku)).await?;
+    let view = view.ok_or_else(|| Rejection::UnknownSku { sku: sku.to_string() })?;
+    Ok(HttpResponse::Ok().json(Sku::from(view)))
+}
+
+#[utoipa::path(post, path = "/v1/sessions", tag = "shopper", request_body = CreateSession,
+    responses((status = 201, body = SessionCreated), (status = 422, body = Problem)))]
+/// Start a shopper session; the answer carries its bearer token.
+pub async fn create_session(state: web::Data<AppState>, body: web::Json<CreateSession>) -> Result<HttpResponse> {
+    domain::validate_shopper(&body.shopper)?;
+    let token = crate::new_token();
+    let outcome = state.node.open_session(body.into_inner().shopper, token_hash(&token)).await?;
+    match outcome {
+        Outcome::SessionOpened { session } => {
+            Ok(HttpResponse::Created().json(SessionCreated { session_id: session, token }))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/cart", tag = "shopper", security(("session" = [])),
+    responses((status = 200, body = Cart), (status = 401, body = Problem)))]
+/// The session's cart.
+pub async fn get_cart(shopper: Shopper, state: web::Data<AppState>) -> Result<HttpResponse> {
+    let cart = state.node.read(|s| s.cart(shopper.session)).await??;
+    Ok(HttpResponse::Ok().json(Cart { items: cart.lines.into_iter().map(Item::from).collect() }))
+}
+
+#[utoipa::path(put, path = "/v1/cart/items/{sku}", tag = "shopper", request_body = SetCartItem,
+    security(("session" = [])),
+    responses((status = 200, body = Cart), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+/// Set a cart line's quantity.
+pub async fn put_cart_item(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+    sku: web::Path<String>,
+    body: web::Json<SetCartItem>,
+) -> Result<HttpResponse> {
+    let sku = sku_path(&sku)?.to_string();
+    domain::validate_qty(body.qty)?;
+    let command = Command::SetCartItem { session: shopper.session, sku, qty: body.qty };
+    let outcome = state.node.shopper(shopper.session, command).await?;
+    Ok(HttpResponse::Ok().json(expect_cart(outcome)?))
+}
+
+#[utoipa::path(delete, path = "/v1/cart/items/{sku}", tag = "shopper", security(("session" = [])),
+    responses((status = 200, body = Cart)))]
+/// Drop a cart line.
+pub async fn delete_cart_item(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+    sku: web::Path<String>,
+) -> Result<HttpResponse> {
+    let sku = sku_path(&sku)?.to_string();
+    let command = Command::RemoveCartItem { session: shopper.session, sku };
+    let outcome = state.node.shopper(shopper.session, command).await?;
+    Ok(HttpResponse::Ok().json(expect_cart(outcome)?))
+}
+
+#[utoipa::path(post, path = "/v1/checkout", tag = "shopper", request_body(content = Checkout, description = "optional; absent means the cart"),
+    params(("Idempotency-Key" = String, Header, description = "1 to 128 visible ASCII characters; a retry with the same key and body returns the same order")),
+    security(("session" = [])),
+    responses((status = 201, body = OrderBody, description = "reserved"), (status = 200, body = OrderBody, description = "a retry: the order the key placed"),
+        (status = 409, body = Problem, description = "sold out, limit exceeded, sale not open or ended"),
+        (status = 422, body = Problem), (status = 503, body = Problem)))]
+/// Reserve the cart (or the given items) as one order, all lines or none.
+pub async fn checkout(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse> {
+    let key = req
+        .headers()
+        .get("Idempotency-Key")
+        .ok_or_else(|| ApiError::BadHeader("the Idempotency-Key header is required".into()))?
+        .to_str()
+        .map_err(|_| ApiError::BadHeader("Idempotency-Key must be visible ASCII".into()))?
+        .to_string();
+    domain::validate_idempotency_key(&key)?;
+    let body: Checkout = optional_json(&body)?;
+    let items: Option<Vec<Line>> = body.items.map(|items| items.into_iter().map(Line::from).collect());
+    if let Some(items) = &items {
+        domain::validate_lines(items)?;
+    }
+    let command =
+        Command::Checkout { session: shopper.session, idempotency_key: key, items, hold_ms: state.hold_ms };
+    let outcome = state.node.shopper(shopper.session, command).await;
+    crate::metrics::count_checkout(&outcome);
+    let (order, replayed) = expect_order(outcome?)?;
+    Ok(if replayed {
+        HttpResponse::Ok().insert_header(("Idempotent-Replayed", "true")).json(order)
+    } else {
+        HttpResponse::Created().json(order)
+    })
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/pay", tag = "shopper", request_body = Pay, security(("session" = [])),
+    responses((status = 200, body = OrderBody), (status = 402, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+/// Pay an order with the built-in test payment provider.
+pub async fn pay(
+    shopper: Shopper,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Json<Pay>,
+) -> Result<HttpResponse> {
+    let order = order_path(&id)?;
+    // Fail fast on an order the shopper cannot pay, before charging them.
+    let current = state.node.read_local(|s| s.order(shopper.session, order))?;
+    if current.status == domain::OrderStatus::PendingPayment {
+        payments::authorize(&body.payment_token, current.amount_minor)?;
+    }
+    let outcome = state.node.shopper(shopper.session, Command::Pay { session: shopper.session, order }).await?;
+    let (order, _) = expect_order(outcome)?;
+    metrics::counter!("surge_orders_total", "status" => "paid").increment(1);
+    Ok(HttpResponse::Ok().json(order))
+}
+
+#[utoipa::path(post, path = "/v1/orders/{id}/cancel", tag = "shopper", security(("session" = [])),
+    responses((status = 200, body = OrderBody), (status = 404, body = Problem), (status = 409, body = Problem)))]
+/// Cancel an unpaid order; its units return to stock.
+pub async fn cancel(shopper: Shopper, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    let order = order_path(&id)?;
+    let outcome = state.node.shopper(shopper.session, Command::Cancel { session: shopper.session, order }).await?;
+    let (order, _) = expect_order(outcome)?;
+    metrics::counter!("surge_orders_total", "status" => "cancelled").increment(1);
+    Ok(HttpResponse::Ok().json(order))
+}
+
+#[utoipa::path(get, path = "/v1/orders/{id}", tag = "shopper", security(("session" = [])),
+    responses((status = 200, body = OrderBody), (status = 404, body = Problem)))]
+/// One of the session's orders.
+pub async fn get_order(shopper: Shopper, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    let order = order_path(&id)?;
+    let order = state.node.read(|s| s.order(shopper.session, order)).await??;
+    Ok(HttpResponse::Ok().json(OrderBody::from(order)))
+}
+
+#[utoipa::path(get, path = "/v1/cluster", tag = "operator", security(("operator" = [])),
+    responses((status = 200, body = ClusterStatus)))]
+/// This node's view of its Raft group and actors.
+pub async fn cluster_status(_: Operator, state: web::Data<AppState>) -> Result<HttpResponse> {
+    let metrics = state.node.group().raft().metrics().borrow().clone();
+    let (sku_actors, session_actors) = state.node.live_actors();
+    let orders = state.node.read_local(domain::GroupState::order_counts).into();
+    Ok(HttpResponse::Ok().json(ClusterStatus {
+        node_id: metrics.id,
+        state: format!("{:?}", metrics.state),
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+        last_log_index: metrics.last_log_index,
+        last_applied_index: metrics.last_applied.map(|id| id.index),
+        snapshot_index: metrics.snapshot.map(|id| id.index),
+        sku_actors,
+        session_actors,
+        orders,
+    }))
+}
+
+/// Liveness: the process answers.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Readiness: this node leads its group and can take writes.
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
+    if state.node.group().is_leader() {
+        Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+    } else {
+        Err(ApiError::Unavailable(cluster::ProposeError::NotLeader {
+            leader: state.node.group().raft().metrics().borrow().current_leader,
+        }))
+    }
+}
+
+/// Unmatched routes.
+pub async fn not_found() -> Result<HttpResponse> {
+    Err(ApiError::NotFound)
+}

@@ -1,0 +1,139 @@
+//! Every error the API returns, as an RFC 9457 problem document with a
+//! stable `type` per kind.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use cluster::ProposeError;
+use domain::Rejection;
+
+use crate::dto::Problem;
+
+/// An API error: what the shopper or operator did wrong, or why the node
+/// cannot answer now.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The state machine refused the command; nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// The request could not be parsed (bad JSON, bad path parameter).
+    #[error("{0}")]
+    Malformed(String),
+    /// The request body is larger than the API accepts.
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    /// A required header is missing or malformed.
+    #[error("{0}")]
+    BadHeader(String),
+    /// No valid bearer token.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The test payment provider declined the payment.
+    #[error("payment declined: {0}")]
+    PaymentDeclined(&'static str),
+    /// No such route.
+    #[error("no such resource")]
+    NotFound,
+    /// The node could not get an outcome: overloaded, no leader, timed out.
+    #[error(transparent)]
+    Unavailable(#[from] ProposeError),
+}
+
+impl ApiError {
+    /// `(status, type slug, title)`: stable per kind of error, so clients can
+    /// branch on `type` without parsing `detail`.
+    fn kind(&self) -> (StatusCode, &'static str, &'static str) {
+        use Rejection as R;
+        match self {
+            ApiError::Rejected(rejection) => match rejection {
+                R::Invalid(_) | R::StockOverflow => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request"),
+                R::EmptyOrder => (StatusCode::UNPROCESSABLE_ENTITY, "empty-order", "Nothing to order"),
+                R::IdempotencyConflict => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-conflict", "Idempotency key reused with a different request")
+                }
+                R::UnknownSku { .. } => (StatusCode::NOT_FOUND, "unknown-sku", "Unknown SKU"),
+                R::UnknownOrder { .. } => (StatusCode::NOT_FOUND, "unknown-order", "Unknown order"),
+                R::UnknownSession => (StatusCode::UNAUTHORIZED, "unauthorized", "Unknown session"),
+                R::SaleExists { .. } => (StatusCode::CONFLICT, "sale-exists", "Sale exists"),
+                R::TooManySales => (StatusCode::CONFLICT, "too-many-sales", "Too many sales"),
+                R::SaleNotOpen { .. } => (StatusCode::CONFLICT, "sale-not-open", "Sale not open"),
+                R::SaleEnded { .. } => (StatusCode::CONFLICT, "sale-ended", "Sale ended"),
+                R::SoldOut { .. } => (StatusCode::CONFLICT, "sold-out", "Sold out"),
+                R::LimitExceeded { .. } => (StatusCode::CONFLICT, "limit-exceeded", "Per-shopper limit exceeded"),
+                R::CartFull => (StatusCode::CONFLICT, "cart-full", "Cart full"),
+                R::TooManyOrders => (StatusCode::CONFLICT, "too-many-orders", "Too many orders"),
+                R::OrderFinal { .. } => (StatusCode::CONFLICT, "order-final", "Order is final"),
+            },
+            ApiError::Malformed(_) | ApiError::BadHeader(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Request body too large"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            ApiError::PaymentDeclined(_) => (StatusCode::PAYMENT_REQUIRED, "payment-declined", "Payment declined"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::Unavailable(ProposeError::Overloaded) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Overloaded")
+            }
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable"),
+        }
+    }
+
+    /// The problem document this error renders as.
+    pub fn problem(&self) -> Problem {
+        let (status, slug, title) = self.kind();
+        let mut detail = self.to_string();
+        if matches!(self, ApiError::Unavailable(ProposeError::Timeout | ProposeError::Unavailable(_))) {
+            detail.push_str("; the command may still apply: retry with the same Idempotency-Key");
+        }
+        Problem { kind: format!("/problems/{slug}"), title: title.to_string(), status: status.as_u16(), detail }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.kind().0
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let problem = self.problem();
+        let mut response = HttpResponse::build(self.status_code());
+        response.content_type("application/problem+json");
+        match self {
+            // Backpressure: tell the client when to come back.
+            ApiError::Unavailable(_) => {
+                response.insert_header((header::RETRY_AFTER, "1"));
+            }
+            ApiError::Unauthorized(_) | ApiError::Rejected(Rejection::UnknownSession) => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            _ => {}
+        }
+        response.json(problem)
+    }
+}
+
+/// Rewrites any error response that is not yet a problem document (actix's
+/// own extractor errors, e.g. a raw body over the size limit) into one, so
+/// that every error the API returns has the same shape.
+pub fn fallback<B>(
+    res: actix_web::dev::ServiceResponse<B>,
+) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    use actix_web::middleware::ErrorHandlerResponse;
+    let is_problem = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes() == b"application/problem+json");
+    if is_problem {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
+    let (slug, title) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ("too-large", "Request body too large"),
+        StatusCode::NOT_FOUND => ("not-found", "Not found"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "Method not allowed"),
+        s if s.is_client_error() => ("bad-request", "Bad request"),
+        _ => ("internal", "Internal error"),
+    };
+    let detail = res.response().error().map_or_else(|| title.to_string(), ToString::to_string);
+    let problem = Problem { kind: format!("/problems/{slug}"), title: title.into(), status: status.as_u16(), detail };
+    let (req, _) = res.into_parts();
+    let response = HttpResponse::build(status).content_type("application/problem+json").json(problem);
+    Ok(ErrorHandlerResponse::Response(actix_web::dev::ServiceResponse::new(req, response).map_into_right_body()))
+}

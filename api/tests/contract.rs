@@ -1,0 +1,315 @@
+//! The public API contract, against a real node (Raft on redb in a temporary
+//! directory) served in-process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::test::{self, TestRequest};
+use actix_web::{web, App};
+use api::AppState;
+use cluster::{Node, NodeConfig, SystemClock};
+use serde_json::{json, Value};
+
+const OPERATOR: &str = "test-operator-token";
+
+/// A node and the HTTP app in front of it.
+struct Harness<S> {
+    app: S,
+    _data: tempfile::TempDir,
+}
+
+async fn harness(hold_ms: u64) -> Harness<impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>> {
+    let data = tempfile::tempdir().unwrap();
+    let config = NodeConfig { expiry_tick_ms: 20, ..NodeConfig::default() };
+    let node = Node::start(&config, data.path(), Arc::new(SystemClock)).await.unwrap();
+    let state = web::Data::new(AppState {
+        node,
+        operator_token: OPERATOR.into(),
+        hold_ms,
+        metrics: api::metrics::install(),
+    });
+    let app = test::init_service(App::new().app_data(state).configure(api::configure)).await;
+    Harness { app, _data: data }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Sends a request and returns status, headers of interest, and the JSON body.
+async fn send<S>(app: &S, req: TestRequest) -> (StatusCode, Value, actix_web::http::header::HeaderMap)
+where
+    S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+{
+    let response = test::call_service(app, req.to_request()).await;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let content_type = headers.get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body = test::read_body(response).await;
+    let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if !status.is_success() {
+        assert_eq!(content_type, "application/problem+json", "error without a problem document: {status} {json}");
+        assert_eq!(json["status"], status.as_u16(), "problem status differs from HTTP status");
+    }
+    (status, json, headers)
+}
+
+fn bearer(token: &str) -> (&'static str, String) {
+    ("Authorization", format!("Bearer {token}"))
+}
+
+async fn create_sale<S>(app: &S, sku: &str, stock: u64, limit: u32) -> Value
+where
+    S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+{
+    let body = json!({"sku": sku, "name": "Hot item", "price_minor": 1999, "stock": stock,
+        "starts_at_ms": now_ms() - 1_000, "ends_at_ms": now_ms() + 3_600_000, "limit_per_shopper": limit});
+    let (status, sku, _) = send(app, TestRequest::post().uri("/v1/sales").insert_header(bearer(OPERATOR)).set_json(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{sku}");
+    sku
+}
+
+async fn session<S>(app: &S, shopper: &str) -> String
+where
+    S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+{
+    let (status, body, _) = send(app, TestRequest::post().uri("/v1/sessions").set_json(json!({"shopper": shopper}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    body["token"].as_str().unwrap().to_string()
+}
+
+fn checkout(token: &str, key: &str, items: Value) -> TestRequest {
+    TestRequest::post()
+        .uri("/v1/checkout")
+        .insert_header(bearer(token))
+        .insert_header(("Idempotency-Key", key.to_string()))
+        .set_json(json!({ "items": items }))
+}
+
+async fn stock<S>(app: &S, sku: &str) -> Value
+where
+    S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+{
+    let (status, body, _) = send(app, TestRequest::get().uri(&format!("/v1/skus/{sku}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    body
+}
+
+#[actix_rt::test]
+async fn a_shopper_buys_through_cart_checkout_and_payment() {
+    let h = harness(60_000).await;
+    create_sale(&h.app, "tv-55", 10, 2).await;
+    let token = session(&h.app, "ann").await;
+
+    let put = TestRequest::put().uri("/v1/cart/items/tv-55").insert_header(bearer(&token)).set_json(json!({"qty": 2}));
+    let (status, cart, _) = send(&h.app, put).await;
+    assert_eq!((status, cart), (StatusCode::OK, json!({"items": [{"sku": "tv-55", "qty": 2}]})));
+
+    let from_cart = TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "k1"));
+    let (status, order, _) = send(&h.app, from_cart).await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    assert_eq!(order["status"], "pending_payment");
+    assert_eq!(order["amount_minor"], 2 * 1999);
+    let id = order["order_id"].as_u64().unwrap();
+    let (_, cart, _) = send(&h.app, TestRequest::get().uri("/v1/cart").insert_header(bearer(&token))).await;
+    assert_eq!(cart, json!({"items": []}), "checkout of the cart empties it");
+    let s = stock(&h.app, "tv-55").await;
+    assert_eq!((s["available"].as_u64(), s["held"].as_u64(), s["sold"].as_u64()), (Some(8), Some(2), Some(0)));
+
+    // A declined card leaves the order pending; an approved one pays it.
+    let pay = |tok: &str| {
+        TestRequest::post().uri(&format!("/v1/orders/{id}/pay")).insert_header(bearer(&token)).set_json(json!({"payment_token": tok}))
+    };
+    let (status, problem, _) = send(&h.app, pay("tok_decline")).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::PAYMENT_REQUIRED, Some("/problems/payment-declined")));
+    let (status, paid, _) = send(&h.app, pay("tok_approve")).await;
+    assert_eq!((status, paid["status"].as_str()), (StatusCode::OK, Some("paid")));
+    let (status, again, _) = send(&h.app, TestRequest::get().uri(&format!("/v1/orders/{id}")).insert_header(bearer(&token))).await;
+    assert_eq!((status, again["status"].as_str()), (StatusCode::OK, Some("paid")));
+    let s = stock(&h.app, "tv-55").await;
+    assert_eq!((s["available"].as_u64(), s["held"].as_u64(), s["sold"].as_u64()), (Some(8), Some(0), Some(2)));
+
+    // Cancelling a paid order is refused and changes nothing.
+    let cancel = TestRequest::post().uri(&format!("/v1/orders/{id}/cancel")).insert_header(bearer(&token));
+    let (status, problem, _) = send(&h.app, cancel).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/order-final")));
+}
+
+#[actix_rt::test]
+async fn an_idempotency_key_places_at_most_one_order() {
+    let h = harness(60_000).await;
+    create_sale(&h.app, "phone", 10, 0).await;
+    let token = session(&h.app, "bob").await;
+    let items = json!([{"sku": "phone", "qty": 1}]);
+
+    let (status, first, _) = send(&h.app, checkout(&token, "key-1", items.clone())).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, retry, headers) = send(&h.app, checkout(&token, "key-1", items.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(retry["order_id"], first["order_id"]);
+    assert_eq!(headers.get("Idempotent-Replayed").unwrap(), "true");
+
+    let (status, problem, _) = send(&h.app, checkout(&token, "key-1", json!([{"sku": "phone", "qty": 2}]))).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/idempotency-conflict")));
+    assert_eq!(stock(&h.app, "phone").await["held"], 1, "only the first checkout holds stock");
+}
+
+#[actix_rt::test]
+async fn sold_out_and_limits_are_answered_without_overselling() {
+    let h = harness(60_000).await;
+    create_sale(&h.app, "gpu", 3, 2).await;
+    let ann = session(&h.app, "ann").await;
+    let bob = session(&h.app, "bob").await;
+
+    let (status, _, _) = send(&h.app, checkout(&ann, "a1", json!([{"sku": "gpu", "qty": 2}]))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, problem, _) = send(&h.app, checkout(&ann, "a2", json!([{"sku": "gpu", "qty": 1}]))).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/limit-exceeded")));
+    let (status, problem, _) = send(&h.app, checkout(&bob, "b1", json!([{"sku": "gpu", "qty": 2}]))).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/sold-out")));
+    let (status, _, _) = send(&h.app, checkout(&bob, "b2", json!([{"sku": "gpu", "qty": 1}]))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let s = stock(&h.app, "gpu").await;
+    assert_eq!((s["available"].as_u64(), s["held"].as_u64(), s["total"].as_u64()), (Some(0), Some(3), Some(3)));
+}
+
+#[actix_rt::test]
+async fn a_shopper_never_sees_another_shoppers_order() {
+    let h = harness(60_000).await;
+    create_sale(&h.app, "bag", 5, 0).await;
+    let ann = session(&h.app, "ann").await;
+    let eve = session(&h.app, "eve").await;
+    let (_, order, _) = send(&h.app, checkout(&ann, "a", json!([{"sku": "bag", "qty": 1}]))).await;
+    let id = order["order_id"].as_u64().unwrap();
+    for req in [
+        TestRequest::get().uri(&format!("/v1/orders/{id}")),
+        TestRequest::post().uri(&format!("/v1/orders/{id}/cancel")),
+        TestRequest::post().uri(&format!("/v1/orders/{id}/pay")).set_json(json!({"payment_token": "tok_approve"})),
+    ] {
+        let (status, problem, _) = send(&h.app, req.insert_header(bearer(&eve))).await;
+        assert_eq!((status, problem["type"].as_str()), (StatusCode::NOT_FOUND, Some("/problems/unknown-order")));
+    }
+    assert_eq!(stock(&h.app, "bag").await["held"], 1);
+}
+
+#[actix_rt::test]
+async fn bad_input_gets_a_problem_document_and_changes_nothing() {
+    let h = harness(60_000).await;
+    create_sale(&h.app, "hot", 5, 2).await;
+    let token = session(&h.app, "ann").await;
+    let before = stock(&h.app, "hot").await;
+    let huge_body = format!("{{\"items\": [{{\"sku\": \"{}\", \"qty\": 1}}]}}", "x".repeat(20_000));
+    let sale = |extra: Value| {
+        let mut body = json!({"sku": "new", "name": "n", "price_minor": 1, "stock": 1, "starts_at_ms": 0, "ends_at_ms": 1});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        TestRequest::post().uri("/v1/sales").insert_header(bearer(OPERATOR)).set_json(body)
+    };
+
+    let cases: Vec<(&str, TestRequest, StatusCode, &str)> = vec![
+        ("malformed JSON", TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "m"))
+            .insert_header(("content-type", "application/json")).set_payload("{\"items\": ["), StatusCode::BAD_REQUEST, "bad-request"),
+        ("unknown SKU", checkout(&token, "u", json!([{"sku": "nope", "qty": 1}])), StatusCode::NOT_FOUND, "unknown-sku"),
+        ("negative quantity", checkout(&token, "n", json!([{"sku": "hot", "qty": -1}])), StatusCode::BAD_REQUEST, "bad-request"),
+        ("zero quantity", checkout(&token, "z", json!([{"sku": "hot", "qty": 0}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("huge quantity", checkout(&token, "h", json!([{"sku": "hot", "qty": 4_294_967_296u64}])), StatusCode::BAD_REQUEST, "bad-request"),
+        ("quantity over the line limit", checkout(&token, "o", json!([{"sku": "hot", "qty": 10_001}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("a SKU twice", checkout(&token, "t", json!([{"sku": "hot", "qty": 1}, {"sku": "hot", "qty": 1}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("unknown field", checkout(&token, "f", json!([{"sku": "hot", "qty": 1, "price": 0}])), StatusCode::BAD_REQUEST, "bad-request"),
+        ("empty cart", TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "e")), StatusCode::UNPROCESSABLE_ENTITY, "empty-order"),
+        ("missing idempotency key", TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).set_json(json!({"items": [{"sku": "hot", "qty": 1}]})), StatusCode::BAD_REQUEST, "bad-request"),
+        ("empty idempotency key", checkout(&token, "", json!([{"sku": "hot", "qty": 1}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("idempotency key too long", checkout(&token, &"k".repeat(129), json!([{"sku": "hot", "qty": 1}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("no token", TestRequest::post().uri("/v1/checkout").insert_header(("Idempotency-Key", "x")).set_json(json!({"items": [{"sku": "hot", "qty": 1}]})), StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("wrong token", checkout("not-a-session", "w", json!([{"sku": "hot", "qty": 1}])), StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("oversized body", TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "big"))
+            .insert_header(("content-type", "application/json")).set_payload(huge_body), StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
+        ("bad SKU in path", TestRequest::put().uri("/v1/cart/items/bad%20sku").insert_header(bearer(&token)).set_json(json!({"qty": 1})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("bad order id", TestRequest::get().uri("/v1/orders/abc").insert_header(bearer(&token)), StatusCode::BAD_REQUEST, "bad-request"),
+        ("unknown payment token", TestRequest::post().uri("/v1/orders/0/pay").insert_header(bearer(&token)).set_json(json!({"payment_token": "tok_free"})), StatusCode::NOT_FOUND, "unknown-order"),
+        ("sale by a shopper", TestRequest::post().uri("/v1/sales").insert_header(bearer(&token)).set_json(json!({})), StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("sale without a name", sale(json!({"name": ""})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("sale that ends before it starts", sale(json!({"starts_at_ms": 5, "ends_at_ms": 5})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("sale with too much stock", sale(json!({"stock": 2_000_000_000u64})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("sale of an existing SKU", sale(json!({"sku": "hot"})), StatusCode::CONFLICT, "sale-exists"),
+        ("restock of nothing", TestRequest::post().uri("/v1/skus/hot/restock").insert_header(bearer(OPERATOR)).set_json(json!({"units": 0})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        ("unknown route", TestRequest::get().uri("/v1/nothing-here"), StatusCode::NOT_FOUND, "not-found"),
+        ("shopper id too long", TestRequest::post().uri("/v1/sessions").set_json(json!({"shopper": "s".repeat(200)})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+    ];
+    for (name, req, expected_status, expected_type) in cases {
+        let (status, problem, _) = send(&h.app, req).await;
+        assert_eq!(status, expected_status, "{name}: {problem}");
+        assert_eq!(problem["type"], format!("/problems/{expected_type}"), "{name}: {problem}");
+        assert_eq!(stock(&h.app, "hot").await, before, "{name} changed the stock");
+    }
+    let (_, cart, _) = send(&h.app, TestRequest::get().uri("/v1/cart").insert_header(bearer(&token))).await;
+    assert_eq!(cart, json!({"items": []}));
+}
+
+#[actix_rt::test]
+async fn unpaid_holds_expire_and_return_to_stock() {
+    let h = harness(300).await;
+    create_sale(&h.app, "shoe", 4, 0).await;
+    let token = session(&h.app, "ann").await;
+    let (_, order, _) = send(&h.app, checkout(&token, "k", json!([{"sku": "shoe", "qty": 3}]))).await;
+    let id = order["order_id"].as_u64().unwrap();
+    assert_eq!(stock(&h.app, "shoe").await["held"], 3);
+
+    // The expiry ticker proposes an entry once the deadline passes; nobody
+    // else writes, so this checks that expiry needs no shopper traffic.
+    let mut waited = Duration::ZERO;
+    while stock(&h.app, "shoe").await["held"] != 0 {
+        assert!(waited < Duration::from_secs(5), "holds did not expire");
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    let s = stock(&h.app, "shoe").await;
+    assert_eq!((s["available"].as_u64(), s["sold"].as_u64()), (Some(4), Some(0)));
+    let pay = TestRequest::post().uri(&format!("/v1/orders/{id}/pay")).insert_header(bearer(&token)).set_json(json!({"payment_token": "tok_approve"}));
+    let (status, problem, _) = send(&h.app, pay).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/order-final")));
+}
+
+#[actix_rt::test]
+async fn operations_endpoints_answer() {
+    let h = harness(60_000).await;
+    create_sale(&h.app, "cam", 5, 0).await;
+    let token = session(&h.app, "ann").await;
+    send(&h.app, checkout(&token, "k", json!([{"sku": "cam", "qty": 1}]))).await;
+
+    let (status, _, _) = send(&h.app, TestRequest::get().uri("/healthz")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(&h.app, TestRequest::get().uri("/readyz")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let response = test::call_service(&h.app, TestRequest::get().uri("/metrics").to_request()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(test::read_body(response).await.to_vec()).unwrap();
+    for metric in [
+        "surge_http_requests_total",
+        "surge_http_request_seconds_bucket",
+        "surge_checkouts_total{outcome=\"reserved\"}",
+        "surge_batch_size_bucket",
+        "surge_raft_commit_seconds_bucket",
+        "surge_stock_units{sku=\"cam\",kind=\"held\"} 1",
+        "surge_orders{status=\"pending_payment\"} 1",
+    ] {
+        assert!(text.contains(metric), "/metrics lacks {metric}:\n{text}");
+    }
+
+    let (status, doc, _) = send(&h.app, TestRequest::get().uri("/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    for path in ["/v1/sales", "/v1/skus/{sku}", "/v1/sessions", "/v1/cart", "/v1/cart/items/{sku}", "/v1/checkout",
+        "/v1/orders/{id}", "/v1/orders/{id}/pay", "/v1/orders/{id}/cancel", "/v1/cluster"] {
+        assert!(doc["paths"][path].is_object(), "openapi.json lacks {path}");
+    }
+
+    let (status, cluster, _) = send(&h.app, TestRequest::get().uri("/v1/cluster").insert_header(bearer(OPERATOR))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cluster["state"], "Leader");
+    assert_eq!(cluster["orders"]["pending_payment"], 1);
+    let (status, _, _) = send(&h.app, TestRequest::get().uri("/v1/cluster").insert_header(bearer(&token))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
