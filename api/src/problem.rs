@@ -60,7 +60,7 @@ impl ApiError {
                 R::SoldOut { .. } => (StatusCode::CONFLICT, "sold-out", "Sold out"),
                 R::LimitExceeded { .. } => (StatusCode::CONFLICT, "limit-exceeded", "Per-shopper limit exceeded"),
                 R::CartFull => (StatusCode::CONFLICT, "cart-full", "Cart full"),
-                R::TooManyOrders => (StatusCode::CONFLICT, "too-many-orders", "Too many orders"),
+                R::TooManyCheckouts => (StatusCode::CONFLICT, "too-many-checkouts", "Too many checkouts"),
                 R::OrderFinal { .. } => (StatusCode::CONFLICT, "order-final", "Order is final"),
             },
             ApiError::Malformed(_) | ApiError::BadHeader(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),

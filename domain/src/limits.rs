@@ -22,8 +22,9 @@ pub const LINE_QTY_MAX: u32 = 10_000;
 pub const SALE_STOCK_MAX: u64 = 1_000_000_000;
 /// Highest unit price, in minor currency units (10^10 major units).
 pub const PRICE_MINOR_MAX: u64 = 1_000_000_000_000;
-/// Most orders one session may place; it also bounds the idempotency keys kept.
-pub const ORDERS_PER_SESSION_MAX: usize = 256;
+/// Most checkouts (idempotency keys) one session may decide, placed or
+/// refused; it bounds the keys and orders a session keeps.
+pub const CHECKOUTS_PER_SESSION_MAX: usize = 256;
 /// Most sales one group holds.
 pub const SALES_MAX: usize = 100_000;
 

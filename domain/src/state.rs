@@ -51,8 +51,17 @@ struct Session {
     shopper: String,
     /// SKU → quantity.
     cart: BTreeMap<String, u32>,
-    /// Idempotency key → (the `items` of the first checkout with that key, its order).
-    checkouts: BTreeMap<String, (Option<Vec<Line>>, OrderId)>,
+    /// Idempotency key → the `items` of the first checkout with that key and
+    /// what it decided: the order placed, or why none was (sold out, limit,
+    /// sale closed). A retry gets the same answer, never a second decision.
+    checkouts: BTreeMap<String, Checkout>,
+}
+
+/// What a checkout with one idempotency key decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Checkout {
+    items: Option<Vec<Line>>,
+    decided: Result<OrderId, Rejection>,
 }
 
 impl GroupState {
@@ -171,16 +180,33 @@ impl GroupState {
     ) -> Result<Outcome, Rejection> {
         validate_idempotency_key(key)?;
         let session = self.sessions.get(&session_id).ok_or(Rejection::UnknownSession)?;
-        if let Some((first_items, order)) = session.checkouts.get(key) {
-            return if first_items.as_deref() == items {
-                Ok(Outcome::Order { order: self.orders[order].clone(), replayed: true })
-            } else {
-                Err(Rejection::IdempotencyConflict)
+        if let Some(first) = session.checkouts.get(key) {
+            return match (&first.decided, first.items.as_deref() == items) {
+                (_, false) => Err(Rejection::IdempotencyConflict),
+                (Ok(order), true) => Ok(Outcome::Order { order: self.orders[order].clone(), replayed: true }),
+                (Err(rejection), true) => Err(rejection.clone()),
             };
         }
-        if session.checkouts.len() >= ORDERS_PER_SESSION_MAX {
-            return Err(Rejection::TooManyOrders);
+        if session.checkouts.len() >= CHECKOUTS_PER_SESSION_MAX {
+            return Err(Rejection::TooManyCheckouts);
         }
+        let placed = self.place_order(session_id, items, hold_ms);
+        let decided = match &placed {
+            Ok(order) => Ok(order.id),
+            // A decision about the sale is final for this key; bad input is
+            // not a decision, so the shopper may fix it and use the key again.
+            Err(rejection) if rejection.is_decision() => Err(rejection.clone()),
+            Err(rejection) => return Err(rejection.clone()),
+        };
+        let checkout = Checkout { items: items.map(<[Line]>::to_vec), decided };
+        let session = self.sessions.get_mut(&session_id).expect("checked above");
+        session.checkouts.insert(key.to_string(), checkout);
+        placed.map(|order| Outcome::Order { order, replayed: false })
+    }
+
+    /// Places an order for `items` (or the cart), all lines or none.
+    fn place_order(&mut self, session_id: SessionId, items: Option<&[Line]>, hold_ms: u64) -> Result<Order, Rejection> {
+        let session = &self.sessions[&session_id];
         let mut lines: Vec<Line> = match items {
             Some(items) => items.to_vec(),
             None => session.cart.iter().map(|(sku, qty)| Line { sku: sku.clone(), qty: *qty }).collect(),
@@ -237,12 +263,10 @@ impl GroupState {
         };
         self.orders.insert(id, order.clone());
         self.deadlines.insert((pay_by_ms, id));
-        let session = self.sessions.get_mut(&session_id).expect("checked above");
-        session.checkouts.insert(key.to_string(), (items.map(<[Line]>::to_vec), id));
         if items.is_none() {
-            session.cart.clear();
+            self.sessions.get_mut(&session_id).expect("checked above").cart.clear();
         }
-        Ok(Outcome::Order { order, replayed: false })
+        Ok(order)
     }
 
     fn pay(&mut self, session: SessionId, order_id: OrderId) -> Result<Outcome, Rejection> {
@@ -418,8 +442,10 @@ impl GroupState {
         let kept: usize = self.skus.values().map(|sku| sku.per_shopper.len()).sum();
         assert_eq!(counted, kept, "per-shopper counts out of step with orders");
         for (session_id, session) in &self.sessions {
-            for (_, order) in session.checkouts.values() {
-                assert_eq!(self.orders[order].session, *session_id, "idempotency key points at a foreign order");
+            for checkout in session.checkouts.values() {
+                if let Ok(order) = &checkout.decided {
+                    assert_eq!(self.orders[order].session, *session_id, "idempotency key points at a foreign order");
+                }
             }
         }
         assert_eq!(self.tokens.len(), self.sessions.len(), "one token per session");

@@ -141,7 +141,8 @@ pub enum Command {
     RemoveCartItem { session: SessionId, sku: String },
     /// Shopper: reserve `items` (or, when `None`, the whole cart) as one order,
     /// all lines or none. The same `idempotency_key` with the same `items`
-    /// returns the first order; with different `items` it is a conflict.
+    /// gets the first checkout's answer again (its order, or the same
+    /// sold-out or limit refusal); with different `items` it is a conflict.
     Checkout {
         session: SessionId,
         idempotency_key: String,
@@ -233,9 +234,9 @@ pub enum Rejection {
     /// The cart already has as many lines as it may.
     #[error("the cart is full")]
     CartFull,
-    /// The session has placed as many orders as it may.
-    #[error("this session has placed its maximum number of orders")]
-    TooManyOrders,
+    /// The session has made as many checkouts as it may.
+    #[error("this session has made its maximum number of checkouts")]
+    TooManyCheckouts,
     /// The idempotency key was used before with a different request body.
     #[error("idempotency key reused with a different request")]
     IdempotencyConflict,
@@ -253,4 +254,19 @@ pub enum Rejection {
     /// Restocking would take the total past [`crate::SALE_STOCK_MAX`].
     #[error("stock would exceed the maximum")]
     StockOverflow,
+}
+
+impl Rejection {
+    /// Whether this is a decision about the sale (sold out, over the limit,
+    /// not open) rather than a complaint about the request. A checkout's
+    /// decision is kept with its idempotency key and replayed to retries.
+    pub fn is_decision(&self) -> bool {
+        matches!(
+            self,
+            Rejection::SoldOut { .. }
+                | Rejection::LimitExceeded { .. }
+                | Rejection::SaleNotOpen { .. }
+                | Rejection::SaleEnded { .. }
+        )
+    }
 }

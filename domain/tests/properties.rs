@@ -69,8 +69,9 @@ struct Memory {
     sessions: Vec<SessionId>,
     /// Every order ever acknowledged.
     orders: Vec<OrderId>,
-    /// (session, key) → (items, order) of the first successful checkout.
-    keys: BTreeMap<(SessionId, u8), (Option<Vec<Line>>, OrderId)>,
+    /// (session, key) → items and decision (order or refusal) of the first
+    /// checkout that decided something.
+    keys: BTreeMap<(SessionId, u8), (Option<Vec<Line>>, Result<OrderId, Rejection>)>,
 }
 
 fn run(steps: Vec<Step>) {
@@ -128,6 +129,11 @@ fn run(steps: Vec<Step>) {
         let outcome = &response.outcomes[0];
 
         match outcome {
+            // A checkout's refusal is kept with its key, and nothing else changes.
+            Outcome::Rejected(refusal) if refusal.is_decision() => {
+                assert!(before.sku_views().eq(state.sku_views()), "refused {command:?} moved stock");
+                assert_eq!(before.order_counts(), state.order_counts(), "refused {command:?} placed an order");
+            }
             Outcome::Rejected(_) => assert_eq!(before, state, "rejected {command:?} changed the state"),
             Outcome::Order { replayed: true, .. } => assert_eq!(before, state, "replayed {command:?} changed the state"),
             _ => {}
@@ -155,21 +161,28 @@ fn remember(memory: &mut Memory, command: &Command, outcome: &Outcome) {
             let key = idempotency_key.trim_start_matches("key-").parse::<u8>().unwrap();
             let first = memory.keys.get(&(*session, key));
             match (first, outcome) {
-                // At most once: a retry with the same body gets the same order.
-                (Some((first_items, order)), Outcome::Order { order: got, replayed }) => {
+                // At most once: a retry with the same body gets the same answer.
+                (Some((first_items, _)), Outcome::Rejected(Rejection::IdempotencyConflict)) => {
+                    assert_ne!(first_items, items)
+                }
+                (Some((first_items, Ok(order))), Outcome::Order { order: got, replayed }) => {
                     assert!(replayed);
                     assert_eq!(first_items, items);
                     assert_eq!(got.id, *order);
                 }
-                (Some((first_items, _)), Outcome::Rejected(Rejection::IdempotencyConflict)) => {
-                    assert_ne!(first_items, items)
+                (Some((first_items, Err(refusal))), Outcome::Rejected(got)) => {
+                    assert_eq!(first_items, items);
+                    assert_eq!(got, refusal);
                 }
-                (Some(_), other) => panic!("retried key answered {other:?}"),
+                (Some(first), other) => panic!("retried key decided {first:?}, now answered {other:?}"),
                 (None, Outcome::Order { order, replayed }) => {
                     assert!(!replayed);
                     assert_eq!(order.status, OrderStatus::PendingPayment);
                     memory.orders.push(order.id);
-                    memory.keys.insert((*session, key), (items.clone(), order.id));
+                    memory.keys.insert((*session, key), (items.clone(), Ok(order.id)));
+                }
+                (None, Outcome::Rejected(refusal)) if refusal.is_decision() => {
+                    memory.keys.insert((*session, key), (items.clone(), Err(refusal.clone())));
                 }
                 (None, _) => {}
             }
@@ -235,6 +248,16 @@ fn checkout_outcomes() {
         vec![checkout("k", &[("hot", 1)]), checkout("k", &[("hot", 1)])],
         2_000,
         |o| matches!(o, Outcome::Order { replayed: true, order } if order.id == 0),
+    );
+    // A sold-out answer is kept with its key: the retry is sold out too, even
+    // though another key could now buy.
+    check(
+        vec![
+            checkout("k", &[("hot", 9)]),
+            checkout("k", &[("hot", 9)]),
+        ],
+        2_000,
+        |o| matches!(o, Outcome::Rejected(Rejection::SoldOut { available: 5, .. })),
     );
     check(
         vec![checkout("k", &[("hot", 1)]), Command::Pay { session: 1, order: 0 }],
