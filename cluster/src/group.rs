@@ -86,16 +86,17 @@ impl Group {
         Ok(Group { raft, state, clock })
     }
 
-    /// Waits until this group has a leader, or `timeout` passes.
-    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64, ProposeError> {
-        let metrics = self
-            .raft
-            .wait(Some(timeout))
-            .metrics(|m| m.current_leader.is_some(), "leader elected")
-            .await;
-        match metrics {
+    /// Waits until this group has a leader and this replica has applied
+    /// every entry in its log, or `timeout` passes. After a restart that
+    /// means the log has been replayed, so local reads (session tokens) see
+    /// everything acknowledged before the crash.
+    pub async fn wait_until_caught_up(&self, timeout: Duration) -> Result<u64, ProposeError> {
+        let caught_up = |m: &openraft::RaftMetrics<u64, BasicNode>| {
+            m.current_leader.is_some() && m.last_applied.map(|id| id.index) >= m.last_log_index
+        };
+        match self.raft.wait(Some(timeout)).metrics(caught_up, "leader elected and log applied").await {
             Ok(m) => Ok(m.current_leader.expect("checked by the wait condition")),
-            Err(e) => Err(ProposeError::Unavailable(format!("no leader: {e}"))),
+            Err(e) => Err(ProposeError::Unavailable(format!("not caught up: {e}"))),
         }
     }
 

@@ -34,10 +34,10 @@ pub struct Node {
 
 impl Node {
     /// Opens the node's storage in `data_dir`, starts its group, waits for a
-    /// leader, and starts the expiry ticker. Must run inside an actix system.
+    /// leader and for the log to be replayed, and starts the expiry ticker. Must run inside an actix system.
     pub async fn start(config: &NodeConfig, data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Node, ProposeError> {
         let group = Group::open(&config.group, data_dir, clock.clone()).await?;
-        group.wait_for_leader(Duration::from_secs(10)).await?;
+        group.wait_until_caught_up(Duration::from_secs(30)).await?;
         let router = Router::new(group.clone(), config.actors.clone());
         let tick = Duration::from_millis(config.expiry_tick_ms.max(10));
         actix::spawn(expire_holds(group.clone(), clock, tick));
