@@ -1,0 +1,737 @@
+//! `surge demo`: a flash sale on a throwaway node, with a crowd racing for it
+//! over real HTTP, and an audit of what the node says afterwards.
+//!
+//! The demo is also an honest end-to-end check. The crowd keeps a ledger of
+//! every order the API acknowledged; when the crowd has gone and every hold
+//! has had time to expire, the demo reads each of those orders back and the
+//! stock of each SKU, and fails (non-zero exit) if a unit was oversold, an
+//! acknowledged order is gone, or the books do not add up.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::crowd::{self, Acked, AckedStatus, CrowdReport, Http, Plan, Req, StockRead};
+use crate::server;
+
+/// Workers reading orders back in the audit.
+const AUDIT_CONCURRENCY: usize = 32;
+/// Slack on top of the hold time for the last holds to expire: expiry runs
+/// on the node's timers and the last hold may have been placed just now.
+const EXPIRY_SLACK: Duration = Duration::from_secs(5);
+/// How often the wait for expiry re-reads the stock.
+const EXPIRY_POLL: Duration = Duration::from_millis(200);
+
+/// The flash-sale SKU and the two ordinary ones some shoppers add.
+const HOT_SKU: &str = "hot-sneaker";
+const COLD_SKUS: [(&str, &str, u64); 2] = [("cold-socks", "Socks", 900), ("cold-cap", "Cap", 1900)];
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Units of the hot SKU on sale.
+    #[arg(long, default_value_t = 1000)]
+    pub stock: u64,
+    /// Most units of the hot SKU one shopper may hold or buy (0: no limit).
+    #[arg(long, default_value_t = 2)]
+    pub limit: u32,
+    /// Shoppers in the crowd.
+    #[arg(long, default_value_t = 2000)]
+    pub shoppers: usize,
+    /// Shoppers active at the same time, each on its own keep-alive connection.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Seconds after which no new shopper arrives.
+    #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+    pub duration: u64,
+    /// Seed for the crowd's choices (random if absent; printed either way).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Longest a shopper thinks between ordering and paying or cancelling.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub think_ms: u64,
+    /// Payment window of an order, in ms (the demo node's default is short so
+    /// that abandoned holds visibly expire).
+    #[arg(long, value_name = "MS")]
+    pub hold_ms: Option<u64>,
+    /// Address for the node's HTTP API (default: a free port on 127.0.0.1).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Exit after the sale instead of keeping the node up to explore.
+    #[arg(long)]
+    pub exit: bool,
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.concurrency == 0 || args.shoppers == 0 || args.stock == 0 {
+        bail!("--stock, --shoppers and --concurrency must be at least 1");
+    }
+    let seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
+    let data = tempfile::Builder::new().prefix("surge-demo-").tempdir().context("create a data directory")?;
+    let mut config = Config::for_demo(data.path());
+    if let Some(listen) = &args.listen {
+        config.listen = listen.clone();
+    }
+    if let Some(hold_ms) = args.hold_ms {
+        config.hold_ms = hold_ms;
+    }
+    let hold_ms = config.hold_ms;
+    let server = server::start(config).await.context("start the demo node")?;
+    let url = server.url.clone();
+    println!("Surge demo: node up at {url} (data in {}, removed on exit)", data.path().display());
+
+    let setup = Setup {
+        url: url.clone(),
+        operator_token: server.operator_token.clone(),
+        plan: Plan {
+            seed,
+            shoppers: args.shoppers,
+            concurrency: args.concurrency,
+            duration: Duration::from_secs(args.duration),
+            hot_sku: HOT_SKU.to_string(),
+            hot_limit: args.limit,
+            cold_skus: COLD_SKUS.iter().map(|(sku, _, _)| sku.to_string()).collect(),
+            think_ms_max: args.think_ms,
+        },
+        hot_stock: args.stock,
+        hold_ms,
+    };
+    println!(
+        "Flash sale: {} units of {HOT_SKU} (limit {} per shopper) plus {} ordinary SKUs; \
+         {} shoppers, {} at a time, for at most {} s; payment window {} ms; seed {seed}",
+        args.stock,
+        args.limit,
+        COLD_SKUS.len(),
+        args.shoppers,
+        args.concurrency,
+        args.duration,
+        hold_ms,
+    );
+    let findings = match crowd::on_client_thread("surge-demo-client", move || drive(setup)).await {
+        Ok(Ok(findings)) => findings,
+        Ok(Err(error)) | Err(error) => {
+            server.stop().await;
+            return Err(error);
+        }
+    };
+
+    let summary = Summary::new(&args, seed, hold_ms, &url, findings);
+    print!("{}", summary.render());
+    if let Some(path) = &args.summary_json {
+        write_json(path, &summary)?;
+        println!("Summary written to {}", path.display());
+    }
+
+    if !args.exit {
+        println!("{}", explore_text(&url, &server.operator_token));
+        if let Err(error) = actix_rt::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot wait for Ctrl-C; stopping now");
+        }
+        println!("Stopping.");
+    }
+    server.stop().await;
+    drop(data);
+    if !summary.pass {
+        let failed: Vec<&str> = summary.checks.iter().filter(|c| !c.pass).map(|c| c.name).collect();
+        bail!("demo failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// What the client thread needs to run the sale.
+struct Setup {
+    url: String,
+    operator_token: String,
+    plan: Plan,
+    hot_stock: u64,
+    hold_ms: u64,
+}
+
+/// What the client thread found.
+struct Findings {
+    crowd: CrowdReport,
+    /// Whether `held` reached 0 on every SKU within the wait.
+    holds_released: bool,
+    expiry_wait: Duration,
+    /// Every SKU's stock after the audit.
+    stock: Vec<StockRead>,
+    audit: Audit,
+}
+
+/// Creates the sales, runs the crowd, waits for the holds to expire and
+/// audits. Runs on a client thread.
+async fn drive(setup: Setup) -> anyhow::Result<Findings> {
+    let operator = Http::unrecorded(&setup.url);
+    create_sales(&operator, &setup).await?;
+    let mut skus = vec![setup.plan.hot_sku.clone()];
+    skus.extend(setup.plan.cold_skus.iter().cloned());
+
+    let progress = ProgressBar::with_draw_target(Some(setup.plan.shoppers as u64), ProgressDrawTarget::stderr());
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {pos}/{len} shoppers  {msg}")
+            .expect("progress template is valid")
+            .progress_chars("=> "),
+    );
+    progress.enable_steady_tick(Duration::from_millis(200));
+    let crowd = crowd::run(&setup.url, setup.plan.clone(), progress).await;
+
+    let waited = Instant::now();
+    let holds_released = wait_for_expiry(&operator, &skus, Duration::from_millis(setup.hold_ms) + EXPIRY_SLACK).await;
+    let expiry_wait = waited.elapsed();
+    let audit = audit(&setup.url, &crowd.ledger).await;
+    let mut stock = Vec::new();
+    for sku in &skus {
+        stock
+            .push(read_stock(&operator, sku).await.with_context(|| format!("read the stock of {sku} after the sale"))?);
+    }
+    Ok(Findings { crowd, holds_released, expiry_wait, stock, audit })
+}
+
+async fn create_sales(operator: &Http, setup: &Setup) -> anyhow::Result<()> {
+    let now = crowd::now_ms();
+    let mut sales = vec![json!({
+        "sku": setup.plan.hot_sku, "name": "Limited sneaker drop", "price_minor": 12_900,
+        "stock": setup.hot_stock, "limit_per_shopper": setup.plan.hot_limit,
+        "starts_at_ms": now - 1000, "ends_at_ms": now + 3_600_000,
+    })];
+    for (sku, name, price_minor) in COLD_SKUS {
+        sales.push(json!({
+            "sku": sku, "name": name, "price_minor": price_minor,
+            "stock": setup.hot_stock, "limit_per_shopper": 0,
+            "starts_at_ms": now - 1000, "ends_at_ms": now + 3_600_000,
+        }));
+    }
+    for sale in sales {
+        let req = Req::post("/v1/sales", Some(sale.clone())).bearer(&setup.operator_token);
+        let reply = operator.call(&req).await.map_err(anyhow::Error::msg).context("create a sale")?;
+        if reply.status != 201 {
+            bail!("create sale {}: {}", sale["sku"], reply.describe());
+        }
+    }
+    Ok(())
+}
+
+async fn read_stock(http: &Http, sku: &str) -> anyhow::Result<StockRead> {
+    let reply = http.call(&Req::get(format!("/v1/skus/{sku}"))).await.map_err(anyhow::Error::msg)?;
+    if reply.status != 200 {
+        bail!("GET /v1/skus/{sku}: {}", reply.describe());
+    }
+    StockRead::from_reply(&reply).with_context(|| format!("unreadable SKU: {}", reply.body))
+}
+
+/// Polls until no SKU has units held; false if that did not happen in time.
+async fn wait_for_expiry(http: &Http, skus: &[String], bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    loop {
+        let mut held = false;
+        for sku in skus {
+            // An unreadable SKU counts as held: the wait must not pass on a
+            // failure to look.
+            held |= read_stock(http, sku).await.map_or(true, |read| read.held > 0);
+        }
+        if !held {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        actix_rt::time::sleep(EXPIRY_POLL).await;
+    }
+}
+
+/// What reading every acknowledged order back showed.
+#[derive(Debug, Default)]
+struct Audit {
+    /// Orders read back.
+    checked: u64,
+    /// Acknowledged orders that are gone (404) or whose acknowledged state
+    /// was undone (paid or cancelled, and now something else), with why.
+    lost: Vec<(u64, String)>,
+    /// Orders in a state the shopper never asked for, or with other lines.
+    anomalies: Vec<(u64, String)>,
+    /// Orders that could not be read (no answer, or an unexpected status).
+    unverified: Vec<(u64, String)>,
+    /// Orders by the status read back.
+    statuses: BTreeMap<String, u64>,
+    /// Units per SKU in orders read back as paid.
+    paid_units: BTreeMap<String, u64>,
+    /// Units per SKU in orders read back as still pending payment.
+    pending_units: BTreeMap<String, u64>,
+    /// Paid units of the hot SKU per shopper.
+    hot_paid_by_shopper: BTreeMap<usize, u64>,
+}
+
+/// Reads every acknowledged order back with its shopper's token.
+async fn audit(url: &str, ledger: &[Acked]) -> Audit {
+    let next = std::cell::Cell::new(0);
+    let audit = std::cell::RefCell::new(Audit::default());
+    let workers = (0..AUDIT_CONCURRENCY).map(|_| {
+        let http = Http::unrecorded(url);
+        let (next, audit) = (&next, &audit);
+        async move {
+            while let Some(acked) = ledger.get(next.get()) {
+                next.set(next.get() + 1);
+                let req = Req::get(format!("/v1/orders/{}", acked.order_id)).bearer(&acked.token);
+                let result = http.call(&req).await;
+                audit.borrow_mut().record(acked, result);
+            }
+        }
+    });
+    futures::future::join_all(workers).await;
+    audit.into_inner()
+}
+
+impl Audit {
+    fn record(&mut self, acked: &Acked, result: Result<crowd::Reply, String>) {
+        let id = acked.order_id;
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(error) => return self.unverified.push((id, error)),
+        };
+        match reply.status {
+            200 => {}
+            404 => return self.lost.push((id, format!("acknowledged {:?}, now 404", acked.status))),
+            _ => return self.unverified.push((id, reply.describe())),
+        }
+        self.checked += 1;
+        let Some(crowd::Placed { status, items, .. }) = crowd::Placed::from_reply(&reply) else {
+            return self.unverified.push((id, format!("unreadable order: {}", reply.body)));
+        };
+        *self.statuses.entry(status.clone()).or_default() += 1;
+        if items != acked.items {
+            self.anomalies.push((id, format!("acknowledged with {:?}, now has {items:?}", acked.items)));
+        }
+        let units = match status.as_str() {
+            "paid" => Some(&mut self.paid_units),
+            "pending_payment" => Some(&mut self.pending_units),
+            _ => None,
+        };
+        if let Some(units) = units {
+            for (sku, qty) in &items {
+                *units.entry(sku.clone()).or_default() += u64::from(*qty);
+            }
+        }
+        if status == "paid" {
+            let hot: u64 = items.iter().filter(|(sku, _)| sku == HOT_SKU).map(|(_, qty)| u64::from(*qty)).sum();
+            *self.hot_paid_by_shopper.entry(acked.shopper).or_default() += hot;
+        }
+        let fine = match (acked.status, status.as_str()) {
+            (AckedStatus::Paid, "paid") | (AckedStatus::Cancelled, "cancelled") => true,
+            (AckedStatus::Paid | AckedStatus::Cancelled, now) => {
+                return self.lost.push((id, format!("acknowledged {:?}, now {now}", acked.status)));
+            }
+            (AckedStatus::PendingPayment, "pending_payment" | "expired") => true,
+            (AckedStatus::PendingPayment, "paid") => acked.pay_attempted,
+            (AckedStatus::PendingPayment, "cancelled") => acked.cancel_attempted,
+            (AckedStatus::PendingPayment, _) => false,
+        };
+        if !fine {
+            self.anomalies.push((id, format!("acknowledged pending, now {status} though never asked to be")));
+        }
+    }
+}
+
+/// One pass/fail line of the summary.
+#[derive(Debug, Serialize)]
+struct Check {
+    name: &'static str,
+    pass: bool,
+    detail: String,
+}
+
+/// One SKU in the summary.
+#[derive(Debug, Serialize)]
+struct SkuSummary {
+    #[serde(flatten)]
+    stock: StockRead,
+    /// Units in orders the audit read back as paid: must equal `sold`.
+    paid_in_orders: u64,
+}
+
+/// The demo's outcome, printed and optionally written as JSON.
+#[derive(Debug, Serialize)]
+struct Summary {
+    pass: bool,
+    url: String,
+    seed: u64,
+    shoppers: usize,
+    concurrency: usize,
+    hold_ms: u64,
+    crowd_seconds: f64,
+    /// Units of all SKUs on sale (the hot SKU's are in `skus`).
+    stock_total: u64,
+    units_sold: u64,
+    units_held: u64,
+    units_available: u64,
+    orders_placed: u64,
+    orders_paid: u64,
+    orders_cancelled: u64,
+    orders_expired: u64,
+    orders_pending: u64,
+    /// Units sold or held beyond stock, worst over every read of every SKU
+    /// during and after the sale.
+    oversell: u64,
+    /// Acknowledged orders the node no longer has (or whose acknowledged
+    /// paid/cancelled state was undone).
+    lost_acknowledged: u64,
+    lost_order_ids: Vec<u64>,
+    requests: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    throughput_per_s: f64,
+    transport_errors: u64,
+    overload_retries: u64,
+    requests_by_status: BTreeMap<u16, u64>,
+    crowd: crowd::Counters,
+    watch: crowd::Watch,
+    skus: Vec<SkuSummary>,
+    checks: Vec<Check>,
+    unexpected_samples: Vec<String>,
+    #[serde(skip)]
+    expiry_wait: Duration,
+    #[serde(skip)]
+    hot_limit: u32,
+    #[serde(skip)]
+    audit_notes: Vec<String>,
+}
+
+impl Summary {
+    fn new(args: &DemoArgs, seed: u64, hold_ms: u64, url: &str, findings: Findings) -> Summary {
+        let Findings { crowd, holds_released, expiry_wait, stock, audit } = findings;
+        let latency = crowd.stats.latency();
+        let crowd_seconds = crowd.wall.as_secs_f64();
+        let requests = crowd.stats.requests();
+        let sum = |field: fn(&StockRead) -> u64| stock.iter().map(field).sum::<u64>();
+        let final_oversell = stock.iter().map(StockRead::oversell).max().unwrap_or(0);
+        let oversell = final_oversell.max(crowd.watch.oversell_max);
+        let status_count = |status: &str| audit.statuses.get(status).copied().unwrap_or(0);
+
+        let skus: Vec<SkuSummary> = stock
+            .iter()
+            .map(|read| SkuSummary {
+                stock: read.clone(),
+                paid_in_orders: audit.paid_units.get(&read.sku).copied().unwrap_or(0),
+            })
+            .collect();
+        let sold_mismatches: Vec<String> = skus
+            .iter()
+            .filter(|s| s.paid_in_orders != s.stock.sold)
+            .map(|s| format!("{}: sold {} but paid orders hold {}", s.stock.sku, s.stock.sold, s.paid_in_orders))
+            .collect();
+        let still_held: Vec<String> = stock
+            .iter()
+            .filter(|read| read.held > 0)
+            .map(|read| format!("{} held {}", read.sku, read.held))
+            .chain(audit.pending_units.iter().map(|(sku, units)| format!("{units} units of {sku} in pending orders")))
+            .collect();
+        let conservation_breaks =
+            crowd.watch.conservation_violations + stock.iter().filter(|r| !r.conserved()).count() as u64;
+        let over_limit = if args.limit == 0 {
+            0
+        } else {
+            audit.hot_paid_by_shopper.values().filter(|&&units| units > u64::from(args.limit)).count() as u64
+        };
+        let lost_acknowledged = audit.lost.len() as u64;
+
+        let checks = vec![
+            Check {
+                name: "no oversell",
+                pass: oversell == 0,
+                detail: format!(
+                    "oversell = {oversell} (sold + held - total, worst of {} reads during the sale and the final ones)",
+                    crowd.watch.reads
+                ),
+            },
+            Check {
+                name: "no lost acknowledgement",
+                pass: lost_acknowledged == 0,
+                detail: format!(
+                    "lost_acknowledged = {lost_acknowledged} of {} acknowledged orders read back",
+                    crowd.ledger.len()
+                ),
+            },
+            Check {
+                name: "sold units match paid orders",
+                pass: sold_mismatches.is_empty(),
+                detail: if sold_mismatches.is_empty() {
+                    "every SKU's sold equals the units in orders read back as paid".to_string()
+                } else {
+                    sold_mismatches.join("; ")
+                },
+            },
+            Check {
+                name: "conservation",
+                pass: conservation_breaks == 0,
+                detail: format!("available + held + sold != total in {conservation_breaks} reads"),
+            },
+            Check {
+                name: "holds expire",
+                pass: holds_released && still_held.is_empty(),
+                detail: if still_held.is_empty() && holds_released {
+                    format!("held = 0 everywhere {:.1} s after the crowd left", expiry_wait.as_secs_f64())
+                } else {
+                    format!(
+                        "after {:.1} s: {}",
+                        expiry_wait.as_secs_f64(),
+                        if still_held.is_empty() { "stock unreadable".to_string() } else { still_held.join(", ") }
+                    )
+                },
+            },
+            Check {
+                name: "idempotency",
+                pass: crowd.counters.replay_mismatches == 0,
+                detail: format!(
+                    "{} checkouts sent again with the same key ({} at once), {} answered differently",
+                    crowd.counters.replays_checked, crowd.counters.double_submits, crowd.counters.replay_mismatches
+                ),
+            },
+            Check {
+                name: "per-shopper limit",
+                pass: crowd.counters.limit_violations == 0 && over_limit == 0,
+                detail: format!(
+                    "{} tries past the limit, {} accepted; {over_limit} shoppers paid for more than {}",
+                    crowd.counters.limit_probes, crowd.counters.limit_violations, args.limit
+                ),
+            },
+            Check {
+                name: "answers as documented",
+                pass: crowd.counters.unexpected == 0 && audit.anomalies.is_empty() && audit.unverified.is_empty(),
+                detail: format!(
+                    "{} unexpected answers during the sale, {} odd orders and {} unreadable ones in the audit",
+                    crowd.counters.unexpected,
+                    audit.anomalies.len(),
+                    audit.unverified.len()
+                ),
+            },
+        ];
+        let audit_notes = audit
+            .lost
+            .iter()
+            .map(|(id, why)| format!("lost order {id}: {why}"))
+            .chain(audit.anomalies.iter().map(|(id, why)| format!("odd order {id}: {why}")))
+            .chain(audit.unverified.iter().map(|(id, why)| format!("unreadable order {id}: {why}")))
+            .take(20)
+            .collect();
+
+        Summary {
+            pass: checks.iter().all(|check| check.pass),
+            url: url.to_string(),
+            seed,
+            shoppers: args.shoppers,
+            concurrency: args.concurrency,
+            hold_ms,
+            crowd_seconds,
+            stock_total: sum(|r| r.total),
+            units_sold: sum(|r| r.sold),
+            units_held: sum(|r| r.held),
+            units_available: sum(|r| r.available),
+            orders_placed: crowd.ledger.len() as u64,
+            orders_paid: status_count("paid"),
+            orders_cancelled: status_count("cancelled"),
+            orders_expired: status_count("expired"),
+            orders_pending: status_count("pending_payment"),
+            oversell,
+            lost_acknowledged,
+            lost_order_ids: audit.lost.iter().map(|(id, _)| *id).collect(),
+            requests,
+            p50_ms: latency.p50_ms,
+            p99_ms: latency.p99_ms,
+            p999_ms: latency.p999_ms,
+            max_ms: latency.max_ms,
+            throughput_per_s: if crowd_seconds > 0.0 { requests as f64 / crowd_seconds } else { 0.0 },
+            transport_errors: crowd.stats.transport_errors,
+            overload_retries: crowd.stats.overload_retries,
+            requests_by_status: crowd.stats.by_status.clone(),
+            crowd: crowd.counters,
+            watch: crowd.watch,
+            skus,
+            checks,
+            unexpected_samples: crowd.unexpected_samples,
+            expiry_wait,
+            hot_limit: args.limit,
+            audit_notes,
+        }
+    }
+
+    fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let c = &self.crowd;
+        let mut out = String::new();
+        let _ = writeln!(out);
+        let _ = writeln!(out, "What happened ({:.1} s, seed {})", self.crowd_seconds, self.seed);
+        let _ = writeln!(
+            out,
+            "  {} of {} shoppers came; {} checkouts ({} came back after \"sold out\")",
+            c.shoppers_served, self.shoppers, c.checkouts, c.came_back
+        );
+        let _ = writeln!(
+            out,
+            "  {} orders placed: {} paid, {} cancelled, {} expired unpaid, {} still pending",
+            self.orders_placed, self.orders_paid, self.orders_cancelled, self.orders_expired, self.orders_pending
+        );
+        let _ = writeln!(
+            out,
+            "  refused: {} sold out, {} over the limit of {}, {} sale closed",
+            c.refused_sold_out, c.refused_limit, self.hot_limit, c.refused_sale_closed
+        );
+        let _ = writeln!(
+            out,
+            "  payments: {} approved ({} after a declined card), {} too late (hold expired); \
+             {} cancelled, {} cancels too late; {} walked away",
+            c.payments_approved, c.payments_declined, c.payments_too_late, c.cancels, c.cancels_too_late, c.abandoned
+        );
+        let _ = writeln!(
+            out,
+            "  {} checkouts re-sent with the same key ({} as double clicks); {} tries past the limit \
+             ({} refused as over the limit, the rest as sold out)",
+            c.replays_checked, c.double_submits, c.limit_probes, c.limit_probes_refused
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Stock after every hold expired (waited {:.1} s)", self.expiry_wait.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "  {:<12} {:>7} {:>7} {:>7} {:>10} {:>15}",
+            "sku", "total", "sold", "held", "available", "paid in orders"
+        );
+        for sku in &self.skus {
+            let s = &sku.stock;
+            let _ = writeln!(
+                out,
+                "  {:<12} {:>7} {:>7} {:>7} {:>10} {:>15}",
+                s.sku, s.total, s.sold, s.held, s.available, sku.paid_in_orders
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Requests: {} in {:.1} s = {:.0}/s; p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; \
+             {} overload retries, {} without an answer",
+            self.requests,
+            self.crowd_seconds,
+            self.throughput_per_s,
+            self.p50_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.overload_retries,
+            self.transport_errors
+        );
+        let statuses: Vec<String> = self.requests_by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        let _ = writeln!(out, "  by status: {}", statuses.join(", "));
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Checks");
+        for check in &self.checks {
+            let _ =
+                writeln!(out, "  {}  {:<30} {}", if check.pass { "PASS" } else { "FAIL" }, check.name, check.detail);
+        }
+        for sample in &self.unexpected_samples {
+            let _ = writeln!(out, "  unexpected: {sample}");
+        }
+        for note in &self.audit_notes {
+            let _ = writeln!(out, "  {note}");
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{}",
+            if self.pass { "Demo passed: nothing oversold, nothing acknowledged lost." } else { "DEMO FAILED" }
+        );
+        out
+    }
+}
+
+fn write_json(path: &Path, summary: &Summary) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(summary).context("encode the summary")?;
+    text.push('\n');
+    std::fs::write(path, text).with_context(|| format!("write the summary to {}", path.display()))
+}
+
+fn explore_text(url: &str, operator_token: &str) -> String {
+    format!(
+        "\nThe node stays up at {url} — explore it (Ctrl-C stops it and deletes its data):\n\
+         \x20 curl -s {url}/v1/skus/{HOT_SKU}\n\
+         \x20 TOKEN=$(curl -s -X POST {url}/v1/sessions -H 'content-type: application/json' -d '{{\"shopper\":\"me\"}}' \\\n\
+         \x20      | sed 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/')\n\
+         \x20 curl -s -X POST {url}/v1/checkout -H \"Authorization: Bearer $TOKEN\" -H 'Idempotency-Key: try-1' \\\n\
+         \x20      -H 'content-type: application/json' -d '{{\"items\":[{{\"sku\":\"{HOT_SKU}\",\"qty\":1}}]}}'\n\
+         \x20 operator token: {operator_token}\n\
+         \x20 curl -s -X POST {url}/v1/skus/{HOT_SKU}/restock -H 'Authorization: Bearer {operator_token}' \\\n\
+         \x20      -H 'content-type: application/json' -d '{{\"units\":100}}'\n\
+         \x20 also: {url}/openapi.json  {url}/metrics  {url}/v1/cluster (operator)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crowd::Reply;
+    use serde_json::Value;
+
+    fn acked(status: AckedStatus, pay_attempted: bool, cancel_attempted: bool) -> Acked {
+        Acked {
+            order_id: 7,
+            shopper: 3,
+            token: "t".into(),
+            items: vec![(HOT_SKU.to_string(), 2)],
+            status,
+            pay_attempted,
+            cancel_attempted,
+        }
+    }
+
+    fn order(http_status: u16, status: &str, qty: u32) -> Result<Reply, String> {
+        let body = json!({ "order_id": 7, "status": status, "items": [{ "sku": HOT_SKU, "qty": qty }] });
+        Ok(Reply { status: http_status, body, replayed: false, retry_after_s: None })
+    }
+
+    /// (what the shopper was told, what the node says now) -> (lost, odd, unreadable)
+    fn check(acked: Acked, now: Result<Reply, String>, expected: (usize, usize, usize)) {
+        let mut audit = Audit::default();
+        audit.record(&acked, now);
+        let got = (audit.lost.len(), audit.anomalies.len(), audit.unverified.len());
+        assert_eq!(got, expected, "{acked:?}: {audit:?}");
+    }
+
+    #[test]
+    fn audit_classifies_orders() {
+        use AckedStatus::*;
+        // Fine.
+        check(acked(Paid, true, false), order(200, "paid", 2), (0, 0, 0));
+        check(acked(Cancelled, false, true), order(200, "cancelled", 2), (0, 0, 0));
+        check(acked(PendingPayment, false, false), order(200, "expired", 2), (0, 0, 0));
+        check(acked(PendingPayment, true, false), order(200, "paid", 2), (0, 0, 0));
+        check(acked(PendingPayment, false, true), order(200, "cancelled", 2), (0, 0, 0));
+        // Lost: gone, or an acknowledged outcome undone.
+        check(acked(PendingPayment, false, false), order(404, "", 0), (1, 0, 0));
+        check(acked(Paid, true, false), order(200, "expired", 2), (1, 0, 0));
+        check(acked(Cancelled, false, true), order(200, "pending_payment", 2), (1, 0, 0));
+        // Odd: a state nobody asked for, or other lines.
+        check(acked(PendingPayment, false, false), order(200, "paid", 2), (0, 1, 0));
+        check(acked(PendingPayment, false, false), order(200, "cancelled", 2), (0, 1, 0));
+        check(acked(PendingPayment, false, false), order(200, "expired", 1), (0, 1, 0));
+        // Unreadable: no proof either way.
+        check(acked(Paid, true, false), Err("timed out".into()), (0, 0, 1));
+        check(acked(Paid, true, false), order(500, "", 0), (0, 0, 1));
+        let garbled = Reply { status: 200, body: Value::Null, replayed: false, retry_after_s: None };
+        check(acked(Paid, true, false), Ok(garbled), (0, 0, 1));
+    }
+
+    #[test]
+    fn audit_counts_paid_units_per_sku_and_shopper() {
+        let mut audit = Audit::default();
+        audit.record(&acked(AckedStatus::Paid, true, false), order(200, "paid", 2));
+        audit.record(&acked(AckedStatus::PendingPayment, false, false), order(200, "pending_payment", 2));
+        assert_eq!(audit.paid_units.get(HOT_SKU), Some(&2));
+        assert_eq!(audit.pending_units.get(HOT_SKU), Some(&2));
+        assert_eq!(audit.hot_paid_by_shopper.get(&3), Some(&2));
+    }
+}

@@ -1,0 +1,61 @@
+//! `surge`: run a node, watch a flash sale, or measure one.
+
+mod bench;
+mod config;
+mod crowd;
+mod demo;
+mod server;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Surge: a flash-sale commerce platform that sells every unit, never sells
+/// one twice, and loses no acknowledged order.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a node and serve the public API until Ctrl-C.
+    Start {
+        /// A TOML config file (see deploy/surge.toml). `SURGE_*` variables
+        /// override it, e.g. SURGE_LISTEN=127.0.0.1:9000.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Start Surge on a temporary data directory and run a flash sale against
+    /// it with a crowd of concurrent shoppers, then check the result.
+    Demo(demo::DemoArgs),
+    /// Measure hot-SKU checkout throughput and latency over HTTP.
+    Bench(bench::BenchArgs),
+}
+
+#[actix_rt::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Start { config } => start(config).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+async fn start(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = config::Config::load(config.as_deref())?;
+    let server = server::start(config).await?;
+    // One line on stdout, so scripts and tests can wait for it.
+    println!("surge listening on {}", server.url);
+    actix_rt::signal::ctrl_c().await?;
+    tracing::info!("stopping");
+    server.stop().await;
+    Ok(())
+}
