@@ -1,0 +1,5 @@
+//! Multi-process tests: real `surge` processes on loopback, driven through
+//! the public API and killed for real. One test binary, a module per feature.
+
+mod kill_restart;
+mod support;
