@@ -188,8 +188,7 @@ pub async fn checkout(
     if let Some(items) = &items {
         domain::validate_lines(items)?;
     }
-    let command =
-        Command::Checkout { session: shopper.session, idempotency_key: key, items, hold_ms: state.hold_ms };
+    let command = Command::Checkout { session: shopper.session, idempotency_key: key, items, hold_ms: state.hold_ms };
     let outcome = state.node.shopper(shopper.session, command).await;
     crate::metrics::count_checkout(&outcome);
     let (order, replayed) = expect_order(outcome?)?;

@@ -42,34 +42,31 @@ pub struct AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default().limit(BODY_BYTES_MAX).error_handler(|err, _req| json_error(err).into());
     let path = web::PathConfig::default().error_handler(|err, _| ApiError::Malformed(err.to_string()).into());
-    cfg.app_data(json)
-        .app_data(path)
-        .app_data(web::PayloadConfig::new(BODY_BYTES_MAX))
-        .service(
-            web::scope("")
-                .wrap(middleware::ErrorHandlers::new().default_handler(problem::fallback))
-                .wrap(middleware::from_fn(metrics::record_requests))
-                .route("/healthz", web::get().to(handlers::healthz))
-                .route("/readyz", web::get().to(handlers::readyz))
-                .route("/metrics", web::get().to(metrics::render))
-                .route("/openapi.json", web::get().to(openapi_json))
-                .service(
-                    web::scope("/v1")
-                        .route("/sales", web::post().to(handlers::create_sale))
-                        .route("/skus/{sku}", web::get().to(handlers::get_sku))
-                        .route("/skus/{sku}/restock", web::post().to(handlers::restock))
-                        .route("/sessions", web::post().to(handlers::create_session))
-                        .route("/cart", web::get().to(handlers::get_cart))
-                        .route("/cart/items/{sku}", web::put().to(handlers::put_cart_item))
-                        .route("/cart/items/{sku}", web::delete().to(handlers::delete_cart_item))
-                        .route("/checkout", web::post().to(handlers::checkout))
-                        .route("/orders/{id}", web::get().to(handlers::get_order))
-                        .route("/orders/{id}/pay", web::post().to(handlers::pay))
-                        .route("/orders/{id}/cancel", web::post().to(handlers::cancel))
-                        .route("/cluster", web::get().to(handlers::cluster_status)),
-                )
-                .default_service(web::to(handlers::not_found)),
-        );
+    cfg.app_data(json).app_data(path).app_data(web::PayloadConfig::new(BODY_BYTES_MAX)).service(
+        web::scope("")
+            .wrap(middleware::ErrorHandlers::new().default_handler(problem::fallback))
+            .wrap(middleware::from_fn(metrics::record_requests))
+            .route("/healthz", web::get().to(handlers::healthz))
+            .route("/readyz", web::get().to(handlers::readyz))
+            .route("/metrics", web::get().to(metrics::render))
+            .route("/openapi.json", web::get().to(openapi_json))
+            .service(
+                web::scope("/v1")
+                    .route("/sales", web::post().to(handlers::create_sale))
+                    .route("/skus/{sku}", web::get().to(handlers::get_sku))
+                    .route("/skus/{sku}/restock", web::post().to(handlers::restock))
+                    .route("/sessions", web::post().to(handlers::create_session))
+                    .route("/cart", web::get().to(handlers::get_cart))
+                    .route("/cart/items/{sku}", web::put().to(handlers::put_cart_item))
+                    .route("/cart/items/{sku}", web::delete().to(handlers::delete_cart_item))
+                    .route("/checkout", web::post().to(handlers::checkout))
+                    .route("/orders/{id}", web::get().to(handlers::get_order))
+                    .route("/orders/{id}/pay", web::post().to(handlers::pay))
+                    .route("/orders/{id}/cancel", web::post().to(handlers::cancel))
+                    .route("/cluster", web::get().to(handlers::cluster_status)),
+            )
+            .default_service(web::to(handlers::not_found)),
+    );
 }
 
 /// Maps actix's JSON extractor errors to problem documents: too large → 413,

@@ -45,11 +45,15 @@ impl ApiError {
         use Rejection as R;
         match self {
             ApiError::Rejected(rejection) => match rejection {
-                R::Invalid(_) | R::StockOverflow => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request"),
-                R::EmptyOrder => (StatusCode::UNPROCESSABLE_ENTITY, "empty-order", "Nothing to order"),
-                R::IdempotencyConflict => {
-                    (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-conflict", "Idempotency key reused with a different request")
+                R::Invalid(_) | R::StockOverflow => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request")
                 }
+                R::EmptyOrder => (StatusCode::UNPROCESSABLE_ENTITY, "empty-order", "Nothing to order"),
+                R::IdempotencyConflict => (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency-conflict",
+                    "Idempotency key reused with a different request",
+                ),
                 R::UnknownSku { .. } => (StatusCode::NOT_FOUND, "unknown-sku", "Unknown SKU"),
                 R::UnknownOrder { .. } => (StatusCode::NOT_FOUND, "unknown-order", "Unknown order"),
                 R::UnknownSession => (StatusCode::UNAUTHORIZED, "unauthorized", "Unknown session"),
@@ -116,10 +120,8 @@ pub fn fallback<B>(
     res: actix_web::dev::ServiceResponse<B>,
 ) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
     use actix_web::middleware::ErrorHandlerResponse;
-    let is_problem = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes() == b"application/problem+json");
+    let is_problem =
+        res.headers().get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes() == b"application/problem+json");
     if is_problem {
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }

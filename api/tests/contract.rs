@@ -20,16 +20,14 @@ struct Harness<S> {
     _data: tempfile::TempDir,
 }
 
-async fn harness(hold_ms: u64) -> Harness<impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>> {
+async fn harness(
+    hold_ms: u64,
+) -> Harness<impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>> {
     let data = tempfile::tempdir().unwrap();
     let config = NodeConfig { expiry_tick_ms: 20, ..NodeConfig::default() };
     let node = Node::start(&config, data.path(), Arc::new(SystemClock)).await.unwrap();
-    let state = web::Data::new(AppState {
-        node,
-        operator_token: OPERATOR.into(),
-        hold_ms,
-        metrics: api::metrics::install(),
-    });
+    let state =
+        web::Data::new(AppState { node, operator_token: OPERATOR.into(), hold_ms, metrics: api::metrics::install() });
     let app = test::init_service(App::new().app_data(state).configure(api::configure)).await;
     Harness { app, _data: data }
 }
@@ -67,7 +65,8 @@ where
 {
     let body = json!({"sku": sku, "name": "Hot item", "price_minor": 1999, "stock": stock,
         "starts_at_ms": now_ms() - 1_000, "ends_at_ms": now_ms() + 3_600_000, "limit_per_shopper": limit});
-    let (status, sku, _) = send(app, TestRequest::post().uri("/v1/sales").insert_header(bearer(OPERATOR)).set_json(body)).await;
+    let (status, sku, _) =
+        send(app, TestRequest::post().uri("/v1/sales").insert_header(bearer(OPERATOR)).set_json(body)).await;
     assert_eq!(status, StatusCode::CREATED, "{sku}");
     sku
 }
@@ -76,7 +75,8 @@ async fn session<S>(app: &S, shopper: &str) -> String
 where
     S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
 {
-    let (status, body, _) = send(app, TestRequest::post().uri("/v1/sessions").set_json(json!({"shopper": shopper}))).await;
+    let (status, body, _) =
+        send(app, TestRequest::post().uri("/v1/sessions").set_json(json!({"shopper": shopper}))).await;
     assert_eq!(status, StatusCode::CREATED);
     body["token"].as_str().unwrap().to_string()
 }
@@ -108,7 +108,8 @@ async fn a_shopper_buys_through_cart_checkout_and_payment() {
     let (status, cart, _) = send(&h.app, put).await;
     assert_eq!((status, cart), (StatusCode::OK, json!({"items": [{"sku": "tv-55", "qty": 2}]})));
 
-    let from_cart = TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "k1"));
+    let from_cart =
+        TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "k1"));
     let (status, order, _) = send(&h.app, from_cart).await;
     assert_eq!(status, StatusCode::CREATED, "{order}");
     assert_eq!(order["status"], "pending_payment");
@@ -121,13 +122,17 @@ async fn a_shopper_buys_through_cart_checkout_and_payment() {
 
     // A declined card leaves the order pending; an approved one pays it.
     let pay = |tok: &str| {
-        TestRequest::post().uri(&format!("/v1/orders/{id}/pay")).insert_header(bearer(&token)).set_json(json!({"payment_token": tok}))
+        TestRequest::post()
+            .uri(&format!("/v1/orders/{id}/pay"))
+            .insert_header(bearer(&token))
+            .set_json(json!({"payment_token": tok}))
     };
     let (status, problem, _) = send(&h.app, pay("tok_decline")).await;
     assert_eq!((status, problem["type"].as_str()), (StatusCode::PAYMENT_REQUIRED, Some("/problems/payment-declined")));
     let (status, paid, _) = send(&h.app, pay("tok_approve")).await;
     assert_eq!((status, paid["status"].as_str()), (StatusCode::OK, Some("paid")));
-    let (status, again, _) = send(&h.app, TestRequest::get().uri(&format!("/v1/orders/{id}")).insert_header(bearer(&token))).await;
+    let (status, again, _) =
+        send(&h.app, TestRequest::get().uri(&format!("/v1/orders/{id}")).insert_header(bearer(&token))).await;
     assert_eq!((status, again["status"].as_str()), (StatusCode::OK, Some("paid")));
     let s = stock(&h.app, "tv-55").await;
     assert_eq!((s["available"].as_u64(), s["held"].as_u64(), s["sold"].as_u64()), (Some(8), Some(0), Some(2)));
@@ -153,7 +158,10 @@ async fn an_idempotency_key_places_at_most_one_order() {
     assert_eq!(headers.get("Idempotent-Replayed").unwrap(), "true");
 
     let (status, problem, _) = send(&h.app, checkout(&token, "key-1", json!([{"sku": "phone", "qty": 2}]))).await;
-    assert_eq!((status, problem["type"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/idempotency-conflict")));
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/idempotency-conflict"))
+    );
     assert_eq!(stock(&h.app, "phone").await["held"], 1, "only the first checkout holds stock");
 }
 
@@ -203,40 +211,182 @@ async fn bad_input_gets_a_problem_document_and_changes_nothing() {
     let before = stock(&h.app, "hot").await;
     let huge_body = format!("{{\"items\": [{{\"sku\": \"{}\", \"qty\": 1}}]}}", "x".repeat(20_000));
     let sale = |extra: Value| {
-        let mut body = json!({"sku": "new", "name": "n", "price_minor": 1, "stock": 1, "starts_at_ms": 0, "ends_at_ms": 1});
+        let mut body =
+            json!({"sku": "new", "name": "n", "price_minor": 1, "stock": 1, "starts_at_ms": 0, "ends_at_ms": 1});
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         TestRequest::post().uri("/v1/sales").insert_header(bearer(OPERATOR)).set_json(body)
     };
 
     let cases: Vec<(&str, TestRequest, StatusCode, &str)> = vec![
-        ("malformed JSON", TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "m"))
-            .insert_header(("content-type", "application/json")).set_payload("{\"items\": ["), StatusCode::BAD_REQUEST, "bad-request"),
-        ("unknown SKU", checkout(&token, "u", json!([{"sku": "nope", "qty": 1}])), StatusCode::NOT_FOUND, "unknown-sku"),
-        ("negative quantity", checkout(&token, "n", json!([{"sku": "hot", "qty": -1}])), StatusCode::BAD_REQUEST, "bad-request"),
-        ("zero quantity", checkout(&token, "z", json!([{"sku": "hot", "qty": 0}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
-        ("huge quantity", checkout(&token, "h", json!([{"sku": "hot", "qty": 4_294_967_296u64}])), StatusCode::BAD_REQUEST, "bad-request"),
-        ("quantity over the line limit", checkout(&token, "o", json!([{"sku": "hot", "qty": 10_001}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
-        ("a SKU twice", checkout(&token, "t", json!([{"sku": "hot", "qty": 1}, {"sku": "hot", "qty": 1}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
-        ("unknown field", checkout(&token, "f", json!([{"sku": "hot", "qty": 1, "price": 0}])), StatusCode::BAD_REQUEST, "bad-request"),
-        ("empty cart", TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "e")), StatusCode::UNPROCESSABLE_ENTITY, "empty-order"),
-        ("missing idempotency key", TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).set_json(json!({"items": [{"sku": "hot", "qty": 1}]})), StatusCode::BAD_REQUEST, "bad-request"),
-        ("empty idempotency key", checkout(&token, "", json!([{"sku": "hot", "qty": 1}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
-        ("idempotency key too long", checkout(&token, &"k".repeat(129), json!([{"sku": "hot", "qty": 1}])), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
-        ("no token", TestRequest::post().uri("/v1/checkout").insert_header(("Idempotency-Key", "x")).set_json(json!({"items": [{"sku": "hot", "qty": 1}]})), StatusCode::UNAUTHORIZED, "unauthorized"),
-        ("wrong token", checkout("not-a-session", "w", json!([{"sku": "hot", "qty": 1}])), StatusCode::UNAUTHORIZED, "unauthorized"),
-        ("oversized body", TestRequest::post().uri("/v1/checkout").insert_header(bearer(&token)).insert_header(("Idempotency-Key", "big"))
-            .insert_header(("content-type", "application/json")).set_payload(huge_body), StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
-        ("bad SKU in path", TestRequest::put().uri("/v1/cart/items/bad%20sku").insert_header(bearer(&token)).set_json(json!({"qty": 1})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
-        ("bad order id", TestRequest::get().uri("/v1/orders/abc").insert_header(bearer(&token)), StatusCode::BAD_REQUEST, "bad-request"),
-        ("unknown payment token", TestRequest::post().uri("/v1/orders/0/pay").insert_header(bearer(&token)).set_json(json!({"payment_token": "tok_free"})), StatusCode::NOT_FOUND, "unknown-order"),
-        ("sale by a shopper", TestRequest::post().uri("/v1/sales").insert_header(bearer(&token)).set_json(json!({})), StatusCode::UNAUTHORIZED, "unauthorized"),
+        (
+            "malformed JSON",
+            TestRequest::post()
+                .uri("/v1/checkout")
+                .insert_header(bearer(&token))
+                .insert_header(("Idempotency-Key", "m"))
+                .insert_header(("content-type", "application/json"))
+                .set_payload("{\"items\": ["),
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+        ),
+        (
+            "unknown SKU",
+            checkout(&token, "u", json!([{"sku": "nope", "qty": 1}])),
+            StatusCode::NOT_FOUND,
+            "unknown-sku",
+        ),
+        (
+            "negative quantity",
+            checkout(&token, "n", json!([{"sku": "hot", "qty": -1}])),
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+        ),
+        (
+            "zero quantity",
+            checkout(&token, "z", json!([{"sku": "hot", "qty": 0}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
+        (
+            "huge quantity",
+            checkout(&token, "h", json!([{"sku": "hot", "qty": 4_294_967_296u64}])),
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+        ),
+        (
+            "quantity over the line limit",
+            checkout(&token, "o", json!([{"sku": "hot", "qty": 10_001}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
+        (
+            "a SKU twice",
+            checkout(&token, "t", json!([{"sku": "hot", "qty": 1}, {"sku": "hot", "qty": 1}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
+        (
+            "unknown field",
+            checkout(&token, "f", json!([{"sku": "hot", "qty": 1, "price": 0}])),
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+        ),
+        (
+            "empty cart",
+            TestRequest::post()
+                .uri("/v1/checkout")
+                .insert_header(bearer(&token))
+                .insert_header(("Idempotency-Key", "e")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty-order",
+        ),
+        (
+            "missing idempotency key",
+            TestRequest::post()
+                .uri("/v1/checkout")
+                .insert_header(bearer(&token))
+                .set_json(json!({"items": [{"sku": "hot", "qty": 1}]})),
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+        ),
+        (
+            "empty idempotency key",
+            checkout(&token, "", json!([{"sku": "hot", "qty": 1}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
+        (
+            "idempotency key too long",
+            checkout(&token, &"k".repeat(129), json!([{"sku": "hot", "qty": 1}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
+        (
+            "no token",
+            TestRequest::post()
+                .uri("/v1/checkout")
+                .insert_header(("Idempotency-Key", "x"))
+                .set_json(json!({"items": [{"sku": "hot", "qty": 1}]})),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "wrong token",
+            checkout("not-a-session", "w", json!([{"sku": "hot", "qty": 1}])),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "oversized body",
+            TestRequest::post()
+                .uri("/v1/checkout")
+                .insert_header(bearer(&token))
+                .insert_header(("Idempotency-Key", "big"))
+                .insert_header(("content-type", "application/json"))
+                .set_payload(huge_body),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+        ),
+        (
+            "bad SKU in path",
+            TestRequest::put()
+                .uri("/v1/cart/items/bad%20sku")
+                .insert_header(bearer(&token))
+                .set_json(json!({"qty": 1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
+        (
+            "bad order id",
+            TestRequest::get().uri("/v1/orders/abc").insert_header(bearer(&token)),
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+        ),
+        (
+            "unknown payment token",
+            TestRequest::post()
+                .uri("/v1/orders/0/pay")
+                .insert_header(bearer(&token))
+                .set_json(json!({"payment_token": "tok_free"})),
+            StatusCode::NOT_FOUND,
+            "unknown-order",
+        ),
+        (
+            "sale by a shopper",
+            TestRequest::post().uri("/v1/sales").insert_header(bearer(&token)).set_json(json!({})),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
         ("sale without a name", sale(json!({"name": ""})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
-        ("sale that ends before it starts", sale(json!({"starts_at_ms": 5, "ends_at_ms": 5})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
-        ("sale with too much stock", sale(json!({"stock": 2_000_000_000u64})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        (
+            "sale that ends before it starts",
+            sale(json!({"starts_at_ms": 5, "ends_at_ms": 5})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
+        (
+            "sale with too much stock",
+            sale(json!({"stock": 2_000_000_000u64})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
         ("sale of an existing SKU", sale(json!({"sku": "hot"})), StatusCode::CONFLICT, "sale-exists"),
-        ("restock of nothing", TestRequest::post().uri("/v1/skus/hot/restock").insert_header(bearer(OPERATOR)).set_json(json!({"units": 0})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        (
+            "restock of nothing",
+            TestRequest::post()
+                .uri("/v1/skus/hot/restock")
+                .insert_header(bearer(OPERATOR))
+                .set_json(json!({"units": 0})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
         ("unknown route", TestRequest::get().uri("/v1/nothing-here"), StatusCode::NOT_FOUND, "not-found"),
-        ("shopper id too long", TestRequest::post().uri("/v1/sessions").set_json(json!({"shopper": "s".repeat(200)})), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
+        (
+            "shopper id too long",
+            TestRequest::post().uri("/v1/sessions").set_json(json!({"shopper": "s".repeat(200)})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-request",
+        ),
     ];
     for (name, req, expected_status, expected_type) in cases {
         let (status, problem, _) = send(&h.app, req).await;
@@ -267,7 +417,10 @@ async fn unpaid_holds_expire_and_return_to_stock() {
     }
     let s = stock(&h.app, "shoe").await;
     assert_eq!((s["available"].as_u64(), s["sold"].as_u64()), (Some(4), Some(0)));
-    let pay = TestRequest::post().uri(&format!("/v1/orders/{id}/pay")).insert_header(bearer(&token)).set_json(json!({"payment_token": "tok_approve"}));
+    let pay = TestRequest::post()
+        .uri(&format!("/v1/orders/{id}/pay"))
+        .insert_header(bearer(&token))
+        .set_json(json!({"payment_token": "tok_approve"}));
     let (status, problem, _) = send(&h.app, pay).await;
     assert_eq!((status, problem["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/order-final")));
 }
@@ -301,12 +454,23 @@ async fn operations_endpoints_answer() {
 
     let (status, doc, _) = send(&h.app, TestRequest::get().uri("/openapi.json")).await;
     assert_eq!(status, StatusCode::OK);
-    for path in ["/v1/sales", "/v1/skus/{sku}", "/v1/sessions", "/v1/cart", "/v1/cart/items/{sku}", "/v1/checkout",
-        "/v1/orders/{id}", "/v1/orders/{id}/pay", "/v1/orders/{id}/cancel", "/v1/cluster"] {
+    for path in [
+        "/v1/sales",
+        "/v1/skus/{sku}",
+        "/v1/sessions",
+        "/v1/cart",
+        "/v1/cart/items/{sku}",
+        "/v1/checkout",
+        "/v1/orders/{id}",
+        "/v1/orders/{id}/pay",
+        "/v1/orders/{id}/cancel",
+        "/v1/cluster",
+    ] {
         assert!(doc["paths"][path].is_object(), "openapi.json lacks {path}");
     }
 
-    let (status, cluster, _) = send(&h.app, TestRequest::get().uri("/v1/cluster").insert_header(bearer(OPERATOR))).await;
+    let (status, cluster, _) =
+        send(&h.app, TestRequest::get().uri("/v1/cluster").insert_header(bearer(OPERATOR))).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(cluster["state"], "Leader");
     assert_eq!(cluster["orders"]["pending_payment"], 1);

@@ -41,7 +41,13 @@ pub struct ActorLimits {
 
 impl Default for ActorLimits {
     fn default() -> Self {
-        ActorLimits { mailbox_max: 4_096, queue_max: 8_192, batch_max: 1_024, idle_ms: 30_000, request_timeout_ms: 5_000 }
+        ActorLimits {
+            mailbox_max: 4_096,
+            queue_max: 8_192,
+            batch_max: 1_024,
+            idle_ms: 30_000,
+            request_timeout_ms: 5_000,
+        }
     }
 }
 

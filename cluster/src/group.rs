@@ -72,8 +72,8 @@ impl Group {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| ProposeError::Unavailable(e.to_string()))?);
-        let (log, state_machine) =
-            storage::open::<TypeConfig>(&data_dir.join("group-0.redb")).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let (log, state_machine) = storage::open::<TypeConfig>(&data_dir.join("group-0.redb"))
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let state = state_machine.reader();
         let raft = Raft::new(config.node_id, raft_config, NoPeers, log, state_machine)
             .await

@@ -33,15 +33,11 @@ pub const SALES_MAX: usize = 100_000;
 pub fn validate_sku(sku: &str) -> Result<(), Rejection> {
     let ok = !sku.is_empty()
         && sku.len() <= SKU_LEN_MAX
-        && sku
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && sku.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
-        Err(Rejection::Invalid(format!(
-            "sku must be 1 to {SKU_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_' or '-'"
-        )))
+        Err(Rejection::Invalid(format!("sku must be 1 to {SKU_LEN_MAX} characters of A-Z, a-z, 0-9, '.', '_' or '-'")))
     }
 }
 
@@ -61,9 +57,7 @@ pub fn validate_shopper(shopper: &str) -> Result<(), Rejection> {
     if !shopper.is_empty() && shopper.len() <= SHOPPER_LEN_MAX && shopper.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
-        Err(Rejection::Invalid(format!(
-            "shopper must be 1 to {SHOPPER_LEN_MAX} visible ASCII characters"
-        )))
+        Err(Rejection::Invalid(format!("shopper must be 1 to {SHOPPER_LEN_MAX} visible ASCII characters")))
     }
 }
 

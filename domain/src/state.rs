@@ -141,10 +141,8 @@ impl GroupState {
         }
         let id = self.next_session;
         self.next_session += 1;
-        self.sessions.insert(
-            id,
-            Session { shopper: shopper.to_string(), cart: BTreeMap::new(), checkouts: BTreeMap::new() },
-        );
+        self.sessions
+            .insert(id, Session { shopper: shopper.to_string(), cart: BTreeMap::new(), checkouts: BTreeMap::new() });
         self.tokens.insert(token_hash.to_string(), id);
         Ok(Outcome::SessionOpened { session: id })
     }
@@ -230,11 +228,7 @@ impl GroupState {
             }
             let already = sku.per_shopper.get(&session.shopper).copied().unwrap_or(0);
             if sale.limit_per_shopper > 0 && already + qty > u64::from(sale.limit_per_shopper) {
-                return Err(Rejection::LimitExceeded {
-                    sku: line.sku.clone(),
-                    limit: sale.limit_per_shopper,
-                    already,
-                });
+                return Err(Rejection::LimitExceeded { sku: line.sku.clone(), limit: sale.limit_per_shopper, already });
             }
             // Bounded by the limits: 32 lines × 10^4 units × 10^12 < 2^64.
             amount_minor += sale.price_minor * qty;

@@ -59,11 +59,7 @@ impl Stock {
     /// Conservation and no-oversell, asserted after every move: a broken sum
     /// is a loud crash the simulator finds, never a silent oversell.
     pub fn assert_conserved(&self) {
-        assert_eq!(
-            self.available + self.held + self.sold,
-            self.total,
-            "stock not conserved: {self:?}"
-        );
+        assert_eq!(self.available + self.held + self.sold, self.total, "stock not conserved: {self:?}");
         assert!(self.held + self.sold <= self.total, "oversold: {self:?}");
     }
 }

@@ -63,6 +63,9 @@ fn token(n: usize) -> String {
     format!("{n:064x}")
 }
 
+/// The items of a key's first checkout and what it decided.
+type Decided = (Option<Vec<Line>>, Result<OrderId, Rejection>);
+
 /// What the test remembers of the run, to check the promises the API makes.
 #[derive(Default)]
 struct Memory {
@@ -71,7 +74,7 @@ struct Memory {
     orders: Vec<OrderId>,
     /// (session, key) → items and decision (order or refusal) of the first
     /// checkout that decided something.
-    keys: BTreeMap<(SessionId, u8), (Option<Vec<Line>>, Result<OrderId, Rejection>)>,
+    keys: BTreeMap<(SessionId, u8), Decided>,
 }
 
 fn run(steps: Vec<Step>) {
@@ -135,7 +138,9 @@ fn run(steps: Vec<Step>) {
                 assert_eq!(before.order_counts(), state.order_counts(), "refused {command:?} placed an order");
             }
             Outcome::Rejected(_) => assert_eq!(before, state, "rejected {command:?} changed the state"),
-            Outcome::Order { replayed: true, .. } => assert_eq!(before, state, "replayed {command:?} changed the state"),
+            Outcome::Order { replayed: true, .. } => {
+                assert_eq!(before, state, "replayed {command:?} changed the state")
+            }
             _ => {}
         }
         remember(&mut memory, &command, outcome);
@@ -229,21 +234,27 @@ fn checkout_outcomes() {
     check(vec![checkout("k", &[("hot", 2)])], 2_000, |o| matches!(o, Outcome::Order { replayed: false, .. }));
     check(vec![checkout("k", &[("hot", 1)])], 500, |o| matches!(o, Outcome::Rejected(Rejection::SaleNotOpen { .. })));
     check(vec![checkout("k", &[("hot", 1)])], 100_000, |o| matches!(o, Outcome::Rejected(Rejection::SaleEnded { .. })));
-    check(vec![checkout("k", &[("hot", 3)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::LimitExceeded { .. })));
-    check(vec![checkout("k", &[("warm", 21)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::SoldOut { available: 20, .. })));
+    check(vec![checkout("k", &[("hot", 3)])], 2_000, |o| {
+        matches!(o, Outcome::Rejected(Rejection::LimitExceeded { .. }))
+    });
+    check(vec![checkout("k", &[("warm", 21)])], 2_000, |o| {
+        matches!(o, Outcome::Rejected(Rejection::SoldOut { available: 20, .. }))
+    });
     check(vec![checkout("k", &[("nope", 1)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::UnknownSku { .. })));
     check(vec![checkout("k", &[("hot", 0)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::Invalid(_))));
     check(vec![checkout("k", &[("hot", u32::MAX)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::Invalid(_))));
-    check(vec![checkout("k", &[("hot", 1), ("hot", 1)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::Invalid(_))));
+    check(vec![checkout("k", &[("hot", 1), ("hot", 1)])], 2_000, |o| {
+        matches!(o, Outcome::Rejected(Rejection::Invalid(_)))
+    });
     check(vec![checkout("k", &[])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::EmptyOrder)));
     check(vec![checkout("", &[("hot", 1)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::Invalid(_))));
     // One line sold out rejects the whole order: nothing of "warm" is held.
-    check(vec![checkout("k", &[("warm", 1), ("hot", 9)])], 2_000, |o| matches!(o, Outcome::Rejected(Rejection::SoldOut { .. })));
-    check(
-        vec![checkout("k", &[("hot", 1)]), checkout("k", &[("hot", 2)])],
-        2_000,
-        |o| matches!(o, Outcome::Rejected(Rejection::IdempotencyConflict)),
-    );
+    check(vec![checkout("k", &[("warm", 1), ("hot", 9)])], 2_000, |o| {
+        matches!(o, Outcome::Rejected(Rejection::SoldOut { .. }))
+    });
+    check(vec![checkout("k", &[("hot", 1)]), checkout("k", &[("hot", 2)])], 2_000, |o| {
+        matches!(o, Outcome::Rejected(Rejection::IdempotencyConflict))
+    });
     check(
         vec![checkout("k", &[("hot", 1)]), checkout("k", &[("hot", 1)])],
         2_000,
@@ -251,19 +262,12 @@ fn checkout_outcomes() {
     );
     // A sold-out answer is kept with its key: the retry is sold out too, even
     // though another key could now buy.
-    check(
-        vec![
-            checkout("k", &[("hot", 9)]),
-            checkout("k", &[("hot", 9)]),
-        ],
-        2_000,
-        |o| matches!(o, Outcome::Rejected(Rejection::SoldOut { available: 5, .. })),
-    );
-    check(
-        vec![checkout("k", &[("hot", 1)]), Command::Pay { session: 1, order: 0 }],
-        2_000,
-        |o| matches!(o, Outcome::Rejected(Rejection::UnknownSession | Rejection::UnknownOrder { .. })),
-    );
+    check(vec![checkout("k", &[("hot", 9)]), checkout("k", &[("hot", 9)])], 2_000, |o| {
+        matches!(o, Outcome::Rejected(Rejection::SoldOut { available: 5, .. }))
+    });
+    check(vec![checkout("k", &[("hot", 1)]), Command::Pay { session: 1, order: 0 }], 2_000, |o| {
+        matches!(o, Outcome::Rejected(Rejection::UnknownSession | Rejection::UnknownOrder { .. }))
+    });
 }
 
 #[test]
@@ -279,10 +283,8 @@ fn unpaid_order_expires_at_its_deadline_and_cannot_be_paid() {
     state.apply(&Request { stamped_at_ms: now, commands: vec![open, checkout] });
     assert_eq!(state.sku_view("hot").unwrap().stock.held, 2);
 
-    let response = state.apply(&Request {
-        stamped_at_ms: now + HOLD_MS,
-        commands: vec![Command::Pay { session: 0, order: 0 }],
-    });
+    let response =
+        state.apply(&Request { stamped_at_ms: now + HOLD_MS, commands: vec![Command::Pay { session: 0, order: 0 }] });
     assert_eq!(
         response.outcomes[0],
         Outcome::Rejected(Rejection::OrderFinal { order: 0, status: OrderStatus::Expired })

@@ -87,12 +87,9 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     match version {
         FORMAT_VERSION => {
-            let (value, read) =
-                bincode::serde::decode_from_slice(body, config_v1()).map_err(CodecError::Decode)?;
+            let (value, read) = bincode::serde::decode_from_slice(body, config_v1()).map_err(CodecError::Decode)?;
             if read != body.len() {
-                return Err(CodecError::TrailingBytes {
-                    trailing: body.len() - read,
-                });
+                return Err(CodecError::TrailingBytes { trailing: body.len() - read });
             }
             Ok(value)
         }
@@ -112,11 +109,7 @@ mod tests {
     }
 
     fn sample() -> Sample {
-        Sample {
-            id: 7,
-            name: "flash".to_owned(),
-            lines: vec![(1, -2), (3, 4)],
-        }
+        Sample { id: 7, name: "flash".to_owned(), lines: vec![(1, -2), (3, 4)] }
     }
 
     #[test]
@@ -131,10 +124,7 @@ mod tests {
         let mut bytes = encode(&sample()).unwrap();
         bytes[0] = FORMAT_VERSION + 1;
         let err = decode::<Sample>(&bytes).unwrap_err();
-        assert!(
-            matches!(err, CodecError::UnknownVersion { found } if found == FORMAT_VERSION + 1),
-            "{err:?}"
-        );
+        assert!(matches!(err, CodecError::UnknownVersion { found } if found == FORMAT_VERSION + 1), "{err:?}");
     }
 
     #[test]
@@ -143,17 +133,11 @@ mod tests {
 
         let bytes = encode(&sample()).unwrap();
         let truncated = &bytes[..bytes.len() - 1];
-        assert!(matches!(
-            decode::<Sample>(truncated),
-            Err(CodecError::Decode(_))
-        ));
+        assert!(matches!(decode::<Sample>(truncated), Err(CodecError::Decode(_))));
 
         let mut padded = bytes.clone();
         padded.push(0);
-        assert!(matches!(
-            decode::<Sample>(&padded),
-            Err(CodecError::TrailingBytes { trailing: 1 })
-        ));
+        assert!(matches!(decode::<Sample>(&padded), Err(CodecError::TrailingBytes { trailing: 1 })));
     }
 
     #[test]
@@ -161,9 +145,6 @@ mod tests {
         // Version byte, then a varint u64 marker (253) announcing a string of u64::MAX bytes.
         let mut bytes = vec![FORMAT_VERSION, 253];
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            decode::<String>(&bytes),
-            Err(CodecError::Decode(_))
-        ));
+        assert!(matches!(decode::<String>(&bytes), Err(CodecError::Decode(_))));
     }
 }

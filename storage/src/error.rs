@@ -53,7 +53,5 @@ pub(crate) fn to_storage_error(
     describe: impl FnOnce(openraft::AnyError) -> StorageIOError<u64>,
 ) -> impl FnOnce(StoreError) -> StorageError<u64> {
     // Not logged here: openraft logs the error where it handles it (by stopping the node).
-    move |error| StorageError::IO {
-        source: describe(openraft::AnyError::new(&error)),
-    }
+    move |error| StorageError::IO { source: describe(openraft::AnyError::new(&error)) }
 }

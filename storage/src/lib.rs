@@ -88,9 +88,7 @@ impl<C> SurgeTypeConfig for C where
 ///
 /// The file cannot be opened or created as a redb database (not a database, locked by
 /// another process, IO error), or its current snapshot cannot be read or decoded.
-pub fn open<C: SurgeTypeConfig>(
-    path: &Path,
-) -> Result<(LogStore<C>, StateMachineStore<C>), StoreError> {
+pub fn open<C: SurgeTypeConfig>(path: &Path) -> Result<(LogStore<C>, StateMachineStore<C>), StoreError> {
     from_database(Arc::new(Database::create(path)?))
 }
 
@@ -101,9 +99,7 @@ pub fn open<C: SurgeTypeConfig>(
 /// # Errors
 ///
 /// The tables cannot be created, or the current snapshot cannot be read or decoded.
-pub fn from_database<C: SurgeTypeConfig>(
-    db: Arc<Database>,
-) -> Result<(LogStore<C>, StateMachineStore<C>), StoreError> {
+pub fn from_database<C: SurgeTypeConfig>(db: Arc<Database>) -> Result<(LogStore<C>, StateMachineStore<C>), StoreError> {
     schema::create_tables(&db)?;
     let state_machine = StateMachineStore::load(db.clone())?;
     Ok((LogStore::new(db), state_machine))

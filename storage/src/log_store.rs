@@ -48,10 +48,7 @@ pub struct LogStore<C> {
 impl<C> LogStore<C> {
     /// Wraps a database whose tables [`crate::from_database`] has created.
     pub(crate) fn new(db: Arc<Database>) -> Self {
-        Self {
-            db,
-            _config: PhantomData,
-        }
+        Self { db, _config: PhantomData }
     }
 }
 
@@ -74,27 +71,14 @@ impl<C: SurgeTypeConfig> LogStore<C> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(schema::LOG_META)?;
         let value = table.get(key)?;
-        value
-            .map(|bytes| codec::decode(bytes.value()))
-            .transpose()
-            .map_err(StoreError::from)
+        value.map(|bytes| codec::decode(bytes.value())).transpose().map_err(StoreError::from)
     }
 
     /// Writes one record of the `LOG_META` table, fsynced or not.
-    fn write_meta<T: Serialize>(
-        &self,
-        key: &str,
-        value: &T,
-        durable: bool,
-    ) -> Result<(), StoreError> {
+    fn write_meta<T: Serialize>(&self, key: &str, value: &T, durable: bool) -> Result<(), StoreError> {
         let bytes = codec::encode(value)?;
-        let txn = if durable {
-            schema::begin_durable_write(&self.db)?
-        } else {
-            schema::begin_lazy_write(&self.db)?
-        };
-        txn.open_table(schema::LOG_META)?
-            .insert(key, bytes.as_slice())?;
+        let txn = if durable { schema::begin_durable_write(&self.db)? } else { schema::begin_lazy_write(&self.db)? };
+        txn.open_table(schema::LOG_META)?.insert(key, bytes.as_slice())?;
         txn.commit()?;
         Ok(())
     }
@@ -124,10 +108,7 @@ impl<C: SurgeTypeConfig> LogStore<C> {
             Some((index, bytes)) => Some(decode_entry::<C>(index.value(), bytes.value())?.log_id),
             None => last_purged_log_id,
         };
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     /// Writes `entries` in one durable transaction.
@@ -152,8 +133,7 @@ impl<C: SurgeTypeConfig> LogStore<C> {
     /// Deletes every entry at or after `since_index`, durably.
     fn delete_since(&self, since_index: u64) -> Result<(), StoreError> {
         let txn = schema::begin_durable_write(&self.db)?;
-        txn.open_table(schema::LOG)?
-            .retain_in::<u64, _>(since_index.., |_, _| false)?;
+        txn.open_table(schema::LOG)?.retain_in::<u64, _>(since_index.., |_, _| false)?;
         txn.commit()?;
         Ok(())
     }
@@ -175,8 +155,7 @@ impl<C: SurgeTypeConfig> LogStore<C> {
             }
             meta.insert(schema::KEY_LAST_PURGED, codec::encode(&upto)?.as_slice())?;
         }
-        txn.open_table(schema::LOG)?
-            .retain_in::<u64, _>(..=upto.index, |_, _| false)?;
+        txn.open_table(schema::LOG)?.retain_in::<u64, _>(..=upto.index, |_, _| false)?;
         txn.commit()?;
         Ok(())
     }
@@ -187,10 +166,7 @@ impl<C: SurgeTypeConfig> LogStore<C> {
 fn decode_entry<C: SurgeTypeConfig>(index: u64, bytes: &[u8]) -> Result<C::Entry, StoreError> {
     let entry: C::Entry = codec::decode(bytes)?;
     if entry.log_id.index != index {
-        return Err(StoreError::Inconsistent(format!(
-            "log entry {} is stored under index {index}",
-            entry.log_id
-        )));
+        return Err(StoreError::Inconsistent(format!("log entry {} is stored under index {index}", entry.log_id)));
     }
     Ok(entry)
 }
@@ -201,8 +177,7 @@ impl<C: SurgeTypeConfig> RaftLogReader<C> for LogStore<C> {
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<u64>> {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        self.read_entries(bounds)
-            .map_err(to_storage_error(StorageIOError::read_logs))
+        self.read_entries(bounds).map_err(to_storage_error(StorageIOError::read_logs))
     }
 }
 
@@ -210,8 +185,7 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<u64>> {
-        self.read_log_state()
-            .map_err(to_storage_error(StorageIOError::read_logs))
+        self.read_log_state().map_err(to_storage_error(StorageIOError::read_logs))
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -220,26 +194,20 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
         // Durable: a node that forgot its vote could vote twice in one term.
-        self.write_meta(schema::KEY_VOTE, vote, true)
-            .map_err(to_storage_error(StorageIOError::write_vote))
+        self.write_meta(schema::KEY_VOTE, vote, true).map_err(to_storage_error(StorageIOError::write_vote))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
-        self.read_meta(schema::KEY_VOTE)
-            .map_err(to_storage_error(StorageIOError::read_vote))
+        self.read_meta(schema::KEY_VOTE).map_err(to_storage_error(StorageIOError::read_vote))
     }
 
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId<u64>>,
-    ) -> Result<(), StorageError<u64>> {
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
         // Not fsynced: openraft treats the saved committed id as a hint that lets a
         // restarting node re-apply its log before it hears from a leader. Losing the
         // latest value in a crash only makes that re-apply stop earlier; the leader
         // re-sends the commit index. Fsyncing it would double the fsyncs on the hot path.
         // The next durable commit (the next append) persists it, since redb orders commits.
-        self.write_meta(schema::KEY_COMMITTED, &committed, false)
-            .map_err(to_storage_error(StorageIOError::write))
+        self.write_meta(schema::KEY_COMMITTED, &committed, false).map_err(to_storage_error(StorageIOError::write))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
@@ -249,11 +217,7 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
             .map_err(to_storage_error(StorageIOError::read))
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<C>,
-    ) -> Result<(), StorageError<u64>>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<u64>>
     where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -261,21 +225,18 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
         // The commit fsyncs before it returns, so the entries are on disk when openraft
         // is told they are: an acknowledged append survives a crash. Writing inline
         // (no background flusher) keeps the store single-threaded for the simulator.
-        self.write_entries(entries.into_iter())
-            .map_err(to_storage_error(StorageIOError::write_logs))?;
+        self.write_entries(entries.into_iter()).map_err(to_storage_error(StorageIOError::write_logs))?;
         callback.log_io_completed(Ok(()));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         tracing::debug!(%log_id, "truncate log");
-        self.delete_since(log_id.index)
-            .map_err(to_storage_error(StorageIOError::write_logs))
+        self.delete_since(log_id.index).map_err(to_storage_error(StorageIOError::write_logs))
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         tracing::debug!(%log_id, "purge log");
-        self.purge_upto(log_id)
-            .map_err(to_storage_error(StorageIOError::write_logs))
+        self.purge_upto(log_id).map_err(to_storage_error(StorageIOError::write_logs))
     }
 }

@@ -141,8 +141,7 @@ impl<C: SurgeTypeConfig> StateMachineStore<C> {
                 // Blank entries (a new leader's first entry) change nothing.
                 EntryPayload::Blank => Response::default(),
                 EntryPayload::Membership(membership) => {
-                    self.last_membership =
-                        StoredMembership::new(Some(entry.log_id), membership);
+                    self.last_membership = StoredMembership::new(Some(entry.log_id), membership);
                     Response::default()
                 }
             };
@@ -153,11 +152,7 @@ impl<C: SurgeTypeConfig> StateMachineStore<C> {
 
     /// Replaces the state with a snapshot received from the leader, persisting it first so
     /// that a crash right after cannot bring back the older state.
-    fn install(
-        &mut self,
-        meta: &SnapshotMeta<u64, BasicNode>,
-        data: &[u8],
-    ) -> Result<(), StoreError> {
+    fn install(&mut self, meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> Result<(), StoreError> {
         let group = decode_group(data)?;
         write_snapshot(&self.db, meta, data, WriteMode::Replace)?;
         self.last_applied = meta.last_log_id;
@@ -173,10 +168,7 @@ impl<C: SurgeTypeConfig> RaftStateMachine<C> for StateMachineStore<C> {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError<u64>> {
-        Ok((
-            self.last_applied,
-            self.last_membership.clone(),
-        ))
+        Ok((self.last_applied, self.last_membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<u64>>
@@ -203,9 +195,7 @@ impl<C: SurgeTypeConfig> RaftStateMachine<C> for StateMachineStore<C> {
         }
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -216,18 +206,12 @@ impl<C: SurgeTypeConfig> RaftStateMachine<C> for StateMachineStore<C> {
     ) -> Result<(), StorageError<u64>> {
         tracing::debug!(%meta, "install snapshot");
         self.install(meta, snapshot.get_ref())
-            .map_err(to_storage_error(|e| {
-                StorageIOError::write_snapshot(Some(meta.signature()), e)
-            }))
+            .map_err(to_storage_error(|e| StorageIOError::write_snapshot(Some(meta.signature()), e)))
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<C>>, StorageError<u64>> {
-        let stored = read_snapshot(&self.db)
-            .map_err(to_storage_error(|e| StorageIOError::read_snapshot(None, e)))?;
-        Ok(stored.map(|StoredSnapshot { meta, data }| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        let stored = read_snapshot(&self.db).map_err(to_storage_error(|e| StorageIOError::read_snapshot(None, e)))?;
+        Ok(stored.map(|StoredSnapshot { meta, data }| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
@@ -275,14 +259,9 @@ impl<C: SurgeTypeConfig> SnapshotBuilder<C> {
 
 impl<C: SurgeTypeConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<C> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<C>, StorageError<u64>> {
-        let (meta, data) = self.build().map_err(to_storage_error(|e| {
-            StorageIOError::write_snapshot(None, e)
-        }))?;
+        let (meta, data) = self.build().map_err(to_storage_error(|e| StorageIOError::write_snapshot(None, e)))?;
         tracing::debug!(%meta, bytes = data.len(), "built snapshot");
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -351,9 +330,7 @@ fn read_snapshot(db: &Database) -> Result<Option<StoredSnapshot>, StoreError> {
     let meta = codec::decode(meta.value())?;
     let data = table
         .get(schema::KEY_SNAPSHOT_DATA)?
-        .ok_or_else(|| {
-            StoreError::Inconsistent("snapshot meta is stored without its data".to_owned())
-        })?
+        .ok_or_else(|| StoreError::Inconsistent("snapshot meta is stored without its data".to_owned()))?
         .value()
         .to_vec();
     Ok(Some(StoredSnapshot { meta, data }))

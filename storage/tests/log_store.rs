@@ -18,9 +18,7 @@ fn open() -> (TempDir, LogStore<TypeConfig>) {
 #[tokio::test]
 async fn empty_and_inverted_ranges_read_nothing() {
     let (_dir, mut log) = open();
-    log.blocking_append((1..=5).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
-        .await
-        .unwrap();
+    log.blocking_append((1..=5).map(|i| blank_ent::<TypeConfig>(1, 1, i))).await.unwrap();
 
     assert!(log.try_get_log_entries(3..3).await.unwrap().is_empty());
     #[allow(clippy::reversed_empty_ranges)]
@@ -41,9 +39,7 @@ async fn empty_append_still_acknowledges() {
 #[tokio::test]
 async fn purge_never_moves_the_pointer_back() {
     let (_dir, mut log) = open();
-    log.blocking_append((1..=5).map(|i| blank_ent::<TypeConfig>(1, 1, i)))
-        .await
-        .unwrap();
+    log.blocking_append((1..=5).map(|i| blank_ent::<TypeConfig>(1, 1, i))).await.unwrap();
     log.purge(log_id(1, 1, 3)).await.unwrap();
     log.purge(log_id(1, 1, 2)).await.unwrap();
     let state = log.get_log_state().await.unwrap();

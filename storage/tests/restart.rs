@@ -28,10 +28,7 @@ fn entries(indexes: std::ops::RangeInclusive<u64>) -> Vec<Entry<TypeConfig>> {
             let payload = if index == 1 {
                 EntryPayload::Membership(membership())
             } else {
-                EntryPayload::Normal(Request {
-                    stamped_at_ms: index * 1_000,
-                    commands: Vec::new(),
-                })
+                EntryPayload::Normal(Request { stamped_at_ms: index * 1_000, commands: Vec::new() })
             };
             Entry { log_id, payload }
         })
@@ -64,17 +61,8 @@ async fn reopen_recovers_vote_log_pointers_and_snapshot() {
         let responses = sm.apply(entries(1..=6)).await.unwrap();
         assert_eq!(responses.len(), 6, "one response per entry");
         let state_at_6 = sm.reader().read(GroupState::clone);
-        assert_ne!(
-            state_at_6,
-            GroupState::default(),
-            "applying entries changed the state"
-        );
-        let snapshot = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        assert_ne!(state_at_6, GroupState::default(), "applying entries changed the state");
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
         assert_eq!(snapshot.meta.last_log_id, Some(at(6)));
 
         sm.apply(entries(7..=10)).await.unwrap();
@@ -93,32 +81,18 @@ async fn reopen_recovers_vote_log_pointers_and_snapshot() {
     assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries(5..=10));
 
     let (last_applied, last_membership) = sm.applied_state().await.unwrap();
-    assert_eq!(
-        last_applied,
-        Some(at(6)),
-        "last_applied is the snapshot's last log id"
-    );
-    assert_eq!(
-        last_membership,
-        StoredMembership::new(Some(at(1)), membership())
-    );
+    assert_eq!(last_applied, Some(at(6)), "last_applied is the snapshot's last log id");
+    assert_eq!(last_membership, StoredMembership::new(Some(at(1)), membership()));
     assert_eq!(sm.reader().read(GroupState::clone), state_at_6);
 
-    let snapshot = sm
-        .get_current_snapshot()
-        .await
-        .unwrap()
-        .expect("snapshot survives");
+    let snapshot = sm.get_current_snapshot().await.unwrap().expect("snapshot survives");
     assert_eq!(snapshot.meta, snapshot_meta);
     let data: GroupState = storage::codec::decode(snapshot.snapshot.get_ref()).unwrap();
     assert_eq!(data, state_at_6);
 
     // --- openraft's startup re-applies the committed entries after the snapshot, and
     // determinism brings back exactly the state from before the restart.
-    let initial = StorageHelper::new(&mut log, &mut sm)
-        .get_initial_state()
-        .await
-        .unwrap();
+    let initial = StorageHelper::new(&mut log, &mut sm).get_initial_state().await.unwrap();
     assert_eq!(initial.committed, Some(at(10)));
     assert_eq!(initial.snapshot_meta, snapshot_meta);
     assert_eq!(initial.vote_ref(), &vote);
@@ -133,27 +107,17 @@ async fn installed_snapshot_replaces_state_and_survives_reopen() {
 
     // A leader's snapshot at 8 ...
     let leader_dir = tempfile::tempdir().unwrap();
-    let (_leader_log, mut leader_sm) =
-        storage::open::<TypeConfig>(&leader_dir.path().join("leader.redb")).unwrap();
+    let (_leader_log, mut leader_sm) = storage::open::<TypeConfig>(&leader_dir.path().join("leader.redb")).unwrap();
     leader_sm.apply(entries(1..=8)).await.unwrap();
-    let snapshot = leader_sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snapshot = leader_sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
 
     // ... installed on a follower that is behind ...
     {
         let (_log, mut sm) = storage::open::<TypeConfig>(&path).unwrap();
         sm.apply(entries(1..=3)).await.unwrap();
         let mut receiving = sm.begin_receiving_snapshot().await.unwrap();
-        receiving
-            .get_mut()
-            .extend_from_slice(snapshot.snapshot.get_ref());
-        sm.install_snapshot(&snapshot.meta, receiving)
-            .await
-            .unwrap();
+        receiving.get_mut().extend_from_slice(snapshot.snapshot.get_ref());
+        sm.install_snapshot(&snapshot.meta, receiving).await.unwrap();
         assert_eq!(sm.applied_state().await.unwrap().0, Some(at(8)));
         assert_eq!(sm.reader().read(GroupState::clone), leader_sm.reader().read(GroupState::clone));
     }
@@ -175,18 +139,10 @@ async fn stale_snapshot_build_does_not_replace_a_newer_installed_snapshot() {
     let mut stale_builder = sm.get_snapshot_builder().await;
 
     let leader_dir = tempfile::tempdir().unwrap();
-    let (_leader_log, mut leader_sm) =
-        storage::open::<TypeConfig>(&leader_dir.path().join("leader.redb")).unwrap();
+    let (_leader_log, mut leader_sm) = storage::open::<TypeConfig>(&leader_dir.path().join("leader.redb")).unwrap();
     leader_sm.apply(entries(1..=8)).await.unwrap();
-    let newer = leader_sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
-    sm.install_snapshot(&newer.meta, Box::new(newer.snapshot.as_ref().clone()))
-        .await
-        .unwrap();
+    let newer = leader_sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    sm.install_snapshot(&newer.meta, Box::new(newer.snapshot.as_ref().clone())).await.unwrap();
 
     let stale = stale_builder.build_snapshot().await.unwrap();
     assert_eq!(stale.meta.last_log_id, Some(at(3)));

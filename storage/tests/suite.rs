@@ -13,13 +13,8 @@ use tempfile::TempDir;
 /// directory is the guard, so it lives exactly as long as the stores.
 struct RedbStoreBuilder;
 
-impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachineStore<TypeConfig>, TempDir>
-    for RedbStoreBuilder
-{
-    async fn build(
-        &self,
-    ) -> Result<(TempDir, LogStore<TypeConfig>, StateMachineStore<TypeConfig>), StorageError<u64>>
-    {
+impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, StateMachineStore<TypeConfig>, TempDir> for RedbStoreBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore<TypeConfig>, StateMachineStore<TypeConfig>), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("create temp dir");
         let (log, state_machine) =
             storage::open(&dir.path().join("group.redb")).map_err(|e| StorageIOError::read(&e))?;
