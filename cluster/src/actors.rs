@@ -31,6 +31,10 @@ pub struct ActorLimits {
     pub queue_max: usize,
     /// Commands in one log entry.
     pub batch_max: usize,
+    /// Log entries one SKU actor may have proposed and not yet seen applied.
+    /// More than one lets the next batch be appended while the previous one
+    /// is being fsynced; entries still commit and apply in proposal order.
+    pub proposals_in_flight_max: usize,
     /// An actor with nothing to do for this long stops; the next request
     /// starts a fresh one.
     pub idle_ms: u64,
@@ -45,6 +49,7 @@ impl Default for ActorLimits {
             mailbox_max: 4_096,
             queue_max: 8_192,
             batch_max: 1_024,
+            proposals_in_flight_max: 1,
             idle_ms: 30_000,
             request_timeout_ms: 5_000,
         }
@@ -153,33 +158,35 @@ impl<K: Clone + Eq + Hash, A: Actor<Context = Context<A>> + Handler<Ask>> Regist
     }
 }
 
-/// The SKU actor: proposes the commands of one lane in batches, one proposal
-/// in flight at a time.
+/// The SKU actor: proposes the commands of one lane in batches, with at most
+/// `proposals_in_flight_max` proposals in flight.
 pub struct SkuActor {
     group: Group,
     limits: ActorLimits,
     /// Commands waiting for the in-flight proposal to finish.
     queue: VecDeque<Ask>,
-    in_flight: bool,
+    /// Proposals sent and not yet answered.
+    in_flight: usize,
     last_active: Instant,
 }
 
 impl SkuActor {
     fn new(group: Group, limits: ActorLimits) -> Self {
-        SkuActor { group, limits, queue: VecDeque::new(), in_flight: false, last_active: Instant::now() }
+        SkuActor { group, limits, queue: VecDeque::new(), in_flight: 0, last_active: Instant::now() }
     }
 
-    /// Proposes everything queued (up to `batch_max`) as one entry, unless a
-    /// proposal is already in flight; its completion calls this again.
+    /// Proposes everything queued (up to `batch_max`) as one entry, unless
+    /// as many proposals as allowed are in flight; each completion calls this
+    /// again, so what queued meanwhile leaves as the next batch.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight || self.queue.is_empty() {
+        if self.in_flight >= self.limits.proposals_in_flight_max || self.queue.is_empty() {
             return;
         }
         let size = self.queue.len().min(self.limits.batch_max);
         let (commands, replies): (Vec<_>, Vec<_>) =
             self.queue.drain(..size).map(|ask| (ask.command, ask.reply)).unzip();
         metrics::histogram!("surge_batch_size").record(size as f64);
-        self.in_flight = true;
+        self.in_flight += 1;
         let group = self.group.clone();
         let timeout = Duration::from_millis(self.limits.request_timeout_ms);
         let proposal = async move {
@@ -189,7 +196,7 @@ impl SkuActor {
             }
         };
         ctx.spawn(proposal.into_actor(self).map(move |result, actor, ctx| {
-            actor.in_flight = false;
+            actor.in_flight -= 1;
             actor.last_active = Instant::now();
             match result {
                 Ok(response) => {
@@ -214,7 +221,7 @@ impl Actor for SkuActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         passivate_when_idle(ctx, self.limits.idle_ms, |actor: &Self| {
-            (!actor.in_flight && actor.queue.is_empty()).then_some(actor.last_active)
+            (actor.in_flight == 0 && actor.queue.is_empty()).then_some(actor.last_active)
         });
     }
 }

@@ -79,7 +79,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(url) => (url.trim_end_matches('/').to_string(), args.operator_token.clone()),
         None => {
             let data = tempfile::Builder::new().prefix("surge-bench-").tempdir().context("create a data directory")?;
-            let mut config = Config::for_demo(data.path());
+            let mut config = Config::for_demo(data.path())?;
             config.hold_ms = own_hold_ms(&args);
             let server = server::start(config).await.context("start the benchmark node")?;
             let target = (server.url.clone(), Some(server.operator_token.clone()));

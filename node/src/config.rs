@@ -54,6 +54,7 @@ pub struct ActorConfig {
     pub mailbox_max: usize,
     pub queue_max: usize,
     pub batch_max: usize,
+    pub proposals_in_flight_max: usize,
     pub idle_ms: u64,
     pub request_timeout_ms: u64,
 }
@@ -95,6 +96,7 @@ impl Default for ActorConfig {
             mailbox_max: actors.mailbox_max,
             queue_max: actors.queue_max,
             batch_max: actors.batch_max,
+            proposals_in_flight_max: actors.proposals_in_flight_max,
             idle_ms: actors.idle_ms,
             request_timeout_ms: actors.request_timeout_ms,
         }
@@ -132,7 +134,10 @@ impl Config {
         anyhow::ensure!(!self.operator_token.is_empty(), "operator_token must not be empty");
         anyhow::ensure!(self.hold_ms > 0, "hold_ms must be positive");
         anyhow::ensure!(self.workers > 0, "workers must be positive");
-        anyhow::ensure!(self.actors.batch_max > 0 && self.actors.queue_max > 0, "actor limits must be positive");
+        anyhow::ensure!(
+            self.actors.batch_max > 0 && self.actors.queue_max > 0 && self.actors.proposals_in_flight_max > 0,
+            "actor limits must be positive"
+        );
         anyhow::ensure!(
             self.raft.election_timeout_min_ms > self.raft.heartbeat_ms
                 && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,
@@ -141,16 +146,17 @@ impl Config {
         Ok(())
     }
 
-    /// A node for `surge demo` and `surge bench`: a random operator token,
+    /// A node for `surge demo` and `surge bench`: the defaults with any
+    /// `SURGE_*` tuning from the environment, then a random operator token,
     /// any free loopback port, and holds short enough to watch them expire.
-    pub fn for_demo(data_dir: &Path) -> Config {
-        Config {
+    pub fn for_demo(data_dir: &Path) -> anyhow::Result<Config> {
+        Ok(Config {
             data_dir: data_dir.to_path_buf(),
             listen: "127.0.0.1:0".into(),
             operator_token: api::new_token(),
             hold_ms: 3_000,
-            ..Config::default()
-        }
+            ..Config::load(None)?
+        })
     }
 
     /// The cluster crate's view of this configuration.
@@ -169,6 +175,7 @@ impl Config {
                 mailbox_max: self.actors.mailbox_max,
                 queue_max: self.actors.queue_max,
                 batch_max: self.actors.batch_max,
+                proposals_in_flight_max: self.actors.proposals_in_flight_max,
                 idle_ms: self.actors.idle_ms,
                 request_timeout_ms: self.actors.request_timeout_ms,
             },

@@ -76,7 +76,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
     let data = tempfile::Builder::new().prefix("surge-demo-").tempdir().context("create a data directory")?;
-    let mut config = Config::for_demo(data.path());
+    let mut config = Config::for_demo(data.path())?;
     if let Some(listen) = &args.listen {
         config.listen = listen.clone();
     }
