@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use domain::{GroupState, Request, Response};
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 use storage::{StateReader, TypeConfig};
 
 use crate::clock::Clock;
-use crate::network::NoPeers;
 use crate::ProposeError;
 
 /// How a group's Raft instance is tuned.
@@ -20,8 +20,6 @@ use crate::ProposeError;
 pub struct GroupConfig {
     /// This node's Raft id.
     pub node_id: u64,
-    /// Where peers would reach this node; recorded in the membership.
-    pub advertise_addr: String,
     /// Raft heartbeat interval.
     pub heartbeat_ms: u64,
     /// Lower bound of the randomised election timeout.
@@ -39,7 +37,6 @@ impl Default for GroupConfig {
     fn default() -> Self {
         GroupConfig {
             node_id: 1,
-            advertise_addr: "127.0.0.1:0".into(),
             heartbeat_ms: 100,
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
@@ -58,10 +55,19 @@ pub struct Group {
 }
 
 impl Group {
-    /// Opens the group's database in `data_dir` and starts its Raft instance.
-    /// On first start the group is initialised with this node as its only
-    /// voter; on a restart it recovers from its snapshot and log.
-    pub async fn open(config: &GroupConfig, data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Group, ProposeError> {
+    /// Opens the group's database in `data_dir` and starts its Raft instance
+    /// over `network`. On a restart it recovers from its snapshot and log. A
+    /// new group is initialised with `members` as voters when `bootstrap` is
+    /// set; exactly one node of a new cluster does that, and the others learn
+    /// the membership from its first message.
+    pub async fn open<N: RaftNetworkFactory<TypeConfig>>(
+        config: &GroupConfig,
+        data_dir: &Path,
+        clock: Arc<dyn Clock>,
+        network: N,
+        members: BTreeMap<u64, BasicNode>,
+        bootstrap: bool,
+    ) -> Result<Group, ProposeError> {
         let raft_config = openraft::Config {
             cluster_name: "surge".into(),
             heartbeat_interval: config.heartbeat_ms,
@@ -75,12 +81,11 @@ impl Group {
         let (log, state_machine) = storage::open::<TypeConfig>(&data_dir.join("group-0.redb"))
             .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let state = state_machine.reader();
-        let raft = Raft::new(config.node_id, raft_config, NoPeers, log, state_machine)
+        let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
             .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let initialized = raft.is_initialized().await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
-        if !initialized {
-            let members = BTreeMap::from([(config.node_id, BasicNode::new(&config.advertise_addr))]);
+        if !initialized && bootstrap {
             raft.initialize(members).await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         }
         Ok(Group { raft, state, clock })

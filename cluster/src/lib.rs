@@ -13,11 +13,13 @@ pub mod clock;
 pub mod group;
 pub mod network;
 mod node;
+pub mod topology;
 
 pub use actors::{ActorLimits, Router};
 pub use clock::{Clock, SystemClock};
 pub use group::{Group, GroupConfig};
 pub use node::{Node, NodeConfig};
+pub use topology::{NodeSpec, Topology, TopologyError};
 
 /// Why a command got no outcome from the state machine. None of these says
 /// the command did not apply except `Overloaded` and `NotLeader`: after a

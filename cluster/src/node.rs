@@ -10,19 +10,36 @@ use domain::{Command, GroupState, Outcome, SessionId};
 use crate::actors::{ActorLimits, Router};
 use crate::clock::Clock;
 use crate::group::{Group, GroupConfig};
+use crate::network::NoPeers;
+use crate::topology::Topology;
 use crate::ProposeError;
 
 /// Everything a node needs to start its groups and actors.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// Raft tuning.
     pub group: GroupConfig,
+    /// Where every node runs. A single-node topology runs without a peer
+    /// transport.
+    pub topology: Topology,
     /// Actor bounds and timings.
     pub actors: ActorLimits,
     /// How often the leader checks for payment deadlines that passed. Expiry
     /// itself happens in `apply`, on the first entry stamped after a
     /// deadline; the ticker only makes sure such an entry comes.
     pub expiry_tick_ms: u64,
+}
+
+impl Default for NodeConfig {
+    /// Node 1 alone, with default tuning.
+    fn default() -> Self {
+        NodeConfig {
+            group: GroupConfig::default(),
+            topology: Topology::single(1, "127.0.0.1:0", "127.0.0.1:0"),
+            actors: ActorLimits::default(),
+            expiry_tick_ms: 200,
+        }
+    }
 }
 
 /// A running node. Cheap to clone; every HTTP worker holds one.
@@ -36,7 +53,14 @@ impl Node {
     /// Opens the node's storage in `data_dir`, starts its group, waits for a
     /// leader and for the log to be replayed, and starts the expiry ticker. Must run inside an actix system.
     pub async fn start(config: &NodeConfig, data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Node, ProposeError> {
-        let group = Group::open(&config.group, data_dir, clock.clone()).await?;
+        if config.topology.nodes.len() > 1 {
+            return Err(ProposeError::Unavailable(
+                "multi-node topologies need the peer transport, which this build does not have yet".into(),
+            ));
+        }
+        let members = config.topology.members();
+        let bootstrap = config.topology.bootstrapper() == Some(config.group.node_id);
+        let group = Group::open(&config.group, data_dir, clock.clone(), NoPeers, members, bootstrap).await?;
         group.wait_until_caught_up(Duration::from_secs(30)).await?;
         let router = Router::new(group.clone(), config.actors.clone());
         let tick = Duration::from_millis(config.expiry_tick_ms.max(10));

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use cluster::{ActorLimits, GroupConfig, NodeConfig};
+use cluster::{ActorLimits, GroupConfig, NodeConfig, Topology};
 use serde::{Deserialize, Serialize};
 
 /// Everything `surge start` reads. Every field has a default; see
@@ -32,6 +32,9 @@ pub struct Config {
     pub raft: RaftConfig,
     /// Actor bounds and timings.
     pub actors: ActorConfig,
+    /// The cluster's nodes, regions and zones (`[cluster]` with
+    /// `[[cluster.nodes]]`). Absent: this node alone.
+    pub cluster: Option<Topology>,
 }
 
 /// The `[raft]` table.
@@ -72,6 +75,7 @@ impl Default for Config {
             expiry_tick_ms: 200,
             raft: RaftConfig::default(),
             actors: ActorConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -132,6 +136,9 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.operator_token.is_empty(), "operator_token must not be empty");
+        let topology = self.topology();
+        topology.validate().context("check the [cluster] topology")?;
+        anyhow::ensure!(topology.node(self.node_id).is_some(), "node_id {} is not in [cluster]", self.node_id);
         anyhow::ensure!(self.hold_ms > 0, "hold_ms must be positive");
         anyhow::ensure!(self.workers > 0, "workers must be positive");
         anyhow::ensure!(
@@ -159,12 +166,17 @@ impl Config {
         })
     }
 
+    /// The `[cluster]` table, or this node alone.
+    pub fn topology(&self) -> Topology {
+        self.cluster.clone().unwrap_or_else(|| Topology::single(self.node_id, &self.listen, &self.listen))
+    }
+
     /// The cluster crate's view of this configuration.
     pub fn node_config(&self) -> NodeConfig {
         NodeConfig {
+            topology: self.topology(),
             group: GroupConfig {
                 node_id: self.node_id,
-                advertise_addr: self.listen.clone(),
                 heartbeat_ms: self.raft.heartbeat_ms,
                 election_timeout_min_ms: self.raft.election_timeout_min_ms,
                 election_timeout_max_ms: self.raft.election_timeout_max_ms,
@@ -234,5 +246,18 @@ mod tests {
         assert!(parse("no_such_field = 1", &[]).is_err());
         assert!(parse("", &[("SURGE_HOLD_MS", "0")]).is_err());
         assert!(parse("[raft]\nheartbeat_ms = 1000\n", &[]).is_err());
+        let two_zones = "node_id = 1\n[cluster]\nprimary_region = \"primary\"\n".to_string()
+            + &(1..=4)
+                .map(|id| {
+                    format!(
+                        "[[cluster.nodes]]\nid = {id}\nregion = \"primary\"\nzone = \"{}\"\napi = \"127.0.0.1:{}\"\npeer = \"127.0.0.1:{}\"\n",
+                        if id <= 2 { "a" } else { "b" },
+                        8000 + id,
+                        9000 + id
+                    )
+                })
+                .collect::<String>();
+        let error = format!("{:#}", parse(&two_zones, &[]).unwrap_err());
+        assert!(error.contains("losing zone"), "{error}");
     }
 }

@@ -1,0 +1,217 @@
+//! Where the nodes of a cluster run (region, zone) and how to reach them, and
+//! the one property a topology must have: losing any one zone of the primary
+//! region leaves a Raft majority.
+//!
+//! Two zones alone cannot have that property. With voters split 2 + 2 a
+//! majority is 3, so losing either zone leaves 2: no quorum. With 3 + 2,
+//! losing the zone of 3 leaves 2 of 5: no quorum. Whichever zone is bigger,
+//! losing it loses the majority. A **tiebreaker** voter in a third failure
+//! domain (by default a node in the DR region) fixes it: 2 + 2 + 1 = 5
+//! voters, and losing either zone leaves 3 of 5. The tiebreaker carries no
+//! shopper traffic; it only votes and stores the log.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+
+/// One node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Raft node id; unique, not zero.
+    pub id: u64,
+    /// Region, e.g. `primary` or `dr`.
+    pub region: String,
+    /// Failure domain inside the region, e.g. `a`, `b`, `t` (tiebreaker).
+    pub zone: String,
+    /// Address of the node's public HTTP API.
+    pub api: String,
+    /// Address of the node's peer (Raft) transport.
+    pub peer: String,
+}
+
+/// The nodes of a cluster. Every one of them is a voter of every group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// The region that takes writes.
+    pub primary_region: String,
+    /// All nodes, in any order.
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// What makes a topology unusable.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    /// No nodes at all.
+    #[error("the topology names no nodes")]
+    Empty,
+    /// Ids must be unique and not zero.
+    #[error("node id {0} is zero or used twice")]
+    BadId(u64),
+    /// Two nodes share an address.
+    #[error("address {0} is used by two nodes")]
+    SharedAddress(String),
+    /// No node of the primary region.
+    #[error("no node is in the primary region {0:?}")]
+    NoPrimary(String),
+    /// Losing this zone would leave no majority.
+    #[error("losing zone {zone:?} leaves {left} of {voters} voters: no majority (add a tiebreaker in a third failure domain)")]
+    ZoneLossLosesQuorum {
+        /// The zone whose loss is fatal.
+        zone: String,
+        /// Voters left without it.
+        left: usize,
+        /// All voters.
+        voters: usize,
+    },
+}
+
+impl Topology {
+    /// A cluster of one node, for local use and the demo.
+    pub fn single(id: u64, api: &str, peer: &str) -> Topology {
+        Topology {
+            primary_region: "primary".into(),
+            nodes: vec![NodeSpec {
+                id,
+                region: "primary".into(),
+                zone: "a".into(),
+                api: api.into(),
+                peer: peer.into(),
+            }],
+        }
+    }
+
+    /// Checks ids, addresses, and that any one zone of the primary region
+    /// can be lost without losing the majority (a single node is exempt
+    /// from the last two: it has no peers to reach or survive with).
+    pub fn validate(&self) -> Result<(), TopologyError> {
+        if self.nodes.is_empty() {
+            return Err(TopologyError::Empty);
+        }
+        let mut ids = BTreeSet::new();
+        for node in &self.nodes {
+            if node.id == 0 || !ids.insert(node.id) {
+                return Err(TopologyError::BadId(node.id));
+            }
+        }
+        if !self.nodes.iter().any(|n| n.region == self.primary_region) {
+            return Err(TopologyError::NoPrimary(self.primary_region.clone()));
+        }
+        if self.nodes.len() == 1 {
+            // No peers: nothing to reach, nothing to survive.
+            return Ok(());
+        }
+        let mut addresses = BTreeSet::new();
+        for node in &self.nodes {
+            for address in [&node.api, &node.peer] {
+                if !addresses.insert(address.as_str()) {
+                    return Err(TopologyError::SharedAddress(address.clone()));
+                }
+            }
+        }
+        let voters = self.nodes.len();
+        for zone in self.primary_zones() {
+            let left = self.nodes.iter().filter(|n| !(n.region == self.primary_region && n.zone == zone)).count();
+            if left <= voters / 2 {
+                return Err(TopologyError::ZoneLossLosesQuorum { zone, left, voters });
+            }
+        }
+        Ok(())
+    }
+
+    /// The zones of the primary region, sorted.
+    pub fn primary_zones(&self) -> BTreeSet<String> {
+        self.nodes.iter().filter(|n| n.region == self.primary_region).map(|n| n.zone.clone()).collect()
+    }
+
+    /// A node by id.
+    pub fn node(&self, id: u64) -> Option<&NodeSpec> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The nodes of one zone of one region.
+    pub fn zone(&self, region: &str, zone: &str) -> Vec<&NodeSpec> {
+        self.nodes.iter().filter(|n| n.region == region && n.zone == zone).collect()
+    }
+
+    /// The Raft membership every group starts with: all nodes as voters,
+    /// reached at their peer address.
+    pub fn members(&self) -> BTreeMap<u64, BasicNode> {
+        self.nodes.iter().map(|n| (n.id, BasicNode::new(&n.peer))).collect()
+    }
+
+    /// The node that initialises a new cluster's groups: the lowest id, so
+    /// that starting every node with the same config bootstraps exactly once.
+    pub fn bootstrapper(&self) -> Option<u64> {
+        self.nodes.iter().map(|n| n.id).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u64, region: &str, zone: &str) -> NodeSpec {
+        NodeSpec {
+            id,
+            region: region.into(),
+            zone: zone.into(),
+            api: format!("127.0.0.1:{}", 8000 + id),
+            peer: format!("127.0.0.1:{}", 9000 + id),
+        }
+    }
+
+    fn topology(nodes: Vec<NodeSpec>) -> Topology {
+        Topology { primary_region: "primary".into(), nodes }
+    }
+
+    #[test]
+    fn two_zones_alone_cannot_survive_losing_the_larger_half() {
+        let even = topology(vec![
+            node(1, "primary", "a"),
+            node(2, "primary", "a"),
+            node(3, "primary", "b"),
+            node(4, "primary", "b"),
+        ]);
+        assert!(matches!(even.validate(), Err(TopologyError::ZoneLossLosesQuorum { left: 2, voters: 4, .. })));
+        let odd = topology(vec![
+            node(1, "primary", "a"),
+            node(2, "primary", "a"),
+            node(3, "primary", "a"),
+            node(4, "primary", "b"),
+            node(5, "primary", "b"),
+        ]);
+        assert_eq!(odd.validate(), Err(TopologyError::ZoneLossLosesQuorum { zone: "a".into(), left: 2, voters: 5 }));
+    }
+
+    #[test]
+    fn a_tiebreaker_in_a_third_failure_domain_makes_either_zone_survivable() {
+        let shape = topology(vec![
+            node(1, "primary", "a"),
+            node(2, "primary", "a"),
+            node(3, "primary", "b"),
+            node(4, "primary", "b"),
+            node(5, "dr", "t"),
+        ]);
+        assert_eq!(shape.validate(), Ok(()));
+        assert_eq!(shape.bootstrapper(), Some(1));
+        assert_eq!(shape.members().len(), 5);
+        assert_eq!(shape.zone("primary", "b").iter().map(|n| n.id).collect::<Vec<_>>(), vec![3, 4]);
+    }
+
+    #[test]
+    fn ids_and_addresses_are_unique() {
+        assert_eq!(
+            topology(vec![node(1, "primary", "a"), node(1, "primary", "b")]).validate(),
+            Err(TopologyError::BadId(1))
+        );
+        assert_eq!(topology(vec![node(0, "primary", "a")]).validate(), Err(TopologyError::BadId(0)));
+        assert_eq!(Topology::single(1, "127.0.0.1:8080", "127.0.0.1:8080").validate(), Ok(()));
+        let mut clash = vec![node(1, "primary", "a"), node(2, "primary", "b"), node(3, "dr", "t")];
+        clash[1].peer = clash[0].api.clone();
+        assert!(matches!(topology(clash).validate(), Err(TopologyError::SharedAddress(_))));
+        assert_eq!(topology(vec![node(1, "dr", "t")]).validate(), Err(TopologyError::NoPrimary("primary".into())));
+    }
+}
