@@ -2,6 +2,8 @@
 
 use std::future::{ready, Ready};
 
+use futures::future::LocalBoxFuture;
+
 use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
 use domain::SessionId;
@@ -46,19 +48,23 @@ fn state(req: &HttpRequest) -> &AppState {
 
 impl FromRequest for Shopper {
     type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        // A local read: a session is created on the leader before its token
-        // is handed out, so the leader that serves shoppers already has it.
-        ready(bearer(req).and_then(|token| {
-            let hash = token_hash(token);
-            state(req)
-                .node
-                .read_local(|s| s.session_by_token(&hash).map(|(session, _)| session))
-                .map(|session| Shopper { session })
-                .ok_or(ApiError::Unauthorized("unknown session token"))
-        }))
+        let hash = bearer(req).map(token_hash);
+        let node = state(req).node.clone();
+        Box::pin(async move {
+            let hash = hash?;
+            let lookup = |s: &domain::GroupState| s.session_by_token(&hash).map(|(session, _)| session);
+            // Local first: the common case, and free. A replica that has not
+            // yet applied a just-opened session confirms with a linearizable
+            // read before it refuses the token.
+            let session = match node.read_local(lookup) {
+                Some(session) => Some(session),
+                None => node.read(lookup).await?,
+            };
+            session.map(|session| Shopper { session }).ok_or(ApiError::Unauthorized("unknown session token"))
+        })
     }
 }
 

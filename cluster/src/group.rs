@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use domain::{GroupState, Request, Response};
+use domain::{Command, GroupState, Request, Response};
+use futures::future::BoxFuture;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, Raft, SnapshotPolicy};
@@ -46,12 +47,33 @@ impl Default for GroupConfig {
     }
 }
 
+/// How a node that does not lead a group reaches the node that does. The
+/// peer transport implements it; a single-voter group needs none.
+pub trait Forwarder: Send + Sync + 'static {
+    /// Has `leader` propose `commands` in `group` (stamped with the leader's
+    /// clock) and returns the state machine's answer.
+    fn forward(
+        &self,
+        leader: u64,
+        group: u32,
+        commands: Vec<Command>,
+    ) -> BoxFuture<'static, Result<Response, ProposeError>>;
+
+    /// Asks `leader` for the log index a linearizable read of `group` must
+    /// see applied: the leader confirms its leadership with a quorum first.
+    fn read_index(&self, leader: u64, group: u32) -> BoxFuture<'static, Result<u64, ProposeError>>;
+}
+
 /// A handle on one Raft group. Cheap to clone.
 #[derive(Clone)]
 pub struct Group {
+    /// Which group of the node this is, as peers name it.
+    id: u32,
     raft: Raft<TypeConfig>,
     state: StateReader,
     clock: Arc<dyn Clock>,
+    /// Reaches the leader when this node is a follower.
+    forwarder: Option<Arc<dyn Forwarder>>,
 }
 
 impl Group {
@@ -88,7 +110,13 @@ impl Group {
         if !initialized && bootstrap {
             raft.initialize(members).await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         }
-        Ok(Group { raft, state, clock })
+        Ok(Group { id: 0, raft, state, clock, forwarder: None })
+    }
+
+    /// Lets this group's writes and reads reach the leader from a follower.
+    pub fn with_forwarder(mut self, forwarder: Arc<dyn Forwarder>) -> Group {
+        self.forwarder = Some(forwarder);
+        self
     }
 
     /// Waits until this group has a leader and this replica has applied
@@ -105,10 +133,26 @@ impl Group {
         }
     }
 
-    /// Proposes one batch, stamped with the leader's clock now, and returns
-    /// the state machine's answer once the entry is committed (durable on a
-    /// quorum) and applied.
-    pub async fn propose(&self, commands: Vec<domain::Command>) -> Result<Response, ProposeError> {
+    /// Proposes one batch and returns the state machine's answer once the
+    /// entry is committed (durable on a quorum) and applied. On a follower
+    /// the batch goes to the leader, which stamps and proposes it; a leader
+    /// change in between answers `NotLeader`, and the client retries with the
+    /// same idempotency key.
+    pub async fn propose(&self, commands: Vec<Command>) -> Result<Response, ProposeError> {
+        let leader = match self.propose_here(commands.clone()).await {
+            Err(ProposeError::NotLeader { leader: Some(leader) }) => leader,
+            other => return other,
+        };
+        match &self.forwarder {
+            Some(forwarder) => forwarder.forward(leader, self.id, commands).await,
+            None => Err(ProposeError::NotLeader { leader: Some(leader) }),
+        }
+    }
+
+    /// Proposes on this node only, stamped with this node's clock: what the
+    /// leader does with a batch a follower forwarded. Never forwards again,
+    /// so a stale leader hint cannot bounce a batch around.
+    pub async fn propose_here(&self, commands: Vec<Command>) -> Result<Response, ProposeError> {
         let request = Request { stamped_at_ms: self.clock.now_ms(), commands };
         let started = Instant::now();
         let written = self.raft.client_write(request).await;
@@ -122,17 +166,41 @@ impl Group {
         }
     }
 
-    /// Reads the applied state after confirming, with a quorum, that this
-    /// node is still the leader and has applied everything committed before
-    /// the read began: the read is linearizable.
+    /// Reads the applied state once it includes everything committed before
+    /// the read began: the read is linearizable. The leader confirms its
+    /// leadership with a quorum; a follower asks the leader for that point
+    /// (the read index) and waits until it has applied it.
     pub async fn read_linearizable<T>(&self, read: impl FnOnce(&GroupState) -> T) -> Result<T, ProposeError> {
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(self.state.read(read)),
+        let leader = match self.read_index_here().await {
+            Ok(index) => return self.read_at(index, read).await,
+            Err(ProposeError::NotLeader { leader: Some(leader) }) => leader,
+            Err(other) => return Err(other),
+        };
+        let forwarder = self.forwarder.as_ref().ok_or(ProposeError::NotLeader { leader: Some(leader) })?;
+        let index = forwarder.read_index(leader, self.id).await?;
+        self.read_at(index, read).await
+    }
+
+    /// The leader's side of a read index: confirms leadership with a quorum
+    /// and returns the index a linearizable read must see applied.
+    pub async fn read_index_here(&self) -> Result<u64, ProposeError> {
+        match self.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |id| id.index)),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward))) => {
                 Err(ProposeError::NotLeader { leader: forward.leader_id })
             }
             Err(e) => Err(ProposeError::Unavailable(e.to_string())),
         }
+    }
+
+    /// Waits (bounded) until this replica has applied `index`, then reads.
+    async fn read_at<T>(&self, index: u64, read: impl FnOnce(&GroupState) -> T) -> Result<T, ProposeError> {
+        self.raft
+            .wait(Some(Duration::from_secs(5)))
+            .applied_index_at_least(Some(index), "read index applied")
+            .await
+            .map_err(|_| ProposeError::Timeout)?;
+        Ok(self.state.read(read))
     }
 
     /// Reads this replica's applied state without asking anyone: fast, and
