@@ -266,14 +266,13 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: this node leads its group and can take writes.
+/// Readiness: this node's group has a leader (this node or one it forwards
+/// to), so it can take writes.
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse> {
-    if state.node.group().is_leader() {
-        Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
-    } else {
-        Err(ApiError::Unavailable(cluster::ProposeError::NotLeader {
-            leader: state.node.group().raft().metrics().borrow().current_leader,
-        }))
+    let leader = state.node.group().raft().metrics().borrow().current_leader;
+    match leader {
+        Some(leader) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready", "leader": leader }))),
+        None => Err(ApiError::Unavailable(cluster::ProposeError::NotLeader { leader: None })),
     }
 }
 

@@ -35,6 +35,21 @@ pub struct Config {
     /// The cluster's nodes, regions and zones (`[cluster]` with
     /// `[[cluster.nodes]]`). Absent: this node alone.
     pub cluster: Option<Topology>,
+    /// This node's certificate for mutual TLS with its peers; required when
+    /// `[cluster]` names more than one node (`surge certs` makes a set).
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[tls]` table: PEM files for mutual TLS between nodes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA: peers must present a certificate it signed.
+    pub ca: PathBuf,
+    /// This node's certificate, signed by the cluster CA.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
 }
 
 /// The `[raft]` table.
@@ -76,6 +91,7 @@ impl Default for Config {
             raft: RaftConfig::default(),
             actors: ActorConfig::default(),
             cluster: None,
+            tls: None,
         }
     }
 }
@@ -139,6 +155,10 @@ impl Config {
         let topology = self.topology();
         topology.validate().context("check the [cluster] topology")?;
         anyhow::ensure!(topology.node(self.node_id).is_some(), "node_id {} is not in [cluster]", self.node_id);
+        anyhow::ensure!(
+            topology.nodes.len() == 1 || self.tls.is_some(),
+            "a cluster of more than one node needs [tls]: peers authenticate each other (see `surge certs`)"
+        );
         anyhow::ensure!(self.hold_ms > 0, "hold_ms must be positive");
         anyhow::ensure!(self.workers > 0, "workers must be positive");
         anyhow::ensure!(
