@@ -14,11 +14,12 @@ pub mod group;
 pub mod network;
 mod node;
 pub mod topology;
+pub mod transport;
 
 pub use actors::{ActorLimits, Router};
 pub use clock::{Clock, SystemClock};
 pub use group::{Group, GroupConfig};
-pub use node::{Node, NodeConfig};
+pub use node::{Node, NodeConfig, TlsFiles};
 pub use topology::{NodeSpec, Topology, TopologyError};
 
 /// Why a command got no outcome from the state machine. None of these says

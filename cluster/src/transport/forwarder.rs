@@ -1,0 +1,126 @@
+//! Followers reaching the leader: the transport's implementation of
+//! [`Forwarder`] (client side) and the handler that answers it on the leader
+//! (server side), both in terms of [`Group`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::{Command, Response};
+use futures::future::BoxFuture;
+
+use super::client::TransportError;
+use super::network::{PeerClients, RaftHandler};
+use super::server::PeerHandler;
+use super::wire::{PeerBody, PeerRequest, PeerResponse, Refusal};
+use crate::group::{Forwarder, Group};
+use crate::ProposeError;
+
+/// Sends a follower's batches and read-index requests to the leader over the
+/// node's shared [`PeerClients`].
+pub struct PeerForwarder {
+    clients: PeerClients,
+    /// Peer address of every node, by id (from the topology).
+    peers: BTreeMap<u64, String>,
+    /// Bound on one forwarded call, transport and the leader's commit included.
+    timeout: Duration,
+}
+
+impl PeerForwarder {
+    /// A forwarder that reaches node `id` at `peers[id]`, waiting at most
+    /// `timeout` for each answer.
+    pub fn new(clients: PeerClients, peers: BTreeMap<u64, String>, timeout: Duration) -> PeerForwarder {
+        PeerForwarder { clients, peers, timeout }
+    }
+
+    fn call(&self, leader: u64, group: u32, body: PeerBody) -> BoxFuture<'static, Result<PeerResponse, ProposeError>> {
+        let Some(addr) = self.peers.get(&leader) else {
+            let error = ProposeError::Unavailable(format!("no peer address for leader {leader}"));
+            return Box::pin(async move { Err(error) });
+        };
+        let client = self.clients.get(leader, addr);
+        let timeout = self.timeout;
+        Box::pin(async move { client.call(PeerRequest { group, body }, timeout).await.map_err(propose_error) })
+    }
+}
+
+/// What a caller of [`Group::propose`] should make of a transport failure.
+/// Only overload keeps its meaning ("back off"); a timeout stays a timeout
+/// (the batch may have applied); anything else is unavailability, which the
+/// API answers with a 503 and the client retries with its key.
+fn propose_error(error: TransportError) -> ProposeError {
+    match error {
+        TransportError::Overloaded { .. } | TransportError::Refused { refusal: Refusal::Overloaded, .. } => {
+            ProposeError::Overloaded
+        }
+        TransportError::Timeout { .. } => ProposeError::Timeout,
+        other => ProposeError::Unavailable(other.to_string()),
+    }
+}
+
+fn mismatch(asked: &'static str, answer: &PeerResponse) -> ProposeError {
+    ProposeError::Unavailable(format!("leader answered a {asked} request with a {} response", answer.kind()))
+}
+
+impl Forwarder for PeerForwarder {
+    fn forward(
+        &self,
+        leader: u64,
+        group: u32,
+        commands: Vec<Command>,
+    ) -> BoxFuture<'static, Result<Response, ProposeError>> {
+        let call = self.call(leader, group, PeerBody::Forward(commands));
+        Box::pin(async move {
+            match call.await? {
+                PeerResponse::Forward(result) => result.map_err(ProposeError::from),
+                other => Err(mismatch("forward", &other)),
+            }
+        })
+    }
+
+    fn read_index(&self, leader: u64, group: u32) -> BoxFuture<'static, Result<u64, ProposeError>> {
+        let call = self.call(leader, group, PeerBody::ReadIndex);
+        Box::pin(async move {
+            match call.await? {
+                PeerResponse::ReadIndex(result) => result.map_err(ProposeError::from),
+                other => Err(mismatch("read_index", &other)),
+            }
+        })
+    }
+}
+
+/// The server half for a node's [`Group`]s: Raft RPCs go to the group's
+/// Raft, forwarded batches to [`Group::propose_here`] (stamped by this node,
+/// never forwarded again), read indexes to [`Group::read_index_here`].
+#[derive(Clone)]
+pub struct GroupHandler {
+    groups: Arc<BTreeMap<u32, Group>>,
+    raft: RaftHandler,
+}
+
+impl GroupHandler {
+    /// A handler for these groups, by group id.
+    pub fn new(groups: BTreeMap<u32, Group>) -> GroupHandler {
+        let raft = RaftHandler::new(groups.iter().map(|(&id, group)| (id, group.raft().clone())).collect());
+        GroupHandler { groups: Arc::new(groups), raft }
+    }
+
+    /// Handles one request addressed to one of this node's groups.
+    pub async fn dispatch(&self, request: PeerRequest) -> Result<PeerResponse, Refusal> {
+        let group = self.groups.get(&request.group).ok_or(Refusal::UnknownGroup(request.group))?;
+        match request.body {
+            PeerBody::Forward(commands) => {
+                Ok(PeerResponse::Forward(group.propose_here(commands).await.map_err(Into::into)))
+            }
+            PeerBody::ReadIndex => Ok(PeerResponse::ReadIndex(group.read_index_here().await.map_err(Into::into))),
+            _ => self.raft.dispatch(request).await,
+        }
+    }
+}
+
+impl PeerHandler for GroupHandler {
+    fn handle(&self, request: PeerRequest) -> BoxFuture<'static, Result<PeerResponse, Refusal>> {
+        let this = self.clone();
+        Box::pin(async move { this.dispatch(request).await })
+    }
+}

@@ -1,0 +1,703 @@
+//! The peer transport over real sockets on 127.0.0.1: message round trips,
+//! multiplexing, mutual TLS refusals, failure and reconnection, bounds, and
+//! Raft groups of three nodes replicating and failing over through it.
+//!
+//! Every test runs under a hard deadline ([`bounded`]) so a hang fails fast
+//! instead of stalling CI.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster::transport::{
+    certs, tls, ClientLimits, DevCa, GroupHandler, PeerBody, PeerClient, PeerClients, PeerForwarder, PeerHandler,
+    PeerNetwork, PeerRequest, PeerResponse, PeerServer, PeerTls, RaftHandler, Refusal, ServerLimits, TransportError,
+};
+use cluster::{Group, GroupConfig, ProposeError, SystemClock};
+use domain::{Command, Outcome, Response, Sale};
+use futures::future::BoxFuture;
+use openraft::raft::{
+    AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, CommittedLeaderId, LogId, Raft, SnapshotMeta, Vote};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use storage::TypeConfig;
+use tokio::net::TcpListener;
+
+/// Fails the test if `test` takes longer than `secs`.
+async fn bounded<T>(secs: u64, test: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), test).await.expect("test exceeded its time bound")
+}
+
+/// A cluster CA and the TLS configurations of the nodes it certifies.
+struct Pki {
+    ca: DevCa,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        Pki { ca: DevCa::generate().unwrap() }
+    }
+
+    fn node(&self, id: u64) -> PeerTls {
+        let node = self.ca.issue(id).unwrap();
+        PeerTls::from_pem(self.ca.cert_pem().as_bytes(), node.cert_pem.as_bytes(), node.key_pem.as_bytes()).unwrap()
+    }
+}
+
+fn fast_client() -> ClientLimits {
+    ClientLimits { connect_timeout_ms: 1_000, backoff_min_ms: 20, backoff_max_ms: 200, ..ClientLimits::default() }
+}
+
+async fn listen() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+fn start(listener: TcpListener, tls: &PeerTls, handler: Arc<dyn PeerHandler>, config: ServerLimits) -> PeerServer {
+    PeerServer::start(listener, tls.server.clone(), handler, config).unwrap()
+}
+
+fn client(tls: Arc<rustls::ClientConfig>, server_id: u64, addr: SocketAddr) -> PeerClient {
+    PeerClient::new(addr.to_string(), tls::server_name(server_id), tls, fast_client())
+}
+
+/// A handler that answers every kind of request from the request itself and
+/// counts what it saw. A `Restock { units }` in a forwarded batch makes it
+/// wait `units` ms first, so tests can order completions; `Restock` of sku
+/// "block" waits for a permit from `release`.
+#[derive(Clone)]
+struct Echo {
+    seen: Arc<AtomicUsize>,
+    /// One permit lets one blocked request go.
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Echo {
+    fn default() -> Self {
+        Echo { seen: Arc::default(), release: Arc::new(tokio::sync::Semaphore::new(0)) }
+    }
+}
+
+impl PeerHandler for Echo {
+    fn handle(&self, request: PeerRequest) -> BoxFuture<'static, Result<PeerResponse, Refusal>> {
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        let release = self.release.clone();
+        Box::pin(async move {
+            Ok(match request.body {
+                PeerBody::AppendEntries(rpc) => PeerResponse::AppendEntries(Ok(if rpc.entries.is_empty() {
+                    AppendEntriesResponse::Success
+                } else {
+                    AppendEntriesResponse::HigherVote(rpc.vote)
+                })),
+                PeerBody::Vote(rpc) => PeerResponse::Vote(Ok(VoteResponse {
+                    vote: rpc.vote,
+                    vote_granted: true,
+                    last_log_id: rpc.last_log_id,
+                })),
+                PeerBody::InstallSnapshot(rpc) => {
+                    PeerResponse::InstallSnapshot(Ok(InstallSnapshotResponse { vote: rpc.vote }))
+                }
+                PeerBody::Forward(commands) => {
+                    for command in &commands {
+                        match command {
+                            Command::Restock { sku, .. } if sku == "block" => {
+                                release.acquire().await.expect("never closed").forget()
+                            }
+                            Command::Restock { units, .. } => tokio::time::sleep(Duration::from_millis(*units)).await,
+                            _ => {}
+                        }
+                    }
+                    let outcomes = commands
+                        .iter()
+                        .map(|c| {
+                            Outcome::Rejected(domain::Rejection::Invalid(format!(
+                                "{} in group {}",
+                                c.kind(),
+                                request.group
+                            )))
+                        })
+                        .collect();
+                    PeerResponse::Forward(Ok(Response { outcomes }))
+                }
+                PeerBody::ReadIndex => PeerResponse::ReadIndex(Ok(u64::from(request.group) * 10)),
+            })
+        })
+    }
+}
+
+fn forward(group: u32, commands: Vec<Command>) -> PeerRequest {
+    PeerRequest { group, body: PeerBody::Forward(commands) }
+}
+
+fn restock(sku: &str, units: u64) -> Command {
+    Command::Restock { sku: sku.into(), units }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_kind_round_trips() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        let echo = Echo::default();
+        let _server = start(listener, &pki.node(1), Arc::new(echo.clone()), ServerLimits::default());
+        let peer = client(pki.node(2).client, 1, addr);
+        let vote = Vote::new(5, 2);
+        let log_id = LogId::new(CommittedLeaderId::new(4, 2), 9);
+
+        let answer = peer
+            .call(
+                PeerRequest { group: 7, body: PeerBody::Vote(VoteRequest { vote, last_log_id: Some(log_id) }) },
+                SECOND,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            PeerResponse::Vote(Ok(VoteResponse { vote, vote_granted: true, last_log_id: Some(log_id) }))
+        );
+
+        let heartbeat = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+            vote,
+            prev_log_id: Some(log_id),
+            entries: vec![],
+            leader_commit: Some(log_id),
+        };
+        let answer = peer.call(PeerRequest { group: 7, body: PeerBody::AppendEntries(heartbeat) }, SECOND).await;
+        assert_eq!(answer.unwrap(), PeerResponse::AppendEntries(Ok(AppendEntriesResponse::Success)));
+        let entry = openraft::Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(5, 2), 10),
+            payload: openraft::EntryPayload::Normal(domain::Request {
+                stamped_at_ms: 3,
+                commands: vec![restock("a", 1)],
+            }),
+        };
+        let append = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+            vote,
+            prev_log_id: Some(log_id),
+            entries: vec![entry],
+            leader_commit: Some(log_id),
+        };
+        let answer = peer.call(PeerRequest { group: 7, body: PeerBody::AppendEntries(append) }, SECOND).await;
+        assert_eq!(answer.unwrap(), PeerResponse::AppendEntries(Ok(AppendEntriesResponse::HigherVote(vote))));
+
+        let chunk = InstallSnapshotRequest::<TypeConfig> {
+            vote,
+            meta: SnapshotMeta {
+                last_log_id: Some(log_id),
+                last_membership: Default::default(),
+                snapshot_id: "s-1".into(),
+            },
+            offset: 0,
+            data: vec![7; 100_000],
+            done: true,
+        };
+        let answer = peer.call(PeerRequest { group: 7, body: PeerBody::InstallSnapshot(chunk) }, SECOND).await;
+        assert_eq!(answer.unwrap(), PeerResponse::InstallSnapshot(Ok(InstallSnapshotResponse { vote })));
+
+        let answer = peer.call(forward(7, vec![restock("a", 0), restock("b", 0)]), SECOND).await.unwrap();
+        let PeerResponse::Forward(Ok(response)) = answer else { panic!("unexpected answer {answer:?}") };
+        assert_eq!(response.outcomes.len(), 2);
+        assert_eq!(response.outcomes[1], Outcome::Rejected(domain::Rejection::Invalid("restock in group 7".into())));
+
+        let answer = peer.call(PeerRequest { group: 7, body: PeerBody::ReadIndex }, SECOND).await.unwrap();
+        assert_eq!(answer, PeerResponse::ReadIndex(Ok(70)));
+        assert_eq!(echo.seen.load(Ordering::SeqCst), 6);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_connection_and_complete_out_of_order() {
+    bounded(30, async {
+        const REQUESTS: u64 = 200;
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        // One connection allowed: a client that opened a second would see it
+        // closed and its requests fail.
+        let config = ServerLimits { connections_max: 1, ..ServerLimits::default() };
+        let _server = start(listener, &pki.node(1), Arc::new(Echo::default()), config);
+        let peer = client(pki.node(2).client, 1, addr);
+
+        let finished = Arc::new(Mutex::new(Vec::new()));
+        let calls = (0..REQUESTS).map(|i| {
+            let (peer, finished) = (peer.clone(), finished.clone());
+            async move {
+                // Later requests wait less, so answers come back roughly in reverse.
+                let wait_ms = (REQUESTS - i) * 2;
+                let answer = peer.call(forward(i as u32, vec![restock("x", wait_ms)]), 10 * SECOND).await.unwrap();
+                let PeerResponse::Forward(Ok(response)) = answer else { panic!("unexpected answer {answer:?}") };
+                // Each caller gets its own answer, not a neighbour's.
+                assert_eq!(
+                    response.outcomes,
+                    vec![Outcome::Rejected(domain::Rejection::Invalid(format!("restock in group {i}")))]
+                );
+                finished.lock().unwrap().push(i);
+            }
+        });
+        futures::future::join_all(calls).await;
+
+        let finished = finished.lock().unwrap().clone();
+        assert_eq!(finished.len() as u64, REQUESTS);
+        assert_ne!(finished, (0..REQUESTS).collect::<Vec<_>>(), "answers came back in request order");
+    })
+    .await;
+}
+
+/// The issue's requirement: a node without a certificate from the cluster CA
+/// cannot connect or inject Raft messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_a_cluster_certificate_are_refused() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        let echo = Echo::default();
+        let _server = start(listener, &pki.node(1), Arc::new(echo.clone()), ServerLimits::default());
+        let cluster_roots = Arc::new(tls::root_store(pki.ca.cert_pem().as_bytes()).unwrap());
+
+        // A certificate from another CA, even one naming a cluster node and
+        // issued by a CA with the very same name (only its key differs).
+        let rogue_ca = DevCa::generate().unwrap();
+        let rogue = rogue_ca.issue(2).unwrap();
+        let rogue_chain = vec![pem_cert(&rogue.cert_pem)];
+        let rogue_key = PrivateKeyDer::from_pem_slice(rogue.key_pem.as_bytes()).unwrap();
+        let wrong_ca = rustls_client(cluster_roots.clone()).with_client_auth_cert(rogue_chain, rogue_key).unwrap();
+        // No certificate at all.
+        let anonymous = rustls_client(cluster_roots).with_no_client_auth();
+
+        for (what, config) in [("certificate from another CA", wrong_ca), ("no certificate", anonymous)] {
+            let mut config = config;
+            config.alpn_protocols = vec![tls::ALPN_PEER_PROTOCOL.to_vec()];
+            let peer = client(Arc::new(config), 1, addr);
+            let started = Instant::now();
+            let vote = VoteRequest { vote: Vote::new(99, 2), last_log_id: None };
+            let error = peer.call(PeerRequest { group: 0, body: PeerBody::Vote(vote) }, 5 * SECOND).await.unwrap_err();
+            assert!(
+                matches!(error, TransportError::ConnectionLost { .. } | TransportError::Unreachable { .. }),
+                "{what}: {error:?}"
+            );
+            assert!(started.elapsed() < 2 * SECOND, "{what}: refusal took {:?}", started.elapsed());
+        }
+        assert_eq!(echo.seen.load(Ordering::SeqCst), 0, "a request got through without a cluster certificate");
+
+        // A node with a proper certificate still gets in afterwards.
+        let member = client(pki.node(3).client, 1, addr);
+        member.call(PeerRequest { group: 0, body: PeerBody::ReadIndex }, SECOND).await.unwrap();
+        assert_eq!(echo.seen.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// The client checks the server's certificate names the node it meant:
+/// node 1 cannot answer for node 3, and a server certified by another CA
+/// cannot answer at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_are_verified_by_node_name_and_cluster_ca() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        let _server = start(listener, &pki.node(1), Arc::new(Echo::default()), ServerLimits::default());
+        let ask = || PeerRequest { group: 0, body: PeerBody::ReadIndex };
+
+        let impersonated = client(pki.node(2).client, 3, addr).call(ask(), 5 * SECOND).await.unwrap_err();
+        assert!(
+            matches!(&impersonated, TransportError::Unreachable { reason, .. } if reason.contains("TLS")),
+            "{impersonated:?}"
+        );
+
+        let rogue = Pki::new();
+        let (listener, rogue_addr) = listen().await;
+        let _rogue_server = start(listener, &rogue.node(1), Arc::new(Echo::default()), ServerLimits::default());
+        let untrusted = client(pki.node(2).client, 1, rogue_addr).call(ask(), 5 * SECOND).await.unwrap_err();
+        assert!(
+            matches!(&untrusted, TransportError::Unreachable { reason, .. } if reason.contains("TLS")),
+            "{untrusted:?}"
+        );
+
+        client(pki.node(2).client, 1, addr).call(ask(), SECOND).await.unwrap();
+    })
+    .await;
+}
+
+fn rustls_client(
+    roots: Arc<rustls::RootCertStore>,
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+    rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+}
+
+fn pem_cert(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_requests_fail_fast_when_the_server_goes_and_the_client_reconnects() {
+    bounded(60, async {
+        let pki = Pki::new();
+        let server_tls = pki.node(1);
+        let (listener, addr) = listen().await;
+        let server = start(listener, &server_tls, Arc::new(Echo::default()), ServerLimits::default());
+        let peer = client(pki.node(2).client, 1, addr);
+
+        // Requests the handler never answers, pending when the server goes.
+        let pending: Vec<_> = (0..5)
+            .map(|_| {
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    (peer.call(forward(0, vec![restock("block", 0)]), 30 * SECOND).await, started.elapsed())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.stop();
+        for call in pending {
+            let (result, elapsed) = call.await.unwrap();
+            assert!(matches!(result, Err(TransportError::ConnectionLost { .. })), "{result:?}");
+            assert!(elapsed < 3 * SECOND, "a pending request waited {elapsed:?} for a dead connection");
+        }
+
+        // While nobody listens, calls fail at once instead of waiting out their timeout.
+        let started = Instant::now();
+        let down = peer.call(forward(0, vec![]), 30 * SECOND).await.unwrap_err();
+        assert!(matches!(down, TransportError::Unreachable { .. }), "{down:?}");
+        assert!(started.elapsed() < 3 * SECOND, "{:?}", started.elapsed());
+
+        // The server comes back on the same port; the client reconnects by itself.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let _server = start(listener, &server_tls, Arc::new(Echo::default()), ServerLimits::default());
+        let started = Instant::now();
+        loop {
+            match peer.call(forward(0, vec![]), SECOND).await {
+                Ok(_) => break,
+                Err(TransportError::Unreachable { .. }) if started.elapsed() < 10 * SECOND => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(other) => panic!("no reconnect after {:?}: {other:?}", started.elapsed()),
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounds_answer_overloaded_instead_of_queueing() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        let echo = Echo::default();
+        let config = ServerLimits { in_flight_max: 2, ..ServerLimits::default() };
+        let _server = start(listener, &pki.node(1), Arc::new(echo.clone()), config);
+        let peer = client(pki.node(2).client, 1, addr);
+
+        let blocked: Vec<_> = (0..2)
+            .map(|_| {
+                let peer = peer.clone();
+                tokio::spawn(async move { peer.call(forward(0, vec![restock("block", 0)]), 10 * SECOND).await })
+            })
+            .collect();
+        while echo.seen.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        let refused = peer.call(forward(0, vec![]), 10 * SECOND).await.unwrap_err();
+        assert_eq!(refused, TransportError::Refused { addr: addr.to_string(), refusal: Refusal::Overloaded });
+        assert!(started.elapsed() < SECOND);
+        echo.release.add_permits(2);
+        for call in blocked {
+            call.await.unwrap().unwrap();
+        }
+
+        // The client's own bound: more calls waiting than allowed fail at once.
+        let tight = ClientLimits { in_flight_max: 1, ..fast_client() };
+        let peer = PeerClient::new(addr.to_string(), tls::server_name(1), pki.node(2).client, tight);
+        let seen = echo.seen.load(Ordering::SeqCst);
+        let first = {
+            let peer = peer.clone();
+            tokio::spawn(async move { peer.call(forward(0, vec![restock("block", 0)]), 10 * SECOND).await })
+        };
+        while echo.seen.load(Ordering::SeqCst) == seen {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let local = peer.call(forward(0, vec![]), 10 * SECOND).await.unwrap_err();
+        assert!(matches!(local, TransportError::Overloaded { .. }), "{local:?}");
+        echo.release.add_permits(1);
+        first.await.unwrap().unwrap();
+
+        // A request over the frame limit is refused before it is sent.
+        let small = ClientLimits { frame_max_bytes: 1_024, ..fast_client() };
+        let peer = PeerClient::new(addr.to_string(), tls::server_name(1), pki.node(2).client, small);
+        let huge = peer.call(forward(0, vec![restock(&"z".repeat(2_000), 0)]), SECOND).await.unwrap_err();
+        assert!(matches!(huge, TransportError::TooLarge { max: 1_024, .. }), "{huge:?}");
+
+        // A timeout is reported as one, and only after the timeout.
+        let started = Instant::now();
+        let slow = peer.call(forward(0, vec![restock("x", 2_000)]), Duration::from_millis(200)).await.unwrap_err();
+        assert!(matches!(slow, TransportError::Timeout { .. }), "{slow:?}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    })
+    .await;
+}
+
+/// A peer that stops answering without closing the connection (a host cut
+/// off by a partition) must not make every call wait out its own timeout:
+/// once a call gives up on a silent connection, the connection is closed and
+/// the calls still waiting on it fail at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_when_a_call_gives_up() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        let echo = Echo::default();
+        let _server = start(listener, &pki.node(1), Arc::new(echo.clone()), ServerLimits::default());
+        let limits = ClientLimits { stalled_after_ms: 300, ..fast_client() };
+        let peer = PeerClient::new(addr.to_string(), tls::server_name(1), pki.node(2).client, limits);
+        let patient = {
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (peer.call(forward(0, vec![restock("block", 0)]), 30 * SECOND).await, started.elapsed())
+            })
+        };
+        while echo.seen.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Gives up after 500 ms, with nothing received for longer than 300 ms.
+        let impatient = peer.call(forward(0, vec![restock("block", 0)]), Duration::from_millis(500)).await;
+        assert!(matches!(impatient, Err(TransportError::Timeout { .. })), "{impatient:?}");
+        let (result, elapsed) = patient.await.unwrap();
+        assert!(matches!(result, Err(TransportError::ConnectionLost { .. })), "{result:?}");
+        assert!(elapsed < 5 * SECOND, "the patient call waited {elapsed:?}");
+
+        // A slow answer on a connection that is otherwise busy is just late:
+        // the connection stays, and so do the other calls on it.
+        echo.release.add_permits(2); // the two requests above, still parked in the handler
+        let limits = ClientLimits { stalled_after_ms: 60_000, ..fast_client() };
+        let peer = PeerClient::new(addr.to_string(), tls::server_name(1), pki.node(2).client, limits);
+        let slow = {
+            let peer = peer.clone();
+            tokio::spawn(async move { peer.call(forward(0, vec![restock("x", 800)]), 5 * SECOND).await })
+        };
+        let late = peer.call(forward(0, vec![restock("x", 400)]), Duration::from_millis(100)).await;
+        assert!(matches!(late, Err(TransportError::Timeout { .. })), "{late:?}");
+        slow.await.unwrap().unwrap();
+    })
+    .await;
+}
+
+#[test]
+fn certificates_written_by_surge_certs_load() {
+    let dir = tempfile::tempdir().unwrap();
+    certs::write_dev_certs(dir.path(), &[1, 2]).unwrap();
+    let path = |name: &str| dir.path().join(name);
+    PeerTls::load(&path("ca.pem"), &path("node-1.pem"), &path("node-1-key.pem")).unwrap();
+    PeerTls::load(&path("ca.pem"), &path("node-2.pem"), &path("node-2-key.pem")).unwrap();
+}
+
+fn sale(sku: &str) -> Sale {
+    Sale {
+        sku: sku.into(),
+        name: format!("sale of {sku}"),
+        price_minor: 999,
+        stock: 10,
+        starts_at_ms: 0,
+        ends_at_ms: u64::MAX,
+        limit_per_shopper: 0,
+    }
+}
+
+fn raft_config() -> Arc<openraft::Config> {
+    // Timings loose enough for a busy 2-core CI machine.
+    let config = openraft::Config {
+        cluster_name: "transport-test".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1_000,
+        ..Default::default()
+    };
+    Arc::new(config.validate().unwrap())
+}
+
+/// One node of a three-node test cluster: a Raft per group, the server that
+/// feeds them peers' messages, and what the test reads back.
+struct RaftNode {
+    rafts: BTreeMap<u32, Raft<TypeConfig>>,
+    states: BTreeMap<u32, storage::StateReader>,
+    server: Option<PeerServer>,
+    clients: PeerClients,
+    _dir: tempfile::TempDir,
+}
+
+/// Waits until every node in `among` names the same leader of `group`, one
+/// of `among` itself.
+async fn wait_for_leader(nodes: &BTreeMap<u64, RaftNode>, group: u32, among: &[u64]) -> u64 {
+    let started = Instant::now();
+    loop {
+        let leaders: Vec<Option<u64>> =
+            among.iter().map(|id| nodes[id].rafts[&group].metrics().borrow().current_leader).collect();
+        if let Some(Some(leader)) = leaders.first() {
+            if leaders.iter().all(|l| *l == Some(*leader)) && among.contains(leader) {
+                return *leader;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "group {group}: no agreed leader among {among:?}: {leaders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Creates a sale on `group`'s leader among `among` and checks every node
+/// in `among` applies it.
+async fn write_and_replicate(nodes: &BTreeMap<u64, RaftNode>, group: u32, among: &[u64], sku: &str) {
+    let leader = wait_for_leader(nodes, group, among).await;
+    let request = domain::Request { stamped_at_ms: 1_000, commands: vec![Command::CreateSale(sale(sku))] };
+    let written = nodes[&leader].rafts[&group].client_write(request).await.unwrap();
+    assert!(matches!(written.data.outcomes[..], [Outcome::Sku(_)]), "{:?}", written.data);
+    for id in among {
+        let node = &nodes[id];
+        let applied = node.rafts[&group].wait(Some(Duration::from_secs(10)));
+        applied.applied_index_at_least(Some(written.log_id.index), "sale applied").await.unwrap();
+        assert!(node.states[&group].read(|s| s.sku_view(sku)).is_some(), "node {id} group {group} lacks {sku}");
+    }
+}
+
+/// Three nodes running two Raft groups each, every node's groups sharing one
+/// server and one client per peer (the multi-raft shape): writes on each
+/// group's leader reach every replica; when the leader of group 0 dies, both
+/// groups elect leaders among the other two and keep taking writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_raft_nodes_replicate_and_fail_over_through_the_transport() {
+    bounded(120, async {
+        const GROUPS: u32 = 2;
+        let pki = Pki::new();
+        let mut listeners = BTreeMap::new();
+        let mut members = BTreeMap::new();
+        for id in 1..=3u64 {
+            let (listener, addr) = listen().await;
+            members.insert(id, BasicNode::new(addr.to_string()));
+            listeners.insert(id, listener);
+        }
+        let mut nodes = BTreeMap::new();
+        for (id, listener) in listeners {
+            let tls = pki.node(id);
+            let dir = tempfile::tempdir().unwrap();
+            let clients = PeerClients::new(tls.client.clone(), fast_client());
+            let (mut rafts, mut states) = (BTreeMap::new(), BTreeMap::new());
+            for group in 0..GROUPS {
+                let path = dir.path().join(format!("group-{group}.redb"));
+                let (log, state_machine) = storage::open::<TypeConfig>(&path).unwrap();
+                states.insert(group, state_machine.reader());
+                let network = PeerNetwork::new(group, id, clients.clone());
+                rafts.insert(group, Raft::new(id, raft_config(), network, log, state_machine).await.unwrap());
+            }
+            let handler = RaftHandler::new(rafts.clone());
+            let server = start(listener, &tls, Arc::new(handler), ServerLimits::default());
+            nodes.insert(id, RaftNode { rafts, states, server: Some(server), clients, _dir: dir });
+        }
+        for group in 0..GROUPS {
+            nodes[&1].rafts[&group].initialize(members.clone()).await.unwrap();
+        }
+        for group in 0..GROUPS {
+            write_and_replicate(&nodes, group, &[1, 2, 3], &format!("first-{group}")).await;
+        }
+
+        // A leader has one client (one connection) per peer, however many
+        // groups it leads: node 1 bootstrapped both, so usually it leads both.
+        for group in 0..GROUPS {
+            let leader = wait_for_leader(&nodes, group, &[1, 2, 3]).await;
+            let peers: Vec<u64> = nodes[&leader].clients.peers().into_iter().map(|(peer, _)| peer).collect();
+            assert_eq!(peers, (1..=3).filter(|id| *id != leader).collect::<Vec<_>>(), "leader {leader}");
+        }
+
+        // Group 0's leader dies: its Rafts stop and its server closes every connection.
+        let dead = wait_for_leader(&nodes, 0, &[1, 2, 3]).await;
+        let node = nodes.get_mut(&dead).unwrap();
+        for raft in node.rafts.values() {
+            raft.shutdown().await.unwrap();
+        }
+        node.server.take().unwrap().stop();
+        let survivors: Vec<u64> = (1..=3).filter(|id| *id != dead).collect();
+        for group in 0..GROUPS {
+            write_and_replicate(&nodes, group, &survivors, &format!("second-{group}")).await;
+        }
+        for node in nodes.values() {
+            for raft in node.rafts.values() {
+                let _ = raft.shutdown().await;
+            }
+        }
+    })
+    .await;
+}
+
+/// The follower side of forwarding through `Group`: a write and a
+/// linearizable read on a follower go to the leader over the transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_forward_writes_and_read_indexes_to_the_leader() {
+    bounded(90, async {
+        let pki = Pki::new();
+        let mut listeners = BTreeMap::new();
+        let mut members = BTreeMap::new();
+        let mut peers = BTreeMap::new();
+        for id in 1..=3u64 {
+            let (listener, addr) = listen().await;
+            members.insert(id, BasicNode::new(addr.to_string()));
+            peers.insert(id, addr.to_string());
+            listeners.insert(id, listener);
+        }
+        let mut groups = BTreeMap::new();
+        let mut dirs = Vec::new();
+        let mut servers = Vec::new();
+        for (id, listener) in listeners {
+            let tls = pki.node(id);
+            let dir = tempfile::tempdir().unwrap();
+            let config = GroupConfig {
+                node_id: id,
+                election_timeout_min_ms: 500,
+                election_timeout_max_ms: 1_000,
+                ..GroupConfig::default()
+            };
+            let clients = PeerClients::new(tls.client.clone(), fast_client());
+            let network = PeerNetwork::new(0, id, clients.clone());
+            let group = Group::open(&config, dir.path(), Arc::new(SystemClock), network, members.clone(), id == 1)
+                .await
+                .unwrap()
+                .with_forwarder(Arc::new(PeerForwarder::new(clients, peers.clone(), 5 * SECOND)));
+            let handler = GroupHandler::new(BTreeMap::from([(0, group.clone())]));
+            servers.push(start(listener, &tls, Arc::new(handler), ServerLimits::default()));
+            groups.insert(id, group);
+            dirs.push(dir);
+        }
+        let leader = groups[&1].wait_until_caught_up(Duration::from_secs(20)).await.unwrap();
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        groups[&follower].wait_until_caught_up(Duration::from_secs(20)).await.unwrap();
+
+        let response = groups[&follower].propose(vec![Command::CreateSale(sale("forwarded"))]).await.unwrap();
+        assert!(matches!(response.outcomes[..], [Outcome::Sku(_)]), "{response:?}");
+        let seen = groups[&follower].read_linearizable(|s| s.sku_view("forwarded")).await.unwrap();
+        assert_eq!(seen.map(|v| v.sale), Some(sale("forwarded")));
+
+        // A group the peer does not run is refused by its transport, and the
+        // forwarder reports it as unavailability, not as a command outcome.
+        let clients = PeerClients::new(pki.node(follower).client, fast_client());
+        let forwarder = PeerForwarder::new(clients, peers.clone(), 5 * SECOND);
+        let unknown = cluster::group::Forwarder::forward(&forwarder, leader, 42, vec![]).await.unwrap_err();
+        assert!(matches!(&unknown, ProposeError::Unavailable(why) if why.contains("group 42")), "{unknown:?}");
+
+        for group in groups.values() {
+            let _ = group.raft().shutdown().await;
+        }
+        drop(servers);
+    })
+    .await;
+}
