@@ -1,7 +1,8 @@
 //! A Surge node as the API sees it: one group, its actors, and the ticker
 //! that lets payment deadlines pass when no traffic does.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,9 @@ use crate::clock::Clock;
 use crate::group::{Group, GroupConfig};
 use crate::network::NoPeers;
 use crate::topology::Topology;
+use crate::transport::{
+    ClientLimits, GroupHandler, PeerClients, PeerForwarder, PeerNetwork, PeerServer, PeerTls, ServerLimits,
+};
 use crate::ProposeError;
 
 /// Everything a node needs to start its groups and actors.
@@ -22,6 +26,9 @@ pub struct NodeConfig {
     /// Where every node runs. A single-node topology runs without a peer
     /// transport.
     pub topology: Topology,
+    /// PEM files for mutual TLS with peers; needed when the topology has
+    /// more than one node.
+    pub tls: Option<TlsFiles>,
     /// Actor bounds and timings.
     pub actors: ActorLimits,
     /// How often the leader checks for payment deadlines that passed. Expiry
@@ -36,10 +43,22 @@ impl Default for NodeConfig {
         NodeConfig {
             group: GroupConfig::default(),
             topology: Topology::single(1, "127.0.0.1:0", "127.0.0.1:0"),
+            tls: None,
             actors: ActorLimits::default(),
             expiry_tick_ms: 200,
         }
     }
+}
+
+/// Where a node's peer certificates are.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
 }
 
 /// A running node. Cheap to clone; every HTTP worker holds one.
@@ -47,25 +66,35 @@ impl Default for NodeConfig {
 pub struct Node {
     group: Group,
     router: Router,
+    /// Serves peers while the node lives; dropping the last clone stops it.
+    _peer_server: Option<Arc<PeerServer>>,
 }
 
 impl Node {
-    /// Opens the node's storage in `data_dir`, starts its group, waits for a
-    /// leader and for the log to be replayed, and starts the expiry ticker. Must run inside an actix system.
+    /// Opens the node's storage in `data_dir`, starts its group (and, in a
+    /// cluster, its peer transport), waits for a leader and for the log to
+    /// be replayed, and starts the expiry ticker. Must run inside an actix
+    /// system.
+    ///
+    /// A single node must become leader to start. A cluster node does not
+    /// wait: its peers may still be starting (and wait for it), so it serves
+    /// at once and answers 503 until its group has a leader; `/readyz` says
+    /// when it has.
     pub async fn start(config: &NodeConfig, data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Node, ProposeError> {
-        if config.topology.nodes.len() > 1 {
-            return Err(ProposeError::Unavailable(
-                "multi-node topologies need the peer transport, which this build does not have yet".into(),
-            ));
-        }
         let members = config.topology.members();
         let bootstrap = config.topology.bootstrapper() == Some(config.group.node_id);
-        let group = Group::open(&config.group, data_dir, clock.clone(), NoPeers, members, bootstrap).await?;
-        group.wait_until_caught_up(Duration::from_secs(30)).await?;
+        let (group, peer_server) = if config.topology.nodes.len() == 1 {
+            let group = Group::open(&config.group, data_dir, clock.clone(), NoPeers, members, bootstrap).await?;
+            group.wait_until_caught_up(Duration::from_secs(30)).await?;
+            (group, None)
+        } else {
+            let (group, server) = open_clustered(config, data_dir, clock.clone(), members, bootstrap).await?;
+            (group, Some(Arc::new(server)))
+        };
         let router = Router::new(group.clone(), config.actors.clone());
         let tick = Duration::from_millis(config.expiry_tick_ms.max(10));
         actix::spawn(expire_holds(group.clone(), clock, tick));
-        Ok(Node { group, router })
+        Ok(Node { group, router, _peer_server: peer_server })
     }
 
     /// Proposes an operator command (create a sale, restock).
@@ -102,6 +131,37 @@ impl Node {
     pub fn live_actors(&self) -> (usize, usize) {
         self.router.live_actors()
     }
+}
+
+/// Opens a group whose voters are other nodes too: Raft over the mutual-TLS
+/// peer transport, writes and reads forwarded to the leader, and the peer
+/// server that answers the other nodes. The server starts before anyone
+/// waits for a leader, or no node could ever vote.
+async fn open_clustered(
+    config: &NodeConfig,
+    data_dir: &Path,
+    clock: Arc<dyn Clock>,
+    members: BTreeMap<u64, openraft::BasicNode>,
+    bootstrap: bool,
+) -> Result<(Group, PeerServer), ProposeError> {
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| ProposeError::Unavailable(format!("{what}: {e}"));
+    let node_id = config.group.node_id;
+    let files = config.tls.as_ref().ok_or_else(|| unavailable("peer transport", &"no TLS files configured"))?;
+    let tls = PeerTls::load(&files.ca, &files.cert, &files.key).map_err(|e| unavailable("load peer TLS", &e))?;
+    let own = config.topology.node(node_id).ok_or_else(|| unavailable("topology", &"this node is not in it"))?;
+    let listener = tokio::net::TcpListener::bind(&own.peer)
+        .await
+        .map_err(|e| unavailable(&format!("listen on {}", own.peer), &e))?;
+    let clients = PeerClients::new(tls.client.clone(), ClientLimits::default());
+    let network = PeerNetwork::new(0, node_id, clients.clone());
+    let group = Group::open(&config.group, data_dir, clock, network, members, bootstrap).await?;
+    let peers = config.topology.nodes.iter().map(|n| (n.id, n.peer.clone())).collect();
+    let timeout = Duration::from_millis(config.actors.request_timeout_ms);
+    let group = group.with_forwarder(Arc::new(PeerForwarder::new(clients, peers, timeout)));
+    let handler = Arc::new(GroupHandler::new(BTreeMap::from([(0, group.clone())])));
+    let server = PeerServer::start(listener, tls.server.clone(), handler, ServerLimits::default())
+        .map_err(|e| unavailable("start the peer server", &e))?;
+    Ok((group, server))
 }
 
 /// While this node leads, proposes an empty entry whenever a payment

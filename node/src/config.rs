@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use cluster::{ActorLimits, GroupConfig, NodeConfig, Topology};
+use cluster::{ActorLimits, GroupConfig, NodeConfig, TlsFiles, Topology};
 use serde::{Deserialize, Serialize};
 
 /// Everything `surge start` reads. Every field has a default; see
@@ -195,6 +195,11 @@ impl Config {
     pub fn node_config(&self) -> NodeConfig {
         NodeConfig {
             topology: self.topology(),
+            tls: self.tls.as_ref().map(|tls| TlsFiles {
+                ca: tls.ca.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+            }),
             group: GroupConfig {
                 node_id: self.node_id,
                 heartbeat_ms: self.raft.heartbeat_ms,

@@ -1,6 +1,7 @@
 //! `surge`: run a node, watch a flash sale, or measure one.
 
 mod bench;
+mod certs;
 mod config;
 mod crowd;
 mod demo;
@@ -34,6 +35,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure hot-SKU checkout throughput and latency over HTTP.
     Bench(bench::BenchArgs),
+    /// Generate a development CA and node certificates for mutual TLS
+    /// between nodes (no keys are ever committed: write them outside the repo).
+    Certs(certs::CertsArgs),
 }
 
 #[actix_rt::main]
@@ -46,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Start { config } => start(config).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Certs(args) => certs::run(args),
     }
 }
 
