@@ -3,3 +3,4 @@
 
 mod kill_restart;
 mod support;
+mod zone_loss;

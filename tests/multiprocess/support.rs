@@ -34,6 +34,12 @@ impl Surge {
     /// Starts `surge start --config <config>` and waits (bounded) until it
     /// says where it listens.
     pub fn start(config: &Path) -> Surge {
+        Surge::spawn(config).wait_listening()
+    }
+
+    /// Starts `surge start --config <config>` without waiting for it, so
+    /// that nodes that need each other can start together.
+    pub fn spawn(config: &Path) -> Launching {
         let mut child = Command::new(env!("CARGO_BIN_EXE_surge"))
             .args(["start", "--config"])
             .arg(config)
@@ -51,8 +57,7 @@ impl Surge {
                 }
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).expect("surge did not start within 60 s");
-        Surge { child, url, config: config.to_path_buf() }
+        Launching { child, url: rx, config: config.to_path_buf() }
     }
 
     /// SIGKILL: no shutdown hook, no flush, like a power cut to the process.
@@ -60,6 +65,21 @@ impl Surge {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         self.config.clone()
+    }
+}
+
+/// A `surge start` process that has not yet said where it listens.
+pub struct Launching {
+    child: Child,
+    url: mpsc::Receiver<String>,
+    config: PathBuf,
+}
+
+impl Launching {
+    /// Waits (bounded) for the "surge listening on" line.
+    pub fn wait_listening(self) -> Surge {
+        let url = self.url.recv_timeout(Duration::from_secs(60)).expect("surge did not start within 60 s");
+        Surge { child: self.child, url, config: self.config }
     }
 }
 

@@ -1,0 +1,319 @@
+//! Five real nodes on loopback (zones a and b of the primary region, and a
+//! tiebreaker in the DR region) over mutual TLS. A crowd checks out through
+//! endpoints in both zones; both nodes of zone a get SIGKILL mid-sale;
+//! checkout goes on through zone b; zone a restarts and catches up. Every
+//! client operation is recorded and the history is checked for
+//! linearizability by an independent checker, with conservation and every
+//! acknowledged order checked at the end.
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::process::Command;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use todc_utils::linearizability::history::{Action, History as Checked};
+use todc_utils::linearizability::WGLChecker;
+use todc_utils::specifications::Specification;
+
+use crate::support::*;
+
+const SKU: &str = "zone-hot";
+const STOCK: u64 = 400;
+const SHOPPERS: usize = 8;
+
+/// One client operation on the hot SKU, as the checker sees it: the call
+/// carries no result (`None`), the response carries what the API answered.
+#[derive(Clone, Debug)]
+enum Op {
+    /// A checkout of `qty` units: reserved (`Some(true)`) or sold out.
+    Checkout { qty: u64, reserved: Option<bool> },
+    /// `GET /v1/skus/{sku}`: the units available.
+    Read(Option<u64>),
+}
+
+/// The sequential specification one SKU's stock must behave like, seen
+/// through the API: a checkout takes `qty` units if that many are available,
+/// and a read returns what is available. No payment window passes during the
+/// test and nobody cancels, so nothing returns units.
+struct StockSpec;
+
+impl Specification for StockSpec {
+    /// Units available.
+    type State = u64;
+    type Operation = Op;
+
+    fn init() -> u64 {
+        STOCK
+    }
+
+    fn apply(op: &Op, available: &u64) -> (bool, u64) {
+        match *op {
+            Op::Checkout { qty, reserved: Some(true) } if qty <= *available => (true, available - qty),
+            Op::Checkout { qty, reserved: Some(false) } => (qty > *available, *available),
+            Op::Read(Some(seen)) => (seen == *available, *available),
+            _ => (false, *available),
+        }
+    }
+}
+
+/// Everything the crowd saw, in the order it saw it (one thread: the order
+/// of events here is real-time order).
+#[derive(Default)]
+struct History {
+    /// `(shopper, call or response)`.
+    events: Vec<(usize, Action<Op>)>,
+    /// Acknowledged orders: (token, order id).
+    acked: Vec<(String, u64)>,
+    /// Checkouts acknowledged after zone a was killed.
+    acked_after_kill: usize,
+    /// When zone a was killed.
+    killed_at: Option<Instant>,
+    /// Time from the kill to the first checkout acknowledged after it.
+    unavailable: Option<Duration>,
+}
+
+/// A shopper: a session, then checkouts and reads through its endpoint,
+/// moving to the next endpoint when one stops answering. An answer that
+/// says nothing definite (a 5xx, no answer) is retried, a checkout with the
+/// same idempotency key, until one does: so each operation in the history
+/// runs from its first attempt to its definite answer, and the checker may
+/// place it anywhere in between.
+async fn shopper(endpoints: Vec<String>, n: usize, history: Rc<RefCell<History>>, stop: Rc<RefCell<bool>>) {
+    let client = client();
+    let mut endpoint = n % endpoints.len();
+    let thread = n;
+    let token = loop {
+        let url = &endpoints[endpoint];
+        match call(&client, "POST", &format!("{url}/v1/sessions"), &[], Some(json!({"shopper": format!("z{n}")}))).await
+        {
+            Ok((201, body)) => break body["token"].as_str().unwrap().to_string(),
+            _ => endpoint = (endpoint + 1) % endpoints.len(),
+        }
+        if *stop.borrow() {
+            return;
+        }
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    };
+    for round in 0usize.. {
+        if *stop.borrow() {
+            return;
+        }
+        let op = if round % 4 == 3 {
+            Op::Read(None)
+        } else {
+            Op::Checkout { qty: 1 + (n + round) as u64 % 2, reserved: None }
+        };
+        history.borrow_mut().events.push((thread, Action::Call(op.clone())));
+        let started = Instant::now();
+        let ret = loop {
+            let url = endpoints[endpoint].clone();
+            let reply = match &op {
+                Op::Read(_) => call(&client, "GET", &format!("{url}/v1/skus/{SKU}"), &[], None).await,
+                Op::Checkout { qty, .. } => {
+                    let headers = [bearer(&token), ("Idempotency-Key", format!("z{n}-{round}"))];
+                    let body = json!({"items": [{"sku": SKU, "qty": qty}]});
+                    call(&client, "POST", &format!("{url}/v1/checkout"), &headers, Some(body)).await
+                }
+            };
+            match (&op, reply) {
+                (&Op::Checkout { qty, .. }, Ok((200 | 201, order))) => {
+                    let mut h = history.borrow_mut();
+                    h.acked.push((token.clone(), order["order_id"].as_u64().unwrap()));
+                    let now = Instant::now();
+                    if let Some(killed_at) = h.killed_at {
+                        h.acked_after_kill += 1;
+                        h.unavailable.get_or_insert(now - killed_at);
+                    }
+                    break Op::Checkout { qty, reserved: Some(true) };
+                }
+                (&Op::Checkout { qty, .. }, Ok((409, problem))) if problem["type"] == "/problems/sold-out" => {
+                    break Op::Checkout { qty, reserved: Some(false) }
+                }
+                (Op::Read(_), Ok((200, sku))) => break Op::Read(Some(sku["available"].as_u64().unwrap())),
+                (_, Ok((status, body))) if status < 500 => panic!("unexpected answer {status}: {body}"),
+                (_, reply) => {
+                    assert!(started.elapsed() < Duration::from_secs(60), "no definite answer for {op:?} in 60 s");
+                    if reply.is_err() {
+                        endpoint = (endpoint + 1) % endpoints.len();
+                    }
+                    actix_rt::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        history.borrow_mut().events.push((thread, Action::Response(ret)));
+    }
+}
+
+/// A five-node cluster: ids 1, 2 in zone a, 3, 4 in zone b, 5 the tiebreaker.
+struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Option<Surge>>,
+    api: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let status = Command::new(env!("CARGO_BIN_EXE_surge"))
+            .args(["certs", "--out"])
+            .arg(&certs)
+            .args(["--nodes", "1,2,3,4,5"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "surge certs failed");
+        let zones = [("primary", "a"), ("primary", "a"), ("primary", "b"), ("primary", "b"), ("dr", "t")];
+        let ports: Vec<(u16, u16)> = (0..5).map(|_| (free_port(), free_port())).collect();
+        let mut topology = String::from("[cluster]\nprimary_region = \"primary\"\n");
+        for (i, ((region, zone), (api, peer))) in zones.iter().zip(&ports).enumerate() {
+            topology += &format!(
+                "[[cluster.nodes]]\nid = {}\nregion = \"{region}\"\nzone = \"{zone}\"\napi = \"127.0.0.1:{api}\"\npeer = \"127.0.0.1:{peer}\"\n",
+                i + 1
+            );
+        }
+        for (i, (api, _)) in ports.iter().enumerate() {
+            let id = i + 1;
+            let config = format!(
+                "node_id = {id}\ndata_dir = {:?}\nlisten = \"127.0.0.1:{api}\"\noperator_token = \"{OPERATOR}\"\nhold_ms = 600000\n\
+                 [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
+                 [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{topology}",
+                dir.path().join(format!("data-{id}")),
+                certs.join("ca.pem"),
+                certs.join(format!("node-{id}.pem")),
+                certs.join(format!("node-{id}-key.pem")),
+            );
+            std::fs::write(dir.path().join(format!("node-{id}.toml")), config).unwrap();
+        }
+        let api = ports.iter().map(|(api, _)| format!("http://127.0.0.1:{api}")).collect();
+        let mut cluster = Cluster { dir, nodes: Vec::new(), api };
+        // All at once: a node elects nobody until enough of its peers run.
+        let launching: Vec<_> = (1..=5).map(|id| cluster.launch(id)).collect();
+        cluster.nodes = launching.into_iter().map(|node| Some(node.wait_listening())).collect();
+        cluster
+    }
+
+    fn launch(&self, id: usize) -> Launching {
+        Surge::spawn(&self.dir.path().join(format!("node-{id}.toml")))
+    }
+
+    fn kill(&mut self, id: usize) {
+        self.nodes[id - 1].take().unwrap().kill();
+    }
+
+    fn restart(&mut self, id: usize) {
+        self.nodes[id - 1] = Some(self.launch(id).wait_listening());
+    }
+
+    fn config(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Waits (bounded) until `url` answers /readyz with 200.
+async fn ready(client: &awc::Client, url: &str, within: Duration) {
+    let started = Instant::now();
+    loop {
+        if let Ok((200, _)) = call(client, "GET", &format!("{url}/readyz"), &[], None).await {
+            return;
+        }
+        assert!(started.elapsed() < within, "{url} not ready within {within:?}");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn checkout_survives_losing_a_zone_and_the_history_is_linearizable() {
+    let mut cluster = Cluster::start();
+    let client = client();
+    for url in &cluster.api {
+        ready(&client, url, Duration::from_secs(30)).await;
+    }
+    let _ = cluster.config();
+
+    // The sale is created through a zone b node: whichever node leads, the
+    // write is forwarded there.
+    let sale = json!({"sku": SKU, "name": "Zone", "price_minor": 100, "stock": STOCK,
+        "starts_at_ms": now_ms() - 1_000, "ends_at_ms": now_ms() + 3_600_000, "limit_per_shopper": 0});
+    let (status, body) =
+        call(&client, "POST", &format!("{}/v1/sales", cluster.api[2]), &[bearer(OPERATOR)], Some(sale)).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+
+    // Shoppers use the four primary-region endpoints, zones a and b.
+    let endpoints: Vec<String> = cluster.api[..4].to_vec();
+    let history = Rc::new(RefCell::new(History::default()));
+    let stop = Rc::new(RefCell::new(false));
+    let crowd: Vec<_> =
+        (0..SHOPPERS).map(|n| actix_rt::spawn(shopper(endpoints.clone(), n, history.clone(), stop.clone()))).collect();
+
+    let wait_for = |acked: usize, within: Duration| {
+        let history = history.clone();
+        async move {
+            let started = Instant::now();
+            while history.borrow().acked.len() < acked {
+                assert!(started.elapsed() < within, "only {} checkouts acknowledged", history.borrow().acked.len());
+                actix_rt::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for(30, Duration::from_secs(30)).await;
+
+    // Zone a burns down: both of its nodes, whoever leads.
+    history.borrow_mut().killed_at = Some(Instant::now());
+    cluster.kill(1);
+    cluster.kill(2);
+    let before_kill = history.borrow().acked.len();
+    wait_for(before_kill + 30, Duration::from_secs(30)).await;
+    assert!(history.borrow().acked_after_kill > 0);
+    let unavailable = history.borrow().unavailable.unwrap();
+    println!("checkout unavailable for {} ms after losing zone a", unavailable.as_millis());
+    assert!(unavailable < Duration::from_secs(10), "checkout unavailable for {unavailable:?}");
+
+    println!("zone a restarting");
+    // Zone a comes back and catches up.
+    cluster.restart(1);
+    cluster.restart(2);
+    for url in &cluster.api[..2] {
+        ready(&client, url, Duration::from_secs(30)).await;
+    }
+    let after_restart = history.borrow().acked.len();
+    wait_for(after_restart + 15, Duration::from_secs(30)).await;
+    *stop.borrow_mut() = true;
+    for shopper in crowd {
+        shopper.await.unwrap();
+    }
+
+    println!("crowd stopped; auditing {} acknowledged orders", history.borrow().acked.len());
+    // Every acknowledged order is there, read through a node that was killed.
+    let history = Rc::try_unwrap(history).ok().unwrap().into_inner();
+    let url = &cluster.api[0];
+    for (token, order) in &history.acked {
+        let (status, _) =
+            call(&client, "GET", &format!("{url}/v1/orders/{order}"), &[bearer(token)], None).await.unwrap();
+        assert_eq!(status, 200, "acknowledged order {order} lost");
+    }
+
+    // Conservation, and every node agrees once it has caught up.
+    let mut views = Vec::new();
+    for url in &cluster.api {
+        let (status, sku) = call(&client, "GET", &format!("{url}/v1/skus/{SKU}"), &[], None).await.unwrap();
+        assert_eq!(status, 200);
+        let [available, held, sold, total] = ["available", "held", "sold", "total"].map(|k| sku[k].as_u64().unwrap());
+        assert_eq!((available + held + sold, total), (STOCK, STOCK), "{sku}");
+        views.push(sku);
+    }
+    assert!(views.windows(2).all(|w| w[0] == w[1]), "replicas disagree: {views:?}");
+    assert!(views[0]["held"].as_u64().unwrap() >= history.acked.len() as u64);
+
+    println!("checking a history of {} events", history.events.len());
+    // The history is linearizable against the sequential stock.
+    assert!(
+        WGLChecker::<StockSpec>::is_linearizable(Checked::from_actions(history.events)),
+        "the recorded history is not linearizable"
+    );
+}
