@@ -26,7 +26,10 @@ pub use topology::{NodeSpec, Topology, TopologyError};
 /// the command did not apply except `Overloaded` and `NotLeader`: after a
 /// `Timeout` or `Unavailable` it may or may not have, so clients retry with
 /// the same idempotency key.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+///
+/// It crosses the wire as it is when a follower forwards to the leader, so
+/// the forwarding node answers its client exactly as the leader would have.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 pub enum ProposeError {
     /// A mailbox or queue is full: back off and retry.
     #[error("overloaded")]

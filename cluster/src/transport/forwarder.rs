@@ -72,7 +72,7 @@ impl Forwarder for PeerForwarder {
         let call = self.call(leader, group, PeerBody::Forward(commands));
         Box::pin(async move {
             match call.await? {
-                PeerResponse::Forward(result) => result.map_err(ProposeError::from),
+                PeerResponse::Forward(result) => result,
                 other => Err(mismatch("forward", &other)),
             }
         })
@@ -82,7 +82,7 @@ impl Forwarder for PeerForwarder {
         let call = self.call(leader, group, PeerBody::ReadIndex);
         Box::pin(async move {
             match call.await? {
-                PeerResponse::ReadIndex(result) => result.map_err(ProposeError::from),
+                PeerResponse::ReadIndex(result) => result,
                 other => Err(mismatch("read_index", &other)),
             }
         })
@@ -109,10 +109,8 @@ impl GroupHandler {
     pub async fn dispatch(&self, request: PeerRequest) -> Result<PeerResponse, Refusal> {
         let group = self.groups.get(&request.group).ok_or(Refusal::UnknownGroup(request.group))?;
         match request.body {
-            PeerBody::Forward(commands) => {
-                Ok(PeerResponse::Forward(group.propose_here(commands).await.map_err(Into::into)))
-            }
-            PeerBody::ReadIndex => Ok(PeerResponse::ReadIndex(group.read_index_here().await.map_err(Into::into))),
+            PeerBody::Forward(commands) => Ok(PeerResponse::Forward(group.propose_here(commands).await)),
+            PeerBody::ReadIndex => Ok(PeerResponse::ReadIndex(group.read_index_here().await)),
             _ => self.raft.dispatch(request).await,
         }
     }

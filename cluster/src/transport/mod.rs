@@ -38,4 +38,4 @@ pub use forwarder::{GroupHandler, PeerForwarder};
 pub use network::{PeerClients, PeerConnection, PeerNetwork, RaftHandler};
 pub use server::{serve, PeerHandler, PeerServer, ServerLimits};
 pub use tls::{node_dns_name, server_name, PeerTls, TlsError};
-pub use wire::{ForwardError, PeerBody, PeerRequest, PeerResponse, Refusal};
+pub use wire::{PeerBody, PeerRequest, PeerResponse, Refusal};

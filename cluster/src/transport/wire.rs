@@ -83,9 +83,9 @@ pub enum PeerResponse {
     /// Answers [`PeerBody::InstallSnapshot`].
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     /// Answers [`PeerBody::Forward`]: the state machine's answer to the batch.
-    Forward(Result<Response, ForwardError>),
+    Forward(Result<Response, ProposeError>),
     /// Answers [`PeerBody::ReadIndex`].
-    ReadIndex(Result<u64, ForwardError>),
+    ReadIndex(Result<u64, ProposeError>),
 }
 
 impl PeerResponse {
@@ -97,50 +97,6 @@ impl PeerResponse {
             PeerResponse::InstallSnapshot(_) => "install_snapshot",
             PeerResponse::Forward(_) => "forward",
             PeerResponse::ReadIndex(_) => "read_index",
-        }
-    }
-}
-
-/// Why a forwarded batch or read index got no answer on the leader: [`ProposeError`]
-/// in a form that crosses the wire (the two convert both ways), so the
-/// forwarding node answers its client exactly as the leader would have.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum ForwardError {
-    /// The leader's mailbox or queue is full: back off and retry.
-    #[error("overloaded")]
-    Overloaded,
-    /// The leader got no outcome in time; the command may still apply.
-    #[error("timed out waiting for the outcome")]
-    Timeout,
-    /// The peer does not lead the group (any more).
-    #[error("not the leader (leader: {leader:?})")]
-    NotLeader {
-        /// The leader the peer knows of, if any.
-        leader: Option<u64>,
-    },
-    /// Raft or storage failed on the peer.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
-}
-
-impl From<ProposeError> for ForwardError {
-    fn from(error: ProposeError) -> Self {
-        match error {
-            ProposeError::Overloaded => ForwardError::Overloaded,
-            ProposeError::Timeout => ForwardError::Timeout,
-            ProposeError::NotLeader { leader } => ForwardError::NotLeader { leader },
-            ProposeError::Unavailable(why) => ForwardError::Unavailable(why),
-        }
-    }
-}
-
-impl From<ForwardError> for ProposeError {
-    fn from(error: ForwardError) -> Self {
-        match error {
-            ForwardError::Overloaded => ProposeError::Overloaded,
-            ForwardError::Timeout => ProposeError::Timeout,
-            ForwardError::NotLeader { leader } => ProposeError::NotLeader { leader },
-            ForwardError::Unavailable(why) => ProposeError::Unavailable(why),
         }
     }
 }
@@ -383,7 +339,7 @@ mod tests {
             ResponseEnvelope { id: 11, result: Err(Refusal::UnknownGroup(4)) },
             ResponseEnvelope {
                 id: 12,
-                result: Ok(PeerResponse::Forward(Err(ForwardError::NotLeader { leader: Some(2) }))),
+                result: Ok(PeerResponse::Forward(Err(ProposeError::NotLeader { leader: Some(2) }))),
             },
             ResponseEnvelope { id: 13, result: Ok(PeerResponse::ReadIndex(Ok(41))) },
         ];
@@ -394,14 +350,16 @@ mod tests {
     }
 
     #[test]
-    fn forward_error_converts_both_ways() {
+    fn a_leaders_refusal_crosses_the_wire_unchanged() {
         for error in [
             ProposeError::Overloaded,
             ProposeError::Timeout,
             ProposeError::NotLeader { leader: Some(3) },
             ProposeError::Unavailable("disk".into()),
         ] {
-            assert_eq!(ProposeError::from(ForwardError::from(error.clone())), error);
+            let answer = PeerResponse::Forward(Err(error));
+            let bytes = codec::encode(&answer).unwrap();
+            assert_eq!(codec::decode::<PeerResponse>(&bytes).unwrap(), answer);
         }
     }
 }
