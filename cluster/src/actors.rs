@@ -22,8 +22,9 @@ use tokio::time::Instant;
 use crate::group::Group;
 use crate::ProposeError;
 
-/// Bounds and timings of the actors.
-#[derive(Clone, Debug)]
+/// Bounds and timings of the actors: the `[actors]` table of a node's config.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ActorLimits {
     /// Messages an actor's mailbox holds before senders are told to back off.
     pub mailbox_max: usize,

@@ -31,7 +31,7 @@ pub struct Config {
     /// Raft tuning.
     pub raft: RaftConfig,
     /// Actor bounds and timings.
-    pub actors: ActorConfig,
+    pub actors: ActorLimits,
     /// The cluster's nodes, regions and zones (`[cluster]` with
     /// `[[cluster.nodes]]`). Absent: this node alone.
     pub cluster: Option<Topology>,
@@ -65,18 +65,6 @@ pub struct RaftConfig {
     pub log_kept_behind_snapshot: u64,
 }
 
-/// The `[actors]` table.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ActorConfig {
-    pub mailbox_max: usize,
-    pub queue_max: usize,
-    pub batch_max: usize,
-    pub proposals_in_flight_max: usize,
-    pub idle_ms: u64,
-    pub request_timeout_ms: u64,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -89,7 +77,7 @@ impl Default for Config {
             max_connections: 25_000,
             expiry_tick_ms: 200,
             raft: RaftConfig::default(),
-            actors: ActorConfig::default(),
+            actors: ActorLimits::default(),
             cluster: None,
             tls: None,
         }
@@ -105,20 +93,6 @@ impl Default for RaftConfig {
             election_timeout_max_ms: group.election_timeout_max_ms,
             snapshot_every_entries: group.snapshot_every_entries,
             log_kept_behind_snapshot: group.log_kept_behind_snapshot,
-        }
-    }
-}
-
-impl Default for ActorConfig {
-    fn default() -> Self {
-        let actors = ActorLimits::default();
-        ActorConfig {
-            mailbox_max: actors.mailbox_max,
-            queue_max: actors.queue_max,
-            batch_max: actors.batch_max,
-            proposals_in_flight_max: actors.proposals_in_flight_max,
-            idle_ms: actors.idle_ms,
-            request_timeout_ms: actors.request_timeout_ms,
         }
     }
 }
@@ -208,14 +182,7 @@ impl Config {
                 snapshot_every_entries: self.raft.snapshot_every_entries,
                 log_kept_behind_snapshot: self.raft.log_kept_behind_snapshot,
             },
-            actors: ActorLimits {
-                mailbox_max: self.actors.mailbox_max,
-                queue_max: self.actors.queue_max,
-                batch_max: self.actors.batch_max,
-                proposals_in_flight_max: self.actors.proposals_in_flight_max,
-                idle_ms: self.actors.idle_ms,
-                request_timeout_ms: self.actors.request_timeout_ms,
-            },
+            actors: self.actors.clone(),
             expiry_tick_ms: self.expiry_tick_ms,
         }
     }
@@ -263,12 +230,16 @@ mod tests {
         assert_eq!(config.raft.election_timeout_min_ms, 400);
         assert_eq!(config.operator_token, "s3cret");
         assert_eq!(config.workers, Config::default().workers);
+        let tuned = parse("[actors]\nqueue_max = 100\n", &[("SURGE_ACTORS__BATCH_MAX", "64")]).unwrap();
+        assert_eq!((tuned.actors.queue_max, tuned.actors.batch_max), (100, 64));
+        assert_eq!(tuned.node_config().actors.batch_max, 64);
     }
 
     #[test]
     fn mistakes_are_reported_not_ignored() {
         assert!(parse("hold_ms = \"soon\"", &[]).is_err());
         assert!(parse("no_such_field = 1", &[]).is_err());
+        assert!(parse("[actors]\nbatch_maximum = 1\n", &[]).is_err());
         assert!(parse("", &[("SURGE_HOLD_MS", "0")]).is_err());
         assert!(parse("[raft]\nheartbeat_ms = 1000\n", &[]).is_err());
         let two_zones = "node_id = 1\n[cluster]\nprimary_region = \"primary\"\n".to_string()
