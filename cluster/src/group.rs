@@ -14,7 +14,16 @@ use openraft::{BasicNode, Raft, SnapshotPolicy};
 use storage::{StateReader, TypeConfig};
 
 use crate::clock::Clock;
+use crate::status::GroupStatus;
 use crate::ProposeError;
+
+type Metrics = openraft::RaftMetrics<u64, BasicNode>;
+
+/// What a leader cut off from its quorum answers: the command may or may
+/// not commit once the partition heals, so the client retries with its key.
+fn cut_off_error() -> ProposeError {
+    ProposeError::Unavailable("this node lost contact with a quorum of the group; retry with the same key".into())
+}
 
 /// How a group's Raft instance is tuned.
 #[derive(Clone, Debug)]
@@ -74,6 +83,12 @@ pub struct Group {
     clock: Arc<dyn Clock>,
     /// Reaches the leader when this node is a follower.
     forwarder: Option<Arc<dyn Forwarder>>,
+    /// A leader that has heard from no quorum for this long is cut off: by
+    /// now the others have elected a new leader, so it fails what it is
+    /// asked at once instead of letting it wait for a commit that may never
+    /// come. openraft 0.9 has no way to make a leader step down; it does
+    /// when the partition heals and it hears the new term.
+    lease: Duration,
 }
 
 impl Group {
@@ -110,7 +125,8 @@ impl Group {
         if !initialized && bootstrap {
             raft.initialize(members).await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         }
-        Ok(Group { id: 0, raft, state, clock, forwarder: None })
+        let lease = Duration::from_millis(config.election_timeout_max_ms);
+        Ok(Group { id: 0, raft, state, clock, forwarder: None, lease })
     }
 
     /// Lets this group's writes and reads reach the leader from a follower.
@@ -155,7 +171,10 @@ impl Group {
     pub async fn propose_here(&self, commands: Vec<Command>) -> Result<Response, ProposeError> {
         let request = Request { stamped_at_ms: self.clock.now_ms(), commands };
         let started = Instant::now();
-        let written = self.raft.client_write(request).await;
+        let written = match self.unless_cut_off(self.raft.client_write(request)).await {
+            Some(written) => written,
+            None => return Err(cut_off_error()),
+        };
         metrics::histogram!("surge_raft_commit_seconds").record(started.elapsed().as_secs_f64());
         match written {
             Ok(reply) => Ok(reply.data),
@@ -184,7 +203,10 @@ impl Group {
     /// The leader's side of a read index: confirms leadership with a quorum
     /// and returns the index a linearizable read must see applied.
     pub async fn read_index_here(&self) -> Result<u64, ProposeError> {
-        match self.raft.get_read_log_id().await {
+        let Some(read) = self.unless_cut_off(self.raft.get_read_log_id()).await else {
+            return Err(cut_off_error());
+        };
+        match read {
             Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |id| id.index)),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward))) => {
                 Err(ProposeError::NotLeader { leader: forward.leader_id })
@@ -214,6 +236,81 @@ impl Group {
     /// what depends on leadership goes through a proposal or a linearizable read.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state.is_leader()
+    }
+
+    /// Whether this node leads the group but has heard from no quorum for
+    /// longer than an election timeout (it is partitioned, or its peers
+    /// are gone). Such a leader refuses writes and reads at once.
+    pub fn is_cut_off(&self) -> bool {
+        self.cut_off(&self.raft.metrics().borrow())
+    }
+
+    fn cut_off(&self, metrics: &Metrics) -> bool {
+        let voters = metrics.membership_config.membership().voter_ids().count();
+        metrics.state.is_leader()
+            && voters > 1
+            && metrics.millis_since_quorum_ack.is_some_and(|ms| u128::from(ms) > self.lease.as_millis())
+    }
+
+    /// Runs `work` unless this node is, or becomes while it runs, a leader
+    /// cut off from its quorum; then `None`, at once. openraft refreshes its
+    /// metrics on every timer tick, so "at once" is within a tick.
+    async fn unless_cut_off<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        let mut metrics = self.raft.metrics();
+        let cut_off = async {
+            loop {
+                if self.cut_off(&metrics.borrow_and_update()) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    // Raft stopped: `work` fails on its own.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            () = cut_off => None,
+            done = work => Some(done),
+        }
+    }
+
+    /// This replica's view of the group, for `surge ctl status`.
+    pub fn status(&self) -> GroupStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let last_log_index = metrics.last_log_index.unwrap_or(0);
+        let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let (commit_index, follower_lag) = match &metrics.replication {
+            Some(replication) if metrics.state.is_leader() => {
+                let matched = |id: &u64| match id == &metrics.id {
+                    true => last_log_index,
+                    false => replication.get(id).copied().flatten().map_or(0, |log_id| log_id.index),
+                };
+                let mut stored: Vec<u64> = voters.iter().map(matched).collect();
+                stored.sort_unstable_by(|a, b| b.cmp(a));
+                let commit = stored.get(voters.len() / 2).copied();
+                let lag = voters
+                    .iter()
+                    .filter(|id| **id != metrics.id)
+                    .map(|id| (*id, last_log_index.saturating_sub(matched(id))))
+                    .collect();
+                (commit, lag)
+            }
+            _ => (None, BTreeMap::new()),
+        };
+        GroupStatus {
+            group: self.id,
+            role: format!("{:?}", metrics.state).to_ascii_lowercase(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            last_log_index,
+            applied_index: metrics.last_applied.map_or(0, |log_id| log_id.index),
+            snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
+            commit_index,
+            follower_lag,
+            millis_since_quorum_ack: metrics.millis_since_quorum_ack,
+            cut_off: self.cut_off(&metrics),
+        }
     }
 
     /// The group's Raft instance, for status and shutdown.

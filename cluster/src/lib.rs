@@ -13,6 +13,7 @@ pub mod clock;
 pub mod group;
 pub mod network;
 mod node;
+pub mod status;
 pub mod topology;
 pub mod transport;
 
@@ -20,6 +21,7 @@ pub use actors::{ActorLimits, Router};
 pub use clock::{Clock, SystemClock};
 pub use group::{Group, GroupConfig};
 pub use node::{Node, NodeConfig, TlsFiles};
+pub use status::{GroupStatus, NodeStatus};
 pub use topology::{NodeSpec, Topology, TopologyError};
 
 /// Why a command got no outcome from the state machine. None of these says

@@ -12,6 +12,7 @@ use crate::actors::{ActorLimits, Router};
 use crate::clock::Clock;
 use crate::group::{Group, GroupConfig};
 use crate::network::NoPeers;
+use crate::status::NodeStatus;
 use crate::topology::Topology;
 use crate::transport::{
     ClientLimits, GroupHandler, PeerClients, PeerForwarder, PeerNetwork, PeerServer, PeerTls, ServerLimits,
@@ -66,8 +67,20 @@ pub struct TlsFiles {
 pub struct Node {
     group: Group,
     router: Router,
+    topology: Arc<Topology>,
+    /// Reaching and serving peers; absent on a single node.
+    peers: Option<Peers>,
+}
+
+/// A clustered node's side of the peer transport.
+#[derive(Clone)]
+struct Peers {
+    /// Asks other nodes for their status, or to isolate themselves.
+    forwarder: Arc<PeerForwarder>,
+    /// Answers this node's status; shares the node's isolation switch.
+    handler: GroupHandler,
     /// Serves peers while the node lives; dropping the last clone stops it.
-    _peer_server: Option<Arc<PeerServer>>,
+    _server: Arc<PeerServer>,
 }
 
 impl Node {
@@ -83,18 +96,55 @@ impl Node {
     pub async fn start(config: &NodeConfig, data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Node, ProposeError> {
         let members = config.topology.members();
         let bootstrap = config.topology.bootstrapper() == Some(config.group.node_id);
-        let (group, peer_server) = if config.topology.nodes.len() == 1 {
+        let (group, peers) = if config.topology.nodes.len() == 1 {
             let group = Group::open(&config.group, data_dir, clock.clone(), NoPeers, members, bootstrap).await?;
             group.wait_until_caught_up(Duration::from_secs(30)).await?;
             (group, None)
         } else {
-            let (group, server) = open_clustered(config, data_dir, clock.clone(), members, bootstrap).await?;
-            (group, Some(Arc::new(server)))
+            let (group, peers) = open_clustered(config, data_dir, clock.clone(), members, bootstrap).await?;
+            (group, Some(peers))
         };
         let router = Router::new(group.clone(), config.actors.clone());
         let tick = Duration::from_millis(config.expiry_tick_ms.max(10));
         actix::spawn(expire_holds(group.clone(), clock, tick));
-        Ok(Node { group, router, _peer_server: peer_server })
+        Ok(Node { group, router, topology: Arc::new(config.topology.clone()), peers })
+    }
+
+    /// This node's Raft id.
+    pub fn id(&self) -> u64 {
+        self.group.raft().metrics().borrow().id
+    }
+
+    /// Where every node of the cluster runs.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// This node's view of itself and its groups.
+    pub fn status(&self) -> NodeStatus {
+        match &self.peers {
+            Some(peers) => peers.handler.status(),
+            None => NodeStatus { node_id: self.id(), isolated_for_ms: None, groups: vec![self.group.status()] },
+        }
+    }
+
+    /// Asks node `node` for its status (this node answers for itself). A
+    /// node that is down, partitioned or isolated answers an error.
+    pub async fn node_status(&self, node: u64) -> Result<NodeStatus, ProposeError> {
+        match &self.peers {
+            _ if node == self.id() => Ok(self.status()),
+            Some(peers) => peers.forwarder.node_status(node).await,
+            None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
+        }
+    }
+
+    /// Cuts node `node` off from every other node for `duration`: the zone-
+    /// loss drill's fault. The isolation lifts by itself at the end.
+    pub async fn isolate(&self, node: u64, duration: Duration) -> Result<(), ProposeError> {
+        match &self.peers {
+            Some(peers) => peers.forwarder.isolate(node, duration).await,
+            None => Err(ProposeError::Unavailable("a single node has no peers to be isolated from".into())),
+        }
     }
 
     /// Proposes an operator command (create a sale, restock).
@@ -143,7 +193,7 @@ async fn open_clustered(
     clock: Arc<dyn Clock>,
     members: BTreeMap<u64, openraft::BasicNode>,
     bootstrap: bool,
-) -> Result<(Group, PeerServer), ProposeError> {
+) -> Result<(Group, Peers), ProposeError> {
     let unavailable = |what: &str, e: &dyn std::fmt::Display| ProposeError::Unavailable(format!("{what}: {e}"));
     let node_id = config.group.node_id;
     let files = config.tls.as_ref().ok_or_else(|| unavailable("peer transport", &"no TLS files configured"))?;
@@ -154,14 +204,16 @@ async fn open_clustered(
         .map_err(|e| unavailable(&format!("listen on {}", own.peer), &e))?;
     let clients = PeerClients::new(tls.client.clone(), ClientLimits::default());
     let network = PeerNetwork::new(0, node_id, clients.clone());
+    let isolation = clients.isolation().clone();
     let group = Group::open(&config.group, data_dir, clock, network, members, bootstrap).await?;
     let peers = config.topology.nodes.iter().map(|n| (n.id, n.peer.clone())).collect();
     let timeout = Duration::from_millis(config.actors.request_timeout_ms);
-    let group = group.with_forwarder(Arc::new(PeerForwarder::new(clients, peers, timeout)));
-    let handler = Arc::new(GroupHandler::new(BTreeMap::from([(0, group.clone())])));
-    let server = PeerServer::start(listener, tls.server.clone(), handler, ServerLimits::default())
+    let forwarder = Arc::new(PeerForwarder::new(clients, peers, timeout));
+    let group = group.with_forwarder(forwarder.clone());
+    let handler = GroupHandler::new(node_id, BTreeMap::from([(0, group.clone())]), isolation);
+    let server = PeerServer::start(listener, tls.server.clone(), Arc::new(handler.clone()), ServerLimits::default())
         .map_err(|e| unavailable("start the peer server", &e))?;
-    Ok((group, server))
+    Ok((group, Peers { forwarder, handler, _server: Arc::new(server) }))
 }
 
 /// While this node leads, proposes an empty entry whenever a payment

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cluster::transport::{
-    certs, tls, ClientLimits, DevCa, GroupHandler, PeerBody, PeerClient, PeerClients, PeerForwarder, PeerHandler,
-    PeerNetwork, PeerRequest, PeerResponse, PeerServer, PeerTls, RaftHandler, Refusal, ServerLimits, TransportError,
+    certs, tls, ClientLimits, DevCa, GroupHandler, Isolation, PeerBody, PeerClient, PeerClients, PeerForwarder,
+    PeerHandler, PeerNetwork, PeerRequest, PeerResponse, PeerServer, PeerTls, RaftHandler, Refusal, ServerLimits,
+    TransportError,
 };
 use cluster::{Group, GroupConfig, ProposeError, SystemClock};
 use domain::{Command, Outcome, Response, Sale};
@@ -126,6 +127,9 @@ impl PeerHandler for Echo {
                     PeerResponse::Forward(Ok(Response { outcomes }))
                 }
                 PeerBody::ReadIndex => PeerResponse::ReadIndex(Ok(u64::from(request.group) * 10)),
+                other @ (PeerBody::Isolate { .. } | PeerBody::Status) => {
+                    return Err(Refusal::Unsupported(other.kind().into()))
+                }
             })
         })
     }
@@ -640,11 +644,20 @@ async fn three_raft_nodes_replicate_and_fail_over_through_the_transport() {
     .await;
 }
 
-/// The follower side of forwarding through `Group`: a write and a
-/// linearizable read on a follower go to the leader over the transport.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn followers_forward_writes_and_read_indexes_to_the_leader() {
-    bounded(90, async {
+/// Three nodes, each running group 0 behind a [`GroupHandler`] over the
+/// real transport, as `cluster::Node` wires them.
+struct Trio {
+    pki: Pki,
+    groups: BTreeMap<u64, Group>,
+    isolations: BTreeMap<u64, Isolation>,
+    peers: BTreeMap<u64, String>,
+    _servers: Vec<PeerServer>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Trio {
+    /// Starts the three and waits until every one has a leader.
+    async fn start() -> Trio {
         let pki = Pki::new();
         let mut listeners = BTreeMap::new();
         let mut members = BTreeMap::new();
@@ -655,9 +668,8 @@ async fn followers_forward_writes_and_read_indexes_to_the_leader() {
             peers.insert(id, addr.to_string());
             listeners.insert(id, listener);
         }
-        let mut groups = BTreeMap::new();
-        let mut dirs = Vec::new();
-        let mut servers = Vec::new();
+        let (mut groups, mut isolations, mut dirs, mut servers) =
+            (BTreeMap::new(), BTreeMap::new(), Vec::new(), Vec::new());
         for (id, listener) in listeners {
             let tls = pki.node(id);
             let dir = tempfile::tempdir().unwrap();
@@ -669,18 +681,43 @@ async fn followers_forward_writes_and_read_indexes_to_the_leader() {
             };
             let clients = PeerClients::new(tls.client.clone(), fast_client());
             let network = PeerNetwork::new(0, id, clients.clone());
+            let isolation = clients.isolation().clone();
             let group = Group::open(&config, dir.path(), Arc::new(SystemClock), network, members.clone(), id == 1)
                 .await
                 .unwrap()
                 .with_forwarder(Arc::new(PeerForwarder::new(clients, peers.clone(), 5 * SECOND)));
-            let handler = GroupHandler::new(BTreeMap::from([(0, group.clone())]));
+            let handler = GroupHandler::new(id, BTreeMap::from([(0, group.clone())]), isolation.clone());
             servers.push(start(listener, &tls, Arc::new(handler), ServerLimits::default()));
             groups.insert(id, group);
+            isolations.insert(id, isolation);
             dirs.push(dir);
         }
-        let leader = groups[&1].wait_until_caught_up(Duration::from_secs(20)).await.unwrap();
+        for group in groups.values() {
+            group.wait_until_caught_up(Duration::from_secs(20)).await.unwrap();
+        }
+        Trio { pki, groups, isolations, peers, _servers: servers, _dirs: dirs }
+    }
+
+    fn leader(&self) -> u64 {
+        self.groups.values().find(|g| g.is_leader()).map(|g| g.raft().metrics().borrow().id).expect("a leader")
+    }
+
+    async fn shutdown(self) {
+        for group in self.groups.values() {
+            let _ = group.raft().shutdown().await;
+        }
+    }
+}
+
+/// The follower side of forwarding through `Group`: a write and a
+/// linearizable read on a follower go to the leader over the transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_forward_writes_and_read_indexes_to_the_leader() {
+    bounded(90, async {
+        let trio = Trio::start().await;
+        let leader = trio.leader();
         let follower = (1..=3).find(|id| *id != leader).unwrap();
-        groups[&follower].wait_until_caught_up(Duration::from_secs(20)).await.unwrap();
+        let groups = &trio.groups;
 
         let response = groups[&follower].propose(vec![Command::CreateSale(sale("forwarded"))]).await.unwrap();
         assert!(matches!(response.outcomes[..], [Outcome::Sku(_)]), "{response:?}");
@@ -689,15 +726,72 @@ async fn followers_forward_writes_and_read_indexes_to_the_leader() {
 
         // A group the peer does not run is refused by its transport, and the
         // forwarder reports it as unavailability, not as a command outcome.
-        let clients = PeerClients::new(pki.node(follower).client, fast_client());
-        let forwarder = PeerForwarder::new(clients, peers.clone(), 5 * SECOND);
+        let clients = PeerClients::new(trio.pki.node(follower).client, fast_client());
+        let forwarder = PeerForwarder::new(clients, trio.peers.clone(), 5 * SECOND);
         let unknown = cluster::group::Forwarder::forward(&forwarder, leader, 42, vec![]).await.unwrap_err();
         assert!(matches!(&unknown, ProposeError::Unavailable(why) if why.contains("group 42")), "{unknown:?}");
 
-        for group in groups.values() {
-            let _ = group.raft().shutdown().await;
+        // Status and isolation travel between nodes too.
+        let status = forwarder.node_status(leader).await.unwrap();
+        assert_eq!((status.node_id, status.isolated_for_ms), (leader, None));
+        let group = &status.groups[0];
+        assert_eq!((group.role.as_str(), group.leader), ("leader", Some(leader)));
+        assert!(group.commit_index.is_some_and(|commit| commit >= 2), "{group:?}");
+        assert_eq!(group.follower_lag.len(), 2, "{group:?}");
+        trio.shutdown().await;
+    })
+    .await;
+}
+
+/// A leader cut off from the other two (both ways, as a zone-loss drill
+/// isolates a node) fails its pending and new writes within an election
+/// timeout instead of letting them hang; the other two elect a leader and
+/// take writes; when the partition heals the old leader steps down and
+/// catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_fails_fast_and_steps_down_when_it_heals() {
+    bounded(90, async {
+        let trio = Trio::start().await;
+        let old = trio.leader();
+        let others: Vec<u64> = (1..=3).filter(|id| *id != old).collect();
+        trio.groups[&old].propose(vec![Command::CreateSale(sale("before"))]).await.unwrap();
+
+        trio.isolations[&old].isolate_for(Duration::from_secs(6));
+        let cut_off_at = Instant::now();
+        // The write cannot commit: it must fail, and within the lease (one
+        // election timeout, 1 s here) plus a tick or two, not hang.
+        let pending = trio.groups[&old].propose_here(vec![Command::CreateSale(sale("cut-off"))]).await;
+        let waited = cut_off_at.elapsed();
+        assert!(matches!(&pending, Err(ProposeError::Unavailable(why)) if why.contains("quorum")), "{pending:?}");
+        assert!(waited < Duration::from_secs(3), "the cut-off leader held a write for {waited:?}");
+        assert!(trio.groups[&old].is_cut_off());
+        assert!(trio.groups[&old].status().cut_off);
+        // New writes and reads fail at once.
+        let started = Instant::now();
+        assert!(trio.groups[&old].propose_here(vec![]).await.is_err());
+        assert!(trio.groups[&old].read_index_here().await.is_err());
+        assert!(started.elapsed() < Duration::from_millis(500), "refusing took {:?}", started.elapsed());
+
+        // The majority side elects a leader and takes writes.
+        let majority = &trio.groups[&others[0]];
+        let mut written = None;
+        while written.is_none() && cut_off_at.elapsed() < Duration::from_secs(5) {
+            written = majority.propose(vec![Command::CreateSale(sale("after"))]).await.ok();
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        drop(servers);
+        assert!(written.is_some(), "the two connected nodes did not take a write while {old} was cut off");
+
+        // Healed: the old leader hears the new term, follows, and catches up.
+        trio.isolations[&old].lift();
+        let healed = trio.groups[&old]
+            .raft()
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(|m| !m.state.is_leader() && m.current_leader.is_some(), "old leader steps down")
+            .await;
+        assert!(healed.is_ok(), "the old leader did not step down after the heal: {healed:?}");
+        let after = trio.groups[&old].read_linearizable(|s| s.sku_view("after").is_some()).await.unwrap();
+        assert!(after, "the old leader did not catch up with the write made without it");
+        trio.shutdown().await;
     })
     .await;
 }

@@ -43,6 +43,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use super::isolation::Isolation;
 use super::wire::{self, FrameError, PeerRequest, PeerResponse, Refusal, RequestEnvelope, ResponseEnvelope};
 
 /// A client's bounds and timings.
@@ -157,6 +158,8 @@ pub enum TransportError {
 #[derive(Clone)]
 pub struct PeerClient {
     handle: Arc<Handle>,
+    /// While set, calls fail at once as unreachable (a drill cut this node off).
+    isolation: Isolation,
 }
 
 /// Owned by the clones of one [`PeerClient`]; closes the connection when the
@@ -223,7 +226,13 @@ impl PeerClient {
             next_id: AtomicU64::new(1),
             state: Mutex::new(State { link: Link::Idle, pending: BTreeMap::new(), next_generation: 1, failures: 0 }),
         };
-        PeerClient { handle: Arc::new(Handle { shared: Arc::new(shared) }) }
+        PeerClient { handle: Arc::new(Handle { shared: Arc::new(shared) }), isolation: Isolation::default() }
+    }
+
+    /// The same client, sending nothing while `isolation` is set.
+    pub fn with_isolation(mut self, isolation: Isolation) -> PeerClient {
+        self.isolation = isolation;
+        self
     }
 
     /// The peer's address.
@@ -236,7 +245,12 @@ impl PeerClient {
     /// [`TransportError::Refused`], so `Ok` is always the handler's answer.
     pub async fn call(&self, request: PeerRequest, timeout: Duration) -> Result<PeerResponse, TransportError> {
         let kind = request.body.kind();
-        let result = self.exchange(request, timeout).await;
+        let result = if self.isolation.is_isolated() {
+            let addr = self.handle.shared.addr.clone();
+            Err(TransportError::Unreachable { addr, reason: "this node is isolated by a drill".into() })
+        } else {
+            self.exchange(request, timeout).await
+        };
         metrics::counter!("surge_transport_calls_total", "kind" => kind, "result" => result_label(&result))
             .increment(1);
         result

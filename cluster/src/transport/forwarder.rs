@@ -10,10 +10,12 @@ use domain::{Command, Response};
 use futures::future::BoxFuture;
 
 use super::client::TransportError;
+use super::isolation::Isolation;
 use super::network::{PeerClients, RaftHandler};
 use super::server::PeerHandler;
 use super::wire::{PeerBody, PeerRequest, PeerResponse, Refusal};
 use crate::group::{Forwarder, Group};
+use crate::status::NodeStatus;
 use crate::ProposeError;
 
 /// Sends a follower's batches and read-index requests to the leader over the
@@ -31,6 +33,23 @@ impl PeerForwarder {
     /// `timeout` for each answer.
     pub fn new(clients: PeerClients, peers: BTreeMap<u64, String>, timeout: Duration) -> PeerForwarder {
         PeerForwarder { clients, peers, timeout }
+    }
+
+    /// Asks node `node` for its view of itself and its groups.
+    pub async fn node_status(&self, node: u64) -> Result<NodeStatus, ProposeError> {
+        match self.call(node, 0, PeerBody::Status).await? {
+            PeerResponse::Status(status) => Ok(status),
+            other => Err(mismatch("status", &other)),
+        }
+    }
+
+    /// Cuts node `node` off from every other node for `duration` (a drill).
+    pub async fn isolate(&self, node: u64, duration: Duration) -> Result<(), ProposeError> {
+        let for_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        match self.call(node, 0, PeerBody::Isolate { for_ms }).await? {
+            PeerResponse::Isolated => Ok(()),
+            other => Err(mismatch("isolate", &other)),
+        }
     }
 
     fn call(&self, leader: u64, group: u32, body: PeerBody) -> BoxFuture<'static, Result<PeerResponse, ProposeError>> {
@@ -92,21 +111,49 @@ impl Forwarder for PeerForwarder {
 /// The server half for a node's [`Group`]s: Raft RPCs go to the group's
 /// Raft, forwarded batches to [`Group::propose_here`] (stamped by this node,
 /// never forwarded again), read indexes to [`Group::read_index_here`].
+///
+/// It also answers what peers ask of the node as a whole (its status; a
+/// drill's isolation), and while the node is isolated it refuses everything,
+/// so no peer's message reaches its Raft groups.
 #[derive(Clone)]
 pub struct GroupHandler {
+    node_id: u64,
     groups: Arc<BTreeMap<u32, Group>>,
     raft: RaftHandler,
+    isolation: Isolation,
 }
 
 impl GroupHandler {
-    /// A handler for these groups, by group id.
-    pub fn new(groups: BTreeMap<u32, Group>) -> GroupHandler {
+    /// A handler for node `node_id`'s groups, by group id, that refuses
+    /// everything while `isolation` is set.
+    pub fn new(node_id: u64, groups: BTreeMap<u32, Group>, isolation: Isolation) -> GroupHandler {
         let raft = RaftHandler::new(groups.iter().map(|(&id, group)| (id, group.raft().clone())).collect());
-        GroupHandler { groups: Arc::new(groups), raft }
+        GroupHandler { node_id, groups: Arc::new(groups), raft, isolation }
     }
 
-    /// Handles one request addressed to one of this node's groups.
+    /// This node's view of itself and its groups.
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node_id: self.node_id,
+            isolated_for_ms: self.isolation.remaining().map(|left| left.as_millis() as u64),
+            groups: self.groups.values().map(Group::status).collect(),
+        }
+    }
+
+    /// Handles one request addressed to this node or one of its groups.
     pub async fn dispatch(&self, request: PeerRequest) -> Result<PeerResponse, Refusal> {
+        if self.isolation.is_isolated() {
+            return Err(Refusal::Isolated);
+        }
+        match request.body {
+            PeerBody::Isolate { for_ms } => {
+                tracing::warn!(for_ms, "a drill isolates this node from its peers");
+                self.isolation.isolate_for(Duration::from_millis(for_ms));
+                return Ok(PeerResponse::Isolated);
+            }
+            PeerBody::Status => return Ok(PeerResponse::Status(self.status())),
+            _ => {}
+        }
         let group = self.groups.get(&request.group).ok_or(Refusal::UnknownGroup(request.group))?;
         match request.body {
             PeerBody::Forward(commands) => Ok(PeerResponse::Forward(group.propose_here(commands).await)),

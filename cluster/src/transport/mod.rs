@@ -18,6 +18,8 @@
 //! - [`forwarder`]: `crate::group::Forwarder` on top of the client (a
 //!   follower's writes and read indexes go to the leader), and the handler
 //!   that serves a node's [`crate::Group`]s.
+//! - [`isolation`]: the switch a zone-loss drill uses to cut a node off from
+//!   its peers (both ways) for a while.
 //! - [`certs`]: a development CA and node certificates (`surge certs`).
 //!
 //! **Boundary:** this module moves bytes between nodes and never decides
@@ -27,6 +29,7 @@
 pub mod certs;
 pub mod client;
 pub mod forwarder;
+pub mod isolation;
 pub mod network;
 pub mod server;
 pub mod tls;
@@ -35,6 +38,7 @@ pub mod wire;
 pub use certs::{write_dev_certs, CertError, DevCa, NodeCertificate};
 pub use client::{ClientLimits, PeerClient, TransportError};
 pub use forwarder::{GroupHandler, PeerForwarder};
+pub use isolation::Isolation;
 pub use network::{PeerClients, PeerConnection, PeerNetwork, RaftHandler};
 pub use server::{serve, PeerHandler, PeerServer, ServerLimits};
 pub use tls::{node_dns_name, server_name, PeerTls, TlsError};

@@ -30,6 +30,7 @@ use openraft::{BasicNode, Raft};
 use storage::TypeConfig;
 
 use super::client::{ClientLimits, PeerClient, TransportError};
+use super::isolation::Isolation;
 use super::server::PeerHandler;
 use super::tls::server_name;
 use super::wire::{PeerBody, PeerRequest, PeerResponse, Refusal};
@@ -41,6 +42,8 @@ use super::wire::{PeerBody, PeerRequest, PeerResponse, Refusal};
 pub struct PeerClients {
     tls: Arc<rustls::ClientConfig>,
     limits: ClientLimits,
+    /// Shared by every client: cuts this node off from all peers at once.
+    isolation: Isolation,
     /// Keyed by node id and address: the id names the certificate the server
     /// must present, so a node that moved address, or an address reused by
     /// another node, gets a client of its own.
@@ -50,7 +53,12 @@ pub struct PeerClients {
 impl PeerClients {
     /// An empty pool; clients are made on first use.
     pub fn new(tls: Arc<rustls::ClientConfig>, limits: ClientLimits) -> PeerClients {
-        PeerClients { tls, limits, clients: Arc::new(Mutex::new(BTreeMap::new())) }
+        PeerClients { tls, limits, isolation: Isolation::default(), clients: Arc::new(Mutex::new(BTreeMap::new())) }
+    }
+
+    /// The switch that cuts every client of this pool off from its peer.
+    pub fn isolation(&self) -> &Isolation {
+        &self.isolation
     }
 
     /// The client for node `node_id` at `addr`, made if needed.
@@ -58,7 +66,10 @@ impl PeerClients {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         clients
             .entry((node_id, addr.to_owned()))
-            .or_insert_with(|| PeerClient::new(addr, server_name(node_id), self.tls.clone(), self.limits.clone()))
+            .or_insert_with(|| {
+                PeerClient::new(addr, server_name(node_id), self.tls.clone(), self.limits.clone())
+                    .with_isolation(self.isolation.clone())
+            })
             .clone()
     }
 
@@ -237,7 +248,7 @@ impl RaftHandler {
             PeerBody::AppendEntries(rpc) => PeerResponse::AppendEntries(raft.append_entries(rpc).await),
             PeerBody::Vote(rpc) => PeerResponse::Vote(raft.vote(rpc).await),
             PeerBody::InstallSnapshot(rpc) => PeerResponse::InstallSnapshot(raft.install_snapshot(rpc).await),
-            other @ (PeerBody::Forward(_) | PeerBody::ReadIndex) => {
+            other @ (PeerBody::Forward(_) | PeerBody::ReadIndex | PeerBody::Isolate { .. } | PeerBody::Status) => {
                 return Err(Refusal::Unsupported(other.kind().into()))
             }
         })

@@ -21,6 +21,7 @@ use storage::codec::{self, CodecError};
 use storage::TypeConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::status::NodeStatus;
 use crate::ProposeError;
 
 /// Default bound on one frame's payload. A snapshot chunk (openraft sends
@@ -54,6 +55,15 @@ pub enum PeerBody {
     /// The log index a linearizable read must see applied, after the leader
     /// confirmed its leadership with a quorum.
     ReadIndex,
+    /// Cut the peer off from every other node for this many milliseconds (a
+    /// zone-loss drill). About the node, not a group: the group id is ignored.
+    Isolate {
+        /// How long, from when the peer receives it.
+        for_ms: u64,
+    },
+    /// The peer's view of itself and of every group it runs, for `surge ctl
+    /// status`. About the node: the group id is ignored.
+    Status,
 }
 
 impl PeerBody {
@@ -65,6 +75,8 @@ impl PeerBody {
             PeerBody::InstallSnapshot(_) => "install_snapshot",
             PeerBody::Forward(_) => "forward",
             PeerBody::ReadIndex => "read_index",
+            PeerBody::Isolate { .. } => "isolate",
+            PeerBody::Status => "status",
         }
     }
 }
@@ -86,6 +98,10 @@ pub enum PeerResponse {
     Forward(Result<Response, ProposeError>),
     /// Answers [`PeerBody::ReadIndex`].
     ReadIndex(Result<u64, ProposeError>),
+    /// Answers [`PeerBody::Isolate`]: the peer is cut off as of now.
+    Isolated,
+    /// Answers [`PeerBody::Status`].
+    Status(NodeStatus),
 }
 
 impl PeerResponse {
@@ -97,6 +113,8 @@ impl PeerResponse {
             PeerResponse::InstallSnapshot(_) => "install_snapshot",
             PeerResponse::Forward(_) => "forward",
             PeerResponse::ReadIndex(_) => "read_index",
+            PeerResponse::Isolated => "isolate",
+            PeerResponse::Status(_) => "status",
         }
     }
 }
@@ -113,6 +131,10 @@ pub enum Refusal {
     /// The peer runs no such group (yet: it may still be starting).
     #[error("peer runs no group {0}")]
     UnknownGroup(u32),
+    /// The peer is cut off from the cluster by a drill and hands nothing to
+    /// its Raft groups until the drill's isolation ends.
+    #[error("peer is isolated by a drill")]
+    Isolated,
     /// The peer's handler does not serve this kind of request.
     #[error("peer does not serve {0} requests")]
     Unsupported(String),

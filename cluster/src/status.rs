@@ -1,0 +1,47 @@
+//! What a node reports about itself and its groups: the raw material of
+//! `surge ctl status` and of a drill's "has everyone caught up" check.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One node's view of itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's Raft id.
+    pub node_id: u64,
+    /// Milliseconds left of a drill's isolation, while the node is cut off.
+    pub isolated_for_ms: Option<u64>,
+    /// Every group the node runs, by group id.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// One group as one of its replicas sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// The group's id.
+    pub group: u32,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    /// The leader this replica knows of.
+    pub leader: Option<u64>,
+    /// The replica's current term.
+    pub term: u64,
+    /// The last index in the replica's log.
+    pub last_log_index: u64,
+    /// The last index the replica has applied to its state machine.
+    pub applied_index: u64,
+    /// The last index in the replica's latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// On the leader: the highest index a quorum of voters has stored.
+    pub commit_index: Option<u64>,
+    /// On the leader: how many entries each other voter is behind the
+    /// leader's log (an unreachable voter's lag grows with every write).
+    pub follower_lag: BTreeMap<u64, u64>,
+    /// On the leader: milliseconds since a quorum last acknowledged it.
+    pub millis_since_quorum_ack: Option<u64>,
+    /// On the leader: whether it has gone without a quorum's
+    /// acknowledgement for longer than an election timeout. Such a leader
+    /// refuses writes and reads at once instead of letting them hang.
+    pub cut_off: bool,
+}
