@@ -168,23 +168,48 @@ impl From<Order> for OrderBody {
     }
 }
 
-/// `GET /v1/cluster`: this node's view of its Raft group.
+/// `GET /v1/cluster`: the cluster as the answering node sees it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ClusterStatus {
+    /// The node that answered.
     pub node_id: u64,
-    /// Leader, Follower, Candidate or Learner.
-    pub state: String,
-    pub leader: Option<u64>,
-    pub term: u64,
-    pub last_log_index: Option<u64>,
-    pub last_applied_index: Option<u64>,
-    pub snapshot_index: Option<u64>,
-    /// Live SKU actors on this node.
+    /// The region that takes writes.
+    pub primary_region: String,
+    /// Every node of the topology, each asked over the peer transport.
+    pub nodes: Vec<NodeView>,
+    /// Live SKU actors on the answering node.
     pub sku_actors: usize,
-    /// Live session actors on this node.
+    /// Live session actors on the answering node.
     pub session_actors: usize,
-    /// Orders by status: pending_payment, paid, cancelled, expired.
+    /// Orders by status in the answering node's replica.
     pub orders: OrderCounts,
+}
+
+/// One node of the topology and what it said about itself.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    pub id: u64,
+    pub region: String,
+    pub zone: String,
+    /// Its public API address.
+    pub api: String,
+    /// Its peer transport address.
+    pub peer: String,
+    /// Its own report: role, leader, term, log positions, follower lag.
+    pub status: Option<cluster::NodeStatus>,
+    /// Why it did not answer (down, partitioned, isolated by a drill).
+    pub error: Option<String>,
+}
+
+/// `POST /v1/admin/drills/zone-loss`: cut every node of a zone off from the
+/// cluster for a while and measure what checkout sees.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneLossDrill {
+    /// The zone to cut off; the node asked must be outside it.
+    pub zone: String,
+    /// How long, 1 000 to 600 000 ms.
+    pub isolate_for_ms: u64,
 }
 
 /// Orders by status.

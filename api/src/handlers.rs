@@ -3,6 +3,7 @@
 //! decides anything the state machine decides.
 
 use actix_web::{web, HttpRequest, HttpResponse};
+use cluster::DrillReport;
 use domain::{Command, Line, OrderId, Outcome, Rejection};
 
 use crate::auth::{token_hash, Operator, Shopper};
@@ -242,23 +243,79 @@ pub async fn get_order(shopper: Shopper, state: web::Data<AppState>, id: web::Pa
 
 #[utoipa::path(get, path = "/v1/cluster", tag = "operator", security(("operator" = [])),
     responses((status = 200, body = ClusterStatus)))]
-/// This node's view of its Raft group and actors.
+/// The cluster as this node sees it: every node's region and zone, and each
+/// node's own report of its groups (role, leader, term, commit and applied
+/// index, follower lag). A node that does not answer within a second is
+/// listed with the error.
 pub async fn cluster_status(_: Operator, state: web::Data<AppState>) -> Result<HttpResponse> {
-    let metrics = state.node.group().raft().metrics().borrow().clone();
-    let (sku_actors, session_actors) = state.node.live_actors();
-    let orders = state.node.read_local(domain::GroupState::order_counts).into();
+    let node = &state.node;
+    let asks = node.topology().nodes.iter().map(|spec| async move {
+        let answer = actix_web::rt::time::timeout(STATUS_TIMEOUT, node.node_status(spec.id)).await;
+        let (status, error) = match answer {
+            Ok(Ok(status)) => (Some(status), None),
+            Ok(Err(error)) => (None, Some(error.to_string())),
+            Err(_) => (None, Some(format!("no answer within {STATUS_TIMEOUT:?}"))),
+        };
+        NodeView {
+            id: spec.id,
+            region: spec.region.clone(),
+            zone: spec.zone.clone(),
+            api: spec.api.clone(),
+            peer: spec.peer.clone(),
+            status,
+            error,
+        }
+    });
+    let nodes = futures::future::join_all(asks).await;
+    let (sku_actors, session_actors) = node.live_actors();
     Ok(HttpResponse::Ok().json(ClusterStatus {
-        node_id: metrics.id,
-        state: format!("{:?}", metrics.state),
-        leader: metrics.current_leader,
-        term: metrics.current_term,
-        last_log_index: metrics.last_log_index,
-        last_applied_index: metrics.last_applied.map(|id| id.index),
-        snapshot_index: metrics.snapshot.map(|id| id.index),
+        node_id: node.id(),
+        primary_region: node.topology().primary_region.clone(),
+        nodes,
         sku_actors,
         session_actors,
-        orders,
+        orders: node.read_local(domain::GroupState::order_counts).into(),
     }))
+}
+
+/// How long `GET /v1/cluster` waits for each node's answer.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[utoipa::path(post, path = "/v1/admin/drills/zone-loss", tag = "operator", request_body = ZoneLossDrill,
+    security(("operator" = [])),
+    responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 409, body = Problem), (status = 422, body = Problem)))]
+/// Starts a zone-loss drill coordinated by this node: every node of the zone
+/// is cut off from the others for `isolate_for_ms`, while a probe shopper
+/// checks out through this node; then the isolated nodes catch up and every
+/// acknowledged probe order is read back. Answers at once; the report fills
+/// in as the drill runs.
+pub async fn start_zone_loss_drill(
+    _: Operator,
+    state: web::Data<AppState>,
+    body: web::Json<ZoneLossDrill>,
+) -> Result<HttpResponse> {
+    let isolate_for = std::time::Duration::from_millis(body.isolate_for_ms);
+    let report = state.node.start_zone_loss_drill(&body.zone, isolate_for, "operator")?;
+    Ok(HttpResponse::Accepted()
+        .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
+        .json(report))
+}
+
+#[utoipa::path(get, path = "/v1/admin/drills", tag = "operator", security(("operator" = [])),
+    responses((status = 200, body = Vec<DrillReport>)))]
+/// The drills this node coordinated (the latest 64), oldest first.
+pub async fn list_drills(_: Operator, state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.node.drills().list())
+}
+
+#[utoipa::path(get, path = "/v1/admin/drills/{id}", tag = "operator", security(("operator" = [])),
+    responses((status = 200, body = DrillReport), (status = 404, body = Problem)))]
+/// One drill's report, while it runs and after.
+pub async fn get_drill(_: Operator, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    let id: u64 = id.parse().map_err(|_| ApiError::Malformed(format!("drill id {id:?} is not a number")))?;
+    let report = state.node.drills().get(id).ok_or(ApiError::NotFound)?;
+    Ok(HttpResponse::Ok().json(report))
 }
 
 /// Liveness: the process answers.

@@ -3,7 +3,7 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
-use cluster::ProposeError;
+use cluster::{DrillError, ProposeError};
 use domain::Rejection;
 
 use crate::dto::Problem;
@@ -33,6 +33,9 @@ pub enum ApiError {
     /// No such route.
     #[error("no such resource")]
     NotFound,
+    /// A drill could not start; nothing was cut off.
+    #[error(transparent)]
+    Drill(#[from] DrillError),
     /// The node could not get an outcome: overloaded, no leader, timed out.
     #[error(transparent)]
     Unavailable(#[from] ProposeError),
@@ -72,6 +75,18 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
             ApiError::PaymentDeclined(_) => (StatusCode::PAYMENT_REQUIRED, "payment-declined", "Payment declined"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::Drill(DrillError::UnknownZone(_) | DrillError::BadDuration { .. }) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request")
+            }
+            ApiError::Drill(DrillError::CoordinatorInZone { .. }) => {
+                (StatusCode::CONFLICT, "coordinator-in-zone", "Ask a node outside the zone")
+            }
+            ApiError::Drill(DrillError::LosesQuorum { .. }) => {
+                (StatusCode::CONFLICT, "drill-loses-quorum", "The drill would stop checkout")
+            }
+            ApiError::Drill(DrillError::AlreadyRunning(_)) => {
+                (StatusCode::CONFLICT, "drill-running", "A drill is running")
+            }
             ApiError::Unavailable(ProposeError::Overloaded) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Overloaded")
             }

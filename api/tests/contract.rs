@@ -465,6 +465,9 @@ async fn operations_endpoints_answer() {
         "/v1/orders/{id}/pay",
         "/v1/orders/{id}/cancel",
         "/v1/cluster",
+        "/v1/admin/drills",
+        "/v1/admin/drills/zone-loss",
+        "/v1/admin/drills/{id}",
     ] {
         assert!(doc["paths"][path].is_object(), "openapi.json lacks {path}");
     }
@@ -472,8 +475,33 @@ async fn operations_endpoints_answer() {
     let (status, cluster, _) =
         send(&h.app, TestRequest::get().uri("/v1/cluster").insert_header(bearer(OPERATOR))).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(cluster["state"], "Leader");
+    assert_eq!(cluster["nodes"][0]["zone"], "a");
+    assert_eq!(cluster["nodes"][0]["status"]["groups"][0]["role"], "leader");
+    assert_eq!(
+        cluster["nodes"][0]["status"]["groups"][0]["commit_index"],
+        cluster["nodes"][0]["status"]["groups"][0]["last_log_index"]
+    );
     assert_eq!(cluster["orders"]["pending_payment"], 1);
+
+    // Drills: a single node has no zone it could lose, and bad requests
+    // start nothing.
+    let drill = |body: serde_json::Value| {
+        TestRequest::post().uri("/v1/admin/drills/zone-loss").insert_header(bearer(OPERATOR)).set_json(body)
+    };
+    let (status, problem, _) = send(&h.app, drill(json!({"zone": "a", "isolate_for_ms": 5000}))).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/drill-loses-quorum")));
+    let (status, _, _) = send(&h.app, drill(json!({"zone": "nowhere", "isolate_for_ms": 5000}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _, _) = send(&h.app, drill(json!({"zone": "a"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, drills, _) =
+        send(&h.app, TestRequest::get().uri("/v1/admin/drills").insert_header(bearer(OPERATOR))).await;
+    assert_eq!((status, drills), (StatusCode::OK, json!([])));
+    let (status, _, _) =
+        send(&h.app, TestRequest::get().uri("/v1/admin/drills/17").insert_header(bearer(OPERATOR))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = send(&h.app, TestRequest::get().uri("/v1/admin/drills").insert_header(bearer(&token))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _, _) = send(&h.app, TestRequest::get().uri("/v1/cluster").insert_header(bearer(&token))).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

@@ -10,6 +10,7 @@
 
 pub mod actors;
 pub mod clock;
+pub mod drill;
 pub mod group;
 pub mod network;
 mod node;
@@ -19,6 +20,7 @@ pub mod transport;
 
 pub use actors::{ActorLimits, Router};
 pub use clock::{Clock, SystemClock};
+pub use drill::{DrillError, DrillEvent, DrillReport};
 pub use group::{Group, GroupConfig};
 pub use node::{Node, NodeConfig, TlsFiles};
 pub use status::{GroupStatus, NodeStatus};

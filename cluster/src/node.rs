@@ -10,6 +10,7 @@ use domain::{Command, GroupState, Outcome, SessionId};
 
 use crate::actors::{ActorLimits, Router};
 use crate::clock::Clock;
+use crate::drill::{self, DrillError, DrillReport, Drills};
 use crate::group::{Group, GroupConfig};
 use crate::network::NoPeers;
 use crate::status::NodeStatus;
@@ -68,6 +69,9 @@ pub struct Node {
     group: Group,
     router: Router,
     topology: Arc<Topology>,
+    clock: Arc<dyn Clock>,
+    /// Drills this node coordinated.
+    drills: Drills,
     /// Reaching and serving peers; absent on a single node.
     peers: Option<Peers>,
 }
@@ -106,8 +110,9 @@ impl Node {
         };
         let router = Router::new(group.clone(), config.actors.clone());
         let tick = Duration::from_millis(config.expiry_tick_ms.max(10));
-        actix::spawn(expire_holds(group.clone(), clock, tick));
-        Ok(Node { group, router, topology: Arc::new(config.topology.clone()), peers })
+        actix::spawn(expire_holds(group.clone(), clock.clone(), tick));
+        let topology = Arc::new(config.topology.clone());
+        Ok(Node { group, router, topology, clock, drills: Drills::default(), peers })
     }
 
     /// This node's Raft id.
@@ -136,6 +141,31 @@ impl Node {
             Some(peers) => peers.forwarder.node_status(node).await,
             None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
         }
+    }
+
+    /// This node's clock, in ms since the epoch.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// The drills this node coordinated, newest last.
+    pub fn drills(&self) -> &Drills {
+        &self.drills
+    }
+
+    /// Starts a zone-loss drill coordinated by this node (see
+    /// [`crate::drill`]) and returns its first report; the drill runs on in
+    /// the background and its report fills in as it goes. Must run inside
+    /// an actix system.
+    pub fn start_zone_loss_drill(
+        &self,
+        zone: &str,
+        isolate_for: Duration,
+        requested_by: &str,
+    ) -> Result<DrillReport, DrillError> {
+        let (report, zone_nodes) = drill::plan_zone_loss(self, zone, isolate_for, requested_by, self.clock_ms())?;
+        actix::spawn(drill::run_zone_loss(self.clone(), report.id, zone_nodes, isolate_for));
+        Ok(report)
     }
 
     /// Cuts node `node` off from every other node for `duration`: the zone-

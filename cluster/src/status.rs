@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// One node's view of itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeStatus {
     /// The node's Raft id.
     pub node_id: u64,
@@ -18,6 +19,7 @@ pub struct NodeStatus {
 
 /// One group as one of its replicas sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupStatus {
     /// The group's id.
     pub group: u32,

@@ -1,9 +1,10 @@
-//! `surge`: run a node, watch a flash sale, or measure one.
+//! `surge`: run a node, watch a flash sale, measure one, or operate a cluster.
 
 mod bench;
 mod certs;
 mod config;
 mod crowd;
+mod ctl;
 mod demo;
 mod server;
 
@@ -38,12 +39,21 @@ enum Command {
     /// Generate a development CA and node certificates for mutual TLS
     /// between nodes (no keys are ever committed: write them outside the repo).
     Certs(certs::CertsArgs),
+    /// Operate a running cluster through any node's API: status, drills.
+    Ctl(ctl::CtlArgs),
 }
+
+/// Logging when `RUST_LOG` is unset. openraft's replication logs an error
+/// for every failed attempt to reach a follower, every 50 ms per follower, as
+/// long as a zone is down; a lagging or unreachable follower shows in `surge
+/// ctl status` instead.
+const DEFAULT_LOG_FILTER: &str =
+    "info,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=off";
 
 #[actix_rt::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -51,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Certs(args) => certs::run(args),
+        Command::Ctl(args) => ctl::run(args).await,
     }
 }
 

@@ -43,7 +43,7 @@ impl Surge {
         let mut child = Command::new(env!("CARGO_BIN_EXE_surge"))
             .args(["start", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,openraft::replication=off,openraft::engine::handler::replication_handler=off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -316,4 +316,41 @@ async fn checkout_survives_losing_a_zone_and_the_history_is_linearizable() {
         WGLChecker::<StockSpec>::is_linearizable(Checked::from_actions(history.events)),
         "the recorded history is not linearizable"
     );
+
+    // The operator's zone-loss drill, through `surge ctl` against a zone b
+    // node: zone a is cut off (not killed) and comes back on its own.
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_surge"))
+            .arg("ctl")
+            .args(["--endpoint", &cluster.api[2], "--token", OPERATOR])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let drill = ctl(&["drill", "zone-loss", "--zone", "a", "--for", "2"]);
+    let printed = String::from_utf8_lossy(&drill.stdout);
+    println!("{printed}");
+    assert!(drill.status.success(), "surge ctl drill failed: {}", String::from_utf8_lossy(&drill.stderr));
+    let (status, drills) =
+        call(&client, "GET", &format!("{}/v1/admin/drills", cluster.api[2]), &[bearer(OPERATOR)], None).await.unwrap();
+    assert_eq!(status, 200);
+    let report = &drills[0];
+    assert_eq!((report["state"].as_str(), report["nodes"].clone()), (Some("completed"), json!([1, 2])), "{report}");
+    assert_eq!((report["orders_lost"].clone(), report["oversold_units"].as_u64()), (json!([]), Some(0)), "{report}");
+    assert!(report["orders_acknowledged"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["caught_up_ms"].is_u64(), "zone a did not catch up after the drill: {report}");
+    // A node inside the zone refuses to coordinate its own loss.
+    let refused = Command::new(env!("CARGO_BIN_EXE_surge"))
+        .args(["ctl", "--endpoint", &cluster.api[0], "--token", OPERATOR, "drill", "zone-loss", "--zone", "a"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("ask a node outside it"));
+
+    // `surge ctl status` shows all five nodes, one leader among them.
+    let status = ctl(&["status"]);
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert_eq!(table.lines().filter(|line| line.contains(" leader ")).count(), 1, "{table}");
+    assert_eq!(table.lines().filter(|line| line.contains("127.0.0.1:")).count(), 5, "{table}");
 }

@@ -1,0 +1,520 @@
+//! The zone-loss drill: cut every node of one zone off from the cluster for
+//! a while, keep checking out through a node that survives, and report what
+//! a shopper would have seen.
+//!
+//! ```text
+//!  baseline ── isolate zone ── probe … probe ── isolation lifts ── probe until one succeeds
+//!   (one ok)     (t = 0)      first failure ▲   first success ▲       ── every node caught up
+//!                                            └─ unavailable ─┘        ── acknowledged orders read back
+//! ```
+//!
+//! The probe is a synthetic shopper on a sale of its own (`drill-<id>`), so
+//! the drill measures checkout through the real actors, forwarding and Raft
+//! path without touching any real sale's stock. It checks out one unit at a
+//! time, one attempt every [`PROBE_EVERY`]. An attempt that gets no outcome
+//! is retried with the same idempotency key, so no probe order is placed
+//! twice. **Unavailability** is the longest stretch from the start of a
+//! failed attempt to the end of the next successful one.
+//!
+//! Isolation lifts by itself on every isolated node at its deadline: a
+//! coordinator that dies mid-drill cannot leave a zone cut off.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use domain::{Command, Line, OrderId, Outcome, Rejection, Sale, SessionId};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::node::Node;
+
+/// Time between two probe checkouts.
+pub const PROBE_EVERY: Duration = Duration::from_millis(20);
+/// Shortest and longest isolation a drill accepts.
+pub const ISOLATE_FOR_MIN: Duration = Duration::from_secs(1);
+/// See [`ISOLATE_FOR_MIN`].
+pub const ISOLATE_FOR_MAX: Duration = Duration::from_secs(600);
+/// How long the drill waits, before and after the isolation, for checkout
+/// to work and for every node to catch up, before it gives up.
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+/// Drill reports a node keeps (the oldest go first).
+const REPORTS_KEPT: usize = 64;
+/// Units on the probe's sale: more than a drill can use at one checkout
+/// per [`PROBE_EVERY`] for [`ISOLATE_FOR_MAX`] plus the settling.
+const PROBE_STOCK: u64 = 1_000_000;
+/// Probe checkouts per session; below the state machine's bound per session.
+const PROBE_CHECKOUTS_PER_SESSION: u32 = 200;
+/// Probe orders are never paid: they return their unit after this.
+const PROBE_HOLD_MS: u64 = 2_000;
+
+/// A drill's progress and findings. Updated while it runs; final once
+/// `state` is no longer `running`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DrillReport {
+    /// Unique per coordinator: the coordinator's clock at the start, in ms.
+    pub id: u64,
+    /// `zone-loss`.
+    pub kind: String,
+    /// The zone cut off.
+    pub zone: String,
+    /// The nodes of that zone.
+    pub nodes: Vec<u64>,
+    /// The node that ran the drill and its probe.
+    pub coordinator: u64,
+    /// Who asked for it (the operator endpoint says `operator`).
+    pub requested_by: String,
+    /// `running`, `completed` or `failed`.
+    pub state: String,
+    /// Why the drill failed, when it did.
+    pub failure: Option<String>,
+    /// Coordinator clock at the start and the end, ms since the epoch.
+    pub started_at_ms: u64,
+    /// See `started_at_ms`.
+    pub finished_at_ms: Option<u64>,
+    /// How long the zone was cut off.
+    pub isolated_for_ms: u64,
+    /// What happened when, in ms since the drill started.
+    pub timeline: Vec<DrillEvent>,
+    /// Longest time checkout was unavailable: from the start of a failed
+    /// probe checkout to the end of the next successful one. 0 if none failed.
+    pub checkout_unavailable_ms: u64,
+    /// Probe checkouts attempted (retries included) and acknowledged while
+    /// the zone was cut off or recovering.
+    pub probe_attempts: u64,
+    /// See `probe_attempts`.
+    pub orders_acknowledged: u64,
+    /// Acknowledged probe orders that could not be read back afterwards.
+    pub orders_lost: Vec<OrderId>,
+    /// Units sold or held beyond a SKU's total, over every SKU, afterwards.
+    pub oversold_units: u64,
+    /// From the end of the isolation until every node had applied what the
+    /// leader had committed then; absent if that did not happen in time.
+    pub caught_up_ms: Option<u64>,
+}
+
+/// One line of a drill's timeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DrillEvent {
+    /// Ms since the drill started.
+    pub at_ms: u64,
+    /// What happened.
+    pub what: String,
+}
+
+/// Why a drill was not started.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DrillError {
+    /// The topology has no node in that zone.
+    #[error("no node is in zone {0:?}")]
+    UnknownZone(String),
+    /// The node asked to coordinate is in the zone to be cut off.
+    #[error("node {coordinator} is in zone {zone:?}: ask a node outside it (nodes {outside:?})")]
+    CoordinatorInZone {
+        /// This node.
+        coordinator: u64,
+        /// The zone.
+        zone: String,
+        /// Nodes that could coordinate.
+        outside: Vec<u64>,
+    },
+    /// Cutting the zone off would leave no Raft majority.
+    #[error("losing zone {zone:?} leaves {left} of {voters} voters: checkout would stop, not a drill")]
+    LosesQuorum {
+        /// The zone.
+        zone: String,
+        /// Voters left.
+        left: usize,
+        /// All voters.
+        voters: usize,
+    },
+    /// `isolate_for` is outside [`ISOLATE_FOR_MIN`]..=[`ISOLATE_FOR_MAX`].
+    #[error("isolate_for must be between {min:?} and {max:?}")]
+    BadDuration {
+        /// Shortest.
+        min: Duration,
+        /// Longest.
+        max: Duration,
+    },
+    /// This node already runs a drill.
+    #[error("drill {0} is still running on this node")]
+    AlreadyRunning(u64),
+}
+
+/// The drills a node ran, newest last. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Drills {
+    reports: Arc<Mutex<VecDeque<DrillReport>>>,
+}
+
+impl Drills {
+    /// Every report kept, oldest first.
+    pub fn list(&self) -> Vec<DrillReport> {
+        self.lock().iter().cloned().collect()
+    }
+
+    /// One report by id.
+    pub fn get(&self, id: u64) -> Option<DrillReport> {
+        self.lock().iter().find(|report| report.id == id).cloned()
+    }
+
+    /// Adds `report` unless a drill is still running.
+    fn begin(&self, report: DrillReport) -> Result<(), DrillError> {
+        let mut reports = self.lock();
+        if let Some(running) = reports.iter().find(|r| r.state == "running") {
+            return Err(DrillError::AlreadyRunning(running.id));
+        }
+        if reports.len() >= REPORTS_KEPT {
+            reports.pop_front();
+        }
+        reports.push_back(report);
+        Ok(())
+    }
+
+    fn update(&self, id: u64, change: impl FnOnce(&mut DrillReport)) {
+        if let Some(report) = self.lock().iter_mut().find(|report| report.id == id) {
+            change(report);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<DrillReport>> {
+        self.reports.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Checks that `coordinator` may cut `zone` off for `isolate_for`, records
+/// the drill as running, and returns its first report and the nodes to cut off.
+pub(crate) fn plan_zone_loss(
+    node: &Node,
+    zone: &str,
+    isolate_for: Duration,
+    requested_by: &str,
+    now_ms: u64,
+) -> Result<(DrillReport, Vec<u64>), DrillError> {
+    if !(ISOLATE_FOR_MIN..=ISOLATE_FOR_MAX).contains(&isolate_for) {
+        return Err(DrillError::BadDuration { min: ISOLATE_FOR_MIN, max: ISOLATE_FOR_MAX });
+    }
+    let topology = node.topology();
+    let (inside, outside): (Vec<_>, Vec<_>) = topology.nodes.iter().partition(|n| n.zone == zone);
+    let inside: Vec<u64> = inside.iter().map(|n| n.id).collect();
+    let outside: Vec<u64> = outside.iter().map(|n| n.id).collect();
+    if inside.is_empty() {
+        return Err(DrillError::UnknownZone(zone.to_string()));
+    }
+    let voters = topology.nodes.len();
+    if outside.len() * 2 <= voters {
+        return Err(DrillError::LosesQuorum { zone: zone.to_string(), left: outside.len(), voters });
+    }
+    let coordinator = node.id();
+    if inside.contains(&coordinator) {
+        return Err(DrillError::CoordinatorInZone { coordinator, zone: zone.to_string(), outside });
+    }
+    let report = DrillReport {
+        id: now_ms,
+        kind: "zone-loss".into(),
+        zone: zone.to_string(),
+        nodes: inside.clone(),
+        coordinator,
+        requested_by: requested_by.to_string(),
+        state: "running".into(),
+        failure: None,
+        started_at_ms: now_ms,
+        finished_at_ms: None,
+        isolated_for_ms: u64::try_from(isolate_for.as_millis()).unwrap_or(u64::MAX),
+        timeline: Vec::new(),
+        checkout_unavailable_ms: 0,
+        probe_attempts: 0,
+        orders_acknowledged: 0,
+        orders_lost: Vec::new(),
+        oversold_units: 0,
+        caught_up_ms: None,
+    };
+    node.drills().begin(report.clone())?;
+    Ok((report, inside))
+}
+
+/// Runs a planned zone-loss drill to the end and records its findings.
+pub(crate) async fn run_zone_loss(node: Node, id: u64, zone_nodes: Vec<u64>, isolate_for: Duration) {
+    let drills = node.drills().clone();
+    let log = Timeline { drills: drills.clone(), id, started: Instant::now() };
+    let outcome = zone_loss(&node, &log, id, &zone_nodes, isolate_for).await;
+    let now_ms = node.clock_ms();
+    drills.update(id, |report| {
+        report.finished_at_ms = Some(now_ms);
+        match outcome {
+            Ok(()) => report.state = "completed".into(),
+            Err(reason) => {
+                report.state = "failed".into();
+                report.failure = Some(reason);
+            }
+        }
+    });
+    tracing::info!(drill = id, "zone-loss drill finished");
+}
+
+/// Writes timeline events into a drill's report.
+struct Timeline {
+    drills: Drills,
+    id: u64,
+    started: Instant,
+}
+
+impl Timeline {
+    fn note(&self, what: impl Into<String>) {
+        let what = what.into();
+        tracing::info!(drill = self.id, "{what}");
+        let at_ms = self.since(self.started);
+        self.drills.update(self.id, |report| report.timeline.push(DrillEvent { at_ms, what }));
+    }
+
+    fn since(&self, earlier: Instant) -> u64 {
+        u64::try_from(earlier.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut DrillReport)) {
+        self.drills.update(self.id, change);
+    }
+}
+
+async fn zone_loss(
+    node: &Node,
+    log: &Timeline,
+    id: u64,
+    zone_nodes: &[u64],
+    isolate_for: Duration,
+) -> Result<(), String> {
+    let mut probe = Probe::open(node, id).await?;
+    log.note(format!("probe sale {} created", probe.sku));
+    let baseline = Instant::now();
+    loop {
+        if probe.checkout().await.is_ok() {
+            break;
+        }
+        if baseline.elapsed() > SETTLE_MAX {
+            return Err("checkout did not work before the drill; nothing was cut off".into());
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+    log.note("baseline probe checkout acknowledged");
+
+    let isolated_at = Instant::now();
+    for &member in zone_nodes {
+        match node.isolate(member, isolate_for).await {
+            Ok(()) => log.note(format!("node {member} isolated for {} ms", isolate_for.as_millis())),
+            Err(error) => log.note(format!("node {member} could not be told to isolate (already gone?): {error}")),
+        }
+    }
+    let heals_at = isolated_at + isolate_for;
+
+    // Probe through the isolation and until checkout works again after it.
+    let mut acknowledged = Vec::new();
+    let mut attempts = 0u64;
+    let mut failing_since: Option<Instant> = None;
+    let mut worst = Duration::ZERO;
+    let mut healed_noted = false;
+    loop {
+        let attempt_started = Instant::now();
+        let result = probe.checkout().await;
+        attempts += 1;
+        match result {
+            Ok(order) => {
+                acknowledged.push(order);
+                if let Some(since) = failing_since.take() {
+                    let window = since.elapsed();
+                    worst = worst.max(window);
+                    log.note(format!("checkout available again after {} ms", window.as_millis()));
+                }
+            }
+            Err(error) => {
+                if failing_since.is_none() {
+                    failing_since = Some(attempt_started);
+                    log.note(format!("probe checkout failed: {error}"));
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= heals_at && !healed_noted {
+            healed_noted = true;
+            log.note("isolation lifted");
+        }
+        log.update(|report| {
+            report.probe_attempts = attempts;
+            report.orders_acknowledged = acknowledged.len() as u64;
+            report.checkout_unavailable_ms = worst.as_millis() as u64;
+        });
+        if now >= heals_at && failing_since.is_none() {
+            break;
+        }
+        if now >= heals_at + SETTLE_MAX {
+            return Err(format!("checkout still failing {} s after the isolation ended", SETTLE_MAX.as_secs()));
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+
+    // Every node, the isolated ones included, catches up with what the
+    // leader had committed by now.
+    let caught_up = wait_caught_up(node, heals_at).await;
+    match caught_up {
+        Some(ms) => log.note(format!("every node caught up {ms} ms after the isolation ended")),
+        None => log.note(format!("not every node caught up within {} s", SETTLE_MAX.as_secs())),
+    }
+
+    // Nothing acknowledged is gone, nothing is oversold.
+    let mut lost = Vec::new();
+    for &order in &acknowledged {
+        let found = read_retrying(node, move |state| state.order_by_id(order).is_some()).await?;
+        if !found {
+            lost.push(order);
+        }
+    }
+    let oversold = read_retrying(node, |state| {
+        state.sku_views().map(|view| (view.stock.held + view.stock.sold).saturating_sub(view.stock.total)).sum::<u64>()
+    })
+    .await?;
+    log.note(format!(
+        "{} probe orders acknowledged, {} lost; {oversold} units oversold",
+        acknowledged.len(),
+        lost.len()
+    ));
+    log.update(|report| {
+        report.orders_lost = lost;
+        report.oversold_units = oversold;
+        report.caught_up_ms = caught_up;
+    });
+    Ok(())
+}
+
+/// Waits until every node has applied what the leader had committed when
+/// this was called; returns how long after `since` that was.
+async fn wait_caught_up(node: &Node, since: Instant) -> Option<u64> {
+    let deadline = Instant::now() + SETTLE_MAX;
+    let mut target = None;
+    while Instant::now() < deadline {
+        if target.is_none() {
+            target = leader_commit(node).await;
+        }
+        if let Some(target) = target {
+            let mut all = true;
+            for spec in &node.topology().nodes {
+                let applied =
+                    node.node_status(spec.id).await.ok().and_then(|s| s.groups.first().map(|g| g.applied_index));
+                all &= applied.is_some_and(|applied| applied >= target);
+            }
+            if all {
+                return Some(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// The commit index of the group's leader, asked of the leader itself.
+async fn leader_commit(node: &Node) -> Option<u64> {
+    let leader = node.status().groups.first()?.leader?;
+    let status = node.node_status(leader).await.ok()?;
+    status.groups.first()?.commit_index
+}
+
+/// A linearizable read, retried for a while: after a drill a read may land
+/// in an election.
+async fn read_retrying<T>(node: &Node, read: impl Fn(&domain::GroupState) -> T + Clone) -> Result<T, String> {
+    let deadline = Instant::now() + SETTLE_MAX;
+    loop {
+        match node.read(read.clone()).await {
+            Ok(value) => return Ok(value),
+            Err(error) if Instant::now() >= deadline => return Err(format!("reading back after the drill: {error}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The drill's synthetic shopper.
+struct Probe<'a> {
+    node: &'a Node,
+    id: u64,
+    sku: String,
+    session: Option<(SessionId, u32)>,
+    /// Token hashes handed out so far; each session gets a new one.
+    sessions_opened: u64,
+    /// Checkout keys handed out so far.
+    keys: u64,
+    /// A key whose checkout got no outcome: the next attempt retries it.
+    pending_key: Option<String>,
+}
+
+impl<'a> Probe<'a> {
+    /// Creates the probe's sale (retrying while the cluster elects).
+    async fn open(node: &'a Node, id: u64) -> Result<Probe<'a>, String> {
+        let sku = format!("drill-{id}");
+        let now_ms = node.clock_ms();
+        let sale = Sale {
+            sku: sku.clone(),
+            name: format!("zone-loss drill {id} probe"),
+            price_minor: 0,
+            stock: PROBE_STOCK,
+            starts_at_ms: now_ms.saturating_sub(60_000),
+            ends_at_ms: now_ms + 24 * 3_600_000,
+            limit_per_shopper: 0,
+        };
+        let deadline = Instant::now() + SETTLE_MAX;
+        loop {
+            match node.operator(Command::CreateSale(sale.clone())).await {
+                // A retry after a lost answer finds its own sale.
+                Ok(Outcome::Sku(_)) | Ok(Outcome::Rejected(Rejection::SaleExists { .. })) => break,
+                Ok(other) => return Err(format!("creating the probe sale: {other:?}")),
+                Err(error) if Instant::now() >= deadline => return Err(format!("creating the probe sale: {error}")),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        Ok(Probe { node, id, sku, session: None, sessions_opened: 0, keys: 0, pending_key: None })
+    }
+
+    /// One checkout of one unit; `Err` says why no order was acknowledged.
+    async fn checkout(&mut self) -> Result<OrderId, String> {
+        let (session, used) = match self.session {
+            Some(open) => open,
+            None => {
+                self.sessions_opened += 1;
+                // A hash no token has: nobody can sign in as the probe.
+                let token_hash = format!("{:032x}{:032x}", self.id, self.sessions_opened);
+                let shopper = format!("drill-{}-probe", self.id);
+                match self.node.open_session(shopper, token_hash).await {
+                    Ok(Outcome::SessionOpened { session }) => (session, 0),
+                    Ok(other) => return Err(format!("opening a probe session: {other:?}")),
+                    Err(error) => return Err(format!("opening a probe session: {error}")),
+                }
+            }
+        };
+        self.session = Some((session, used));
+        let key = self.pending_key.take().unwrap_or_else(|| {
+            self.keys += 1;
+            format!("drill-probe-{}", self.keys)
+        });
+        let command = Command::Checkout {
+            session,
+            idempotency_key: key.clone(),
+            items: Some(vec![Line { sku: self.sku.clone(), qty: 1 }]),
+            hold_ms: PROBE_HOLD_MS,
+        };
+        match self.node.shopper(session, command).await {
+            Ok(Outcome::Order { order, .. }) => {
+                let used = used + 1;
+                self.session = (used < PROBE_CHECKOUTS_PER_SESSION).then_some((session, used));
+                Ok(order.id)
+            }
+            Ok(Outcome::Rejected(rejection)) => {
+                self.session = None;
+                Err(format!("probe checkout refused: {rejection:?}"))
+            }
+            Ok(other) => Err(format!("probe checkout answered {other:?}")),
+            Err(error) => {
+                // No outcome: it may have applied, so the next try reuses the key.
+                self.pending_key = Some(key);
+                Err(error.to_string())
+            }
+        }
+    }
+}

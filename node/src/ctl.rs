@@ -1,0 +1,271 @@
+//! `surge ctl`: the operator's view of a running cluster, through any node's
+//! public API (operator token).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use cluster::{DrillReport, GroupStatus};
+use serde_json::{json, Value};
+
+/// How long one API call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a running drill's report is read.
+const DRILL_POLL: Duration = Duration::from_millis(500);
+
+#[derive(clap::Args, Debug)]
+pub struct CtlArgs {
+    /// Base URL of any node's public API.
+    #[arg(long, env = "SURGE_ENDPOINT", default_value = "http://127.0.0.1:8080", global = true)]
+    endpoint: String,
+    /// The operator bearer token.
+    #[arg(
+        long,
+        env = "SURGE_OPERATOR_TOKEN",
+        default_value = "dev-operator-token",
+        global = true,
+        hide_default_value = true
+    )]
+    token: String,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum CtlCommand {
+    /// Regions, zones and nodes, and each group's leader, term, commit index
+    /// and follower lag, as the endpoint's node sees them.
+    Status {
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a drill and report what it cost.
+    Drill {
+        #[command(subcommand)]
+        drill: Drill,
+    },
+    /// The drills the endpoint's node coordinated.
+    Drills {
+        /// Print the raw JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Drill {
+    /// Cut every node of a zone off from the cluster for a while, keep
+    /// checking out through the endpoint's node, then check that every node
+    /// caught up and nothing acknowledged was lost or oversold. Ask a node
+    /// outside the zone. Exits non-zero if the drill failed, lost an order
+    /// or oversold a unit.
+    ZoneLoss {
+        /// The zone to cut off, e.g. `a`.
+        #[arg(long)]
+        zone: String,
+        /// How long to cut it off, in seconds.
+        #[arg(long = "for", value_name = "SECONDS", default_value_t = 10)]
+        seconds: u64,
+        /// Print the final report as JSON too.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let api = Api { client: awc::Client::builder().timeout(CALL_TIMEOUT).finish(), args: &args };
+    match &args.command {
+        CtlCommand::Status { json } => {
+            let status = api.get("/v1/cluster").await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render_status(&status)?);
+            }
+            Ok(())
+        }
+        CtlCommand::Drills { json } => {
+            let drills: Vec<DrillReport> = serde_json::from_value(api.get("/v1/admin/drills").await?)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&drills)?);
+            } else if drills.is_empty() {
+                println!("no drills coordinated by this node");
+            } else {
+                drills.iter().for_each(|report| println!("{}", one_line(report)));
+            }
+            Ok(())
+        }
+        CtlCommand::Drill { drill: Drill::ZoneLoss { zone, seconds, json } } => {
+            let body = json!({ "zone": zone, "isolate_for_ms": seconds.saturating_mul(1000) });
+            let report: DrillReport = serde_json::from_value(api.post("/v1/admin/drills/zone-loss", body).await?)?;
+            println!(
+                "drill {}: zone {} (nodes {:?}) cut off for {} s, coordinated by node {}",
+                report.id, report.zone, report.nodes, seconds, report.coordinator
+            );
+            let report = follow(&api, report.id).await?;
+            print!("{}", render_report(&report));
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            if report.state != "completed" || !report.orders_lost.is_empty() || report.oversold_units > 0 {
+                bail!("the zone-loss drill did not pass");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Prints a running drill's timeline as it grows, and returns its final report.
+async fn follow(api: &Api<'_>, id: u64) -> anyhow::Result<DrillReport> {
+    let mut shown = 0;
+    loop {
+        let report: DrillReport = serde_json::from_value(api.get(&format!("/v1/admin/drills/{id}")).await?)?;
+        for event in &report.timeline[shown..] {
+            println!("  {:>7} ms  {}", event.at_ms, event.what);
+        }
+        shown = report.timeline.len();
+        if report.state != "running" {
+            return Ok(report);
+        }
+        actix_rt::time::sleep(DRILL_POLL).await;
+    }
+}
+
+struct Api<'a> {
+    client: awc::Client,
+    args: &'a CtlArgs,
+}
+
+impl Api<'_> {
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.client.get(self.url(path)), None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.send(self.client.post(self.url(path)), Some(body)).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.args.endpoint.trim_end_matches('/'))
+    }
+
+    async fn send(&self, request: awc::ClientRequest, body: Option<Value>) -> anyhow::Result<Value> {
+        let request = request.bearer_auth(&self.args.token);
+        let sent = match body {
+            Some(body) => request.send_json(&body).await,
+            None => request.send().await,
+        };
+        let mut response = sent.map_err(|e| anyhow::anyhow!("{e}")).with_context(|| {
+            format!("no answer from {} (is a node listening there? --endpoint / SURGE_ENDPOINT)", self.args.endpoint)
+        })?;
+        let bytes = response.body().limit(4 << 20).await.context("read the answer")?;
+        let value: Value = serde_json::from_slice(&bytes).context("the answer is not JSON")?;
+        if !response.status().is_success() {
+            let detail = value["detail"].as_str().unwrap_or("no detail");
+            bail!("{} {}: {detail}", response.status().as_u16(), value["title"].as_str().unwrap_or("error"));
+        }
+        Ok(value)
+    }
+}
+
+/// `GET /v1/cluster` as a table, one row per node and group.
+fn render_status(status: &Value) -> anyhow::Result<String> {
+    let mut out = format!(
+        "cluster as node {} sees it (primary region: {})\n",
+        status["node_id"],
+        status["primary_region"].as_str().unwrap_or("?")
+    );
+    let header = ["REGION", "ZONE", "NODE", "API", "GROUP", "ROLE", "LEADER", "TERM", "COMMIT", "APPLIED", "LOG"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    let mut notes = Vec::new();
+    for node in status["nodes"].as_array().context("no nodes in the answer")? {
+        let place = [&node["region"], &node["zone"], &node["id"], &node["api"]].map(plain);
+        match node.get("status").filter(|s| !s.is_null()) {
+            None => {
+                let error = node["error"].as_str().unwrap_or("no answer");
+                rows.push([place.to_vec(), vec!["-".into(), format!("unreachable: {error}")]].concat());
+            }
+            Some(own) => {
+                if let Some(ms) = own["isolated_for_ms"].as_u64() {
+                    notes.push(format!("node {} is isolated by a drill for {ms} ms more", node["id"]));
+                }
+                for group in own["groups"].as_array().into_iter().flatten() {
+                    let group: GroupStatus = serde_json::from_value(group.clone())?;
+                    let role = if group.cut_off { format!("{} (cut off)", group.role) } else { group.role.clone() };
+                    let optional = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+                    rows.push(
+                        [
+                            place.to_vec(),
+                            vec![
+                                group.group.to_string(),
+                                role,
+                                optional(group.leader),
+                                group.term.to_string(),
+                                optional(group.commit_index),
+                                group.applied_index.to_string(),
+                                group.last_log_index.to_string(),
+                            ],
+                        ]
+                        .concat(),
+                    );
+                    if !group.follower_lag.is_empty() {
+                        let lag: Vec<String> =
+                            group.follower_lag.iter().map(|(id, behind)| format!("node {id}: {behind}")).collect();
+                        notes.push(format!("group {} follower lag (entries) {}", group.group, lag.join(", ")));
+                    }
+                }
+            }
+        }
+    }
+    let widths: Vec<usize> =
+        (0..header.len()).map(|c| rows.iter().filter_map(|r| r.get(c)).map(String::len).max().unwrap_or(0)).collect();
+    for row in &rows {
+        let cells: Vec<String> = row.iter().enumerate().map(|(c, cell)| format!("{cell:<w$}", w = widths[c])).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    for note in notes {
+        out.push_str(&note);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn plain(value: &Value) -> String {
+    value.as_str().map_or_else(|| value.to_string(), str::to_string)
+}
+
+fn render_report(report: &DrillReport) -> String {
+    let mut out = format!("drill {} {}", report.id, report.state);
+    if let Some(failure) = &report.failure {
+        out.push_str(&format!(": {failure}"));
+    }
+    out.push('\n');
+    out.push_str(&format!("  checkout unavailable      {} ms\n", report.checkout_unavailable_ms));
+    out.push_str(&format!(
+        "  probe checkouts           {} attempted, {} acknowledged\n",
+        report.probe_attempts, report.orders_acknowledged
+    ));
+    out.push_str(&format!("  acknowledged orders lost  {} {:?}\n", report.orders_lost.len(), report.orders_lost));
+    out.push_str(&format!("  units oversold            {}\n", report.oversold_units));
+    let caught_up = report.caught_up_ms.map_or("not within the wait".into(), |ms| format!("{ms} ms after the heal"));
+    out.push_str(&format!("  every node caught up      {caught_up}\n"));
+    out
+}
+
+fn one_line(report: &DrillReport) -> String {
+    format!(
+        "{} {} zone {} nodes {:?} for {} ms by {}: {}; unavailable {} ms, {} acknowledged, {} lost, {} oversold",
+        report.id,
+        report.kind,
+        report.zone,
+        report.nodes,
+        report.isolated_for_ms,
+        report.requested_by,
+        report.state,
+        report.checkout_unavailable_ms,
+        report.orders_acknowledged,
+        report.orders_lost.len(),
+        report.oversold_units
+    )
+}
