@@ -211,7 +211,14 @@ pub async fn pay(
 ) -> Result<HttpResponse> {
     let order = order_path(&id)?;
     // Fail fast on an order the shopper cannot pay, before charging them.
-    let current = state.node.read_local(|s| s.order(shopper.session, order))?;
+    // Local first; a replica that has not yet applied an order placed
+    // through another node confirms with a linearizable read before it
+    // answers 404.
+    let lookup = |s: &domain::GroupState| s.order(shopper.session, order);
+    let current = match state.node.read_local(lookup) {
+        Err(Rejection::UnknownOrder { .. }) => state.node.read(lookup).await??,
+        local => local?,
+    };
     if current.status == domain::OrderStatus::PendingPayment {
         payments::authorize(&body.payment_token, current.amount_minor)?;
     }
