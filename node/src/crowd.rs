@@ -88,6 +88,9 @@ pub struct Stats {
     pub transport_errors: u64,
     /// 503/429 answers that were retried after a backoff.
     pub overload_retries: u64,
+    /// Times a client moved to another endpoint because the one it used did
+    /// not answer or shed load (a node down, cut off, or electing).
+    pub failovers: u64,
 }
 
 impl Stats {
@@ -111,6 +114,7 @@ impl Stats {
         }
         self.transport_errors += other.transport_errors;
         self.overload_retries += other.overload_retries;
+        self.failovers += other.failovers;
     }
 
     /// Exact percentiles of all samples (nearest rank), in milliseconds.
@@ -257,14 +261,27 @@ impl Reply {
 #[derive(Clone)]
 pub struct Http {
     client: awc::Client,
-    base_url: Rc<str>,
+    /// Base URLs of the nodes this client may use. It uses one at a time and
+    /// moves to the next when that one does not answer or sheds load, as a
+    /// shopper's client fails over between regional endpoints.
+    endpoints: Rc<[Rc<str>]>,
+    current: Cell<usize>,
     stats: Rc<RefCell<Stats>>,
 }
 
 impl Http {
     pub fn new(base_url: &str, stats: Rc<RefCell<Stats>>) -> Http {
+        Http::spread(&[base_url.to_string()], 0, stats)
+    }
+
+    /// A client over several endpoints that starts with `endpoints[first %
+    /// len]`, so a crowd's clients spread over all of them.
+    pub fn spread(endpoints: &[String], first: usize, stats: Rc<RefCell<Stats>>) -> Http {
+        assert!(!endpoints.is_empty(), "a client needs an endpoint");
         let client = awc::Client::builder().timeout(REQUEST_TIMEOUT).finish();
-        Http { client, base_url: base_url.trim_end_matches('/').into(), stats }
+        let endpoints: Rc<[Rc<str>]> = endpoints.iter().map(|url| url.trim_end_matches('/').into()).collect();
+        let current = Cell::new(first % endpoints.len());
+        Http { client, endpoints, current, stats }
     }
 
     /// A client whose requests are not counted (setup, audits, the watcher).
@@ -272,10 +289,19 @@ impl Http {
         Http::new(base_url, Rc::new(RefCell::new(Stats::default())))
     }
 
+    /// Moves to the next endpoint, if there is another.
+    fn fail_over(&self) {
+        if self.endpoints.len() > 1 {
+            self.current.set((self.current.get() + 1) % self.endpoints.len());
+            self.stats.borrow_mut().failovers += 1;
+        }
+    }
+
     /// Sends once and records the outcome. `Err` is a transport failure:
     /// no response, so the request may or may not have taken effect.
     pub async fn send(&self, req: &Req<'_>) -> Result<Reply, String> {
-        let mut request = self.client.request(req.method.clone(), format!("{}{}", self.base_url, req.path));
+        let base_url = &self.endpoints[self.current.get()];
+        let mut request = self.client.request(req.method.clone(), format!("{base_url}{}", req.path));
         if let Some(token) = req.bearer {
             request = request.bearer_auth(token);
         }
@@ -329,15 +355,24 @@ impl Http {
     }
 
     /// Sends, and sends again after a short backoff while the server sheds
-    /// load (503/429), as a polite client does. The same request is resent,
-    /// so a checkout keeps its Idempotency-Key.
+    /// load (503/429), as a polite client does, moving to the next endpoint
+    /// first. The same request is resent, so a checkout keeps its
+    /// Idempotency-Key. After no answer at all it moves on too, but leaves
+    /// resending to the caller, who knows whether that is safe.
     pub async fn call(&self, req: &Req<'_>) -> Result<Reply, String> {
         let mut retries = 0;
         loop {
-            let reply = self.send(req).await?;
+            let reply = match self.send(req).await {
+                Ok(reply) => reply,
+                Err(error) => {
+                    self.fail_over();
+                    return Err(error);
+                }
+            };
             if !matches!(reply.status, 429 | 503) || retries >= OVERLOAD_RETRIES_MAX {
                 return Ok(reply);
             }
+            self.fail_over();
             self.stats.borrow_mut().overload_retries += 1;
             actix_rt::time::sleep(overload_backoff(retries, reply.retry_after_s)).await;
             retries += 1;
@@ -469,7 +504,7 @@ pub struct CrowdReport {
 /// State shared by the crowd's workers (one thread, so `Cell`/`RefCell`).
 struct Crowd {
     plan: Plan,
-    base_url: String,
+    endpoints: Vec<String>,
     deadline: Instant,
     next_shopper: Cell<usize>,
     counters: RefCell<Counters>,
@@ -538,13 +573,14 @@ impl Crowd {
     }
 }
 
-/// Runs the crowd against `base_url` on the current (client) thread.
-pub async fn run(base_url: &str, plan: Plan, progress: ProgressBar) -> CrowdReport {
+/// Runs the crowd on the current (client) thread against `endpoints`,
+/// its shoppers spread over all of them.
+pub async fn run(endpoints: &[String], plan: Plan, progress: ProgressBar) -> CrowdReport {
     let started = Instant::now();
     let crowd = Crowd {
         deadline: started + plan.duration,
         plan,
-        base_url: base_url.to_string(),
+        endpoints: endpoints.to_vec(),
         next_shopper: Cell::new(0),
         counters: RefCell::default(),
         ledger: RefCell::default(),
@@ -553,8 +589,8 @@ pub async fn run(base_url: &str, plan: Plan, progress: ProgressBar) -> CrowdRepo
     };
     let stats = Rc::new(RefCell::new(Stats::recording()));
     let done = Cell::new(false);
-    let workers = (0..crowd.plan.concurrency.max(1)).map(|_| {
-        let http = Http::new(base_url, stats.clone());
+    let workers = (0..crowd.plan.concurrency.max(1)).map(|worker| {
+        let http = Http::spread(endpoints, worker, stats.clone());
         let crowd = &crowd;
         async move {
             while let Some(index) = crowd.take_shopper() {
@@ -584,7 +620,7 @@ pub async fn run(base_url: &str, plan: Plan, progress: ProgressBar) -> CrowdRepo
 /// Reads every SKU over and over while the crowd runs and checks the stock
 /// invariants in each read: an oversell must not exist even for a moment.
 async fn watch_stock(crowd: &Crowd, done: &Cell<bool>) -> Watch {
-    let http = Http::unrecorded(&crowd.base_url);
+    let http = Http::spread(&crowd.endpoints, 0, Rc::new(RefCell::new(Stats::default())));
     let mut watch = Watch::default();
     let skus: Vec<&String> = std::iter::once(&crowd.plan.hot_sku).chain(&crowd.plan.cold_skus).collect();
     while !done.get() {

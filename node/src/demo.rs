@@ -1,5 +1,15 @@
-//! `surge demo`: a flash sale on a throwaway node, with a crowd racing for it
-//! over real HTTP, and an audit of what the node says afterwards.
+//! `surge demo`: a flash sale on a throwaway cluster, with a crowd racing for
+//! it over real HTTP, a zone-loss drill in the middle of the sale, and an
+//! audit of what the cluster says afterwards.
+//!
+//! The cluster is the default topology ([`LocalCluster`]): zones a and b of
+//! the primary region, two nodes each, and the tiebreaker in the DR region,
+//! all in this process on loopback sockets with mutual TLS between them.
+//! Shoppers use the endpoints of both zones and fail over between them. At
+//! 30 % of the sale the demo asks a node to run the zone-loss drill on the
+//! zone that holds the leader (the worst case): that zone is cut off from
+//! the others for a while, then comes back and catches up. `--single` runs
+//! one node instead, without the drill.
 //!
 //! The demo is also an honest end-to-end check. The crowd keeps a ledger of
 //! every order the API acknowledged; when the crowd has gone and every hold
@@ -16,9 +26,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
 
+use cluster::DrillReport;
+
 use crate::config::Config;
 use crate::crowd::{self, Acked, AckedStatus, CrowdReport, Http, Plan, Req, StockRead};
-use crate::server;
+use crate::local_cluster::LocalCluster;
+use crate::server::{self, Server};
 
 /// Workers reading orders back in the audit.
 const AUDIT_CONCURRENCY: usize = 32;
@@ -27,6 +40,12 @@ const AUDIT_CONCURRENCY: usize = 32;
 const EXPIRY_SLACK: Duration = Duration::from_secs(5);
 /// How often the wait for expiry re-reads the stock.
 const EXPIRY_POLL: Duration = Duration::from_millis(200);
+/// When in the sale the zone-loss drill starts, as a fraction of `--duration`.
+const DRILL_AT: f64 = 0.3;
+/// How often the demo reads the running drill's report.
+const DRILL_POLL: Duration = Duration::from_millis(250);
+/// How long the drill may take beyond its isolation before the demo gives up.
+const DRILL_SLACK: Duration = Duration::from_secs(90);
 
 /// The flash-sale SKU and the two ordinary ones some shoppers add.
 const HOT_SKU: &str = "hot-sneaker";
@@ -59,7 +78,15 @@ pub struct DemoArgs {
     /// that abandoned holds visibly expire).
     #[arg(long, value_name = "MS")]
     pub hold_ms: Option<u64>,
-    /// Address for the node's HTTP API (default: a free port on 127.0.0.1).
+    /// Run one node instead of the five-node, two-zone topology (no drill).
+    #[arg(long)]
+    pub single: bool,
+    /// How long the zone-loss drill cuts the zone off (default: a quarter of
+    /// the sale, 1 to 10 s).
+    #[arg(long, value_name = "SECONDS")]
+    pub drill_seconds: Option<u64>,
+    /// Address for the single node's HTTP API (default: a free port on
+    /// 127.0.0.1). With the cluster, every node takes a free port.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
     /// Exit after the sale instead of keeping the node up to explore.
@@ -84,13 +111,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         config.hold_ms = hold_ms;
     }
     let hold_ms = config.hold_ms;
-    let server = server::start(config).await.context("start the demo node")?;
-    let url = server.url.clone();
-    println!("Surge demo: node up at {url} (data in {}, removed on exit)", data.path().display());
+    let operator_token = config.operator_token.clone();
+    let nodes = if args.single {
+        let server = server::start(config).await.context("start the demo node")?;
+        println!("Surge demo: one node up at {} (data in {}, removed on exit)", server.url, data.path().display());
+        Nodes::Single(server)
+    } else {
+        let cluster = LocalCluster::start(data.path(), &config).await.context("start the demo cluster")?;
+        println!("Surge demo: five nodes up (data in {}, removed on exit)", data.path().display());
+        for (spec, server) in &cluster.nodes {
+            println!("  node {} region {:<8} zone {}  {}", spec.id, spec.region, spec.zone, server.url);
+        }
+        Nodes::Cluster(cluster)
+    };
+    let drill_seconds = args.drill_seconds.unwrap_or(args.duration / 4).clamp(1, 10);
 
     let setup = Setup {
-        url: url.clone(),
-        operator_token: server.operator_token.clone(),
+        endpoints: nodes.shopper_endpoints(),
+        operator_token: operator_token.clone(),
         plan: Plan {
             seed,
             shoppers: args.shoppers,
@@ -103,6 +141,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         hot_stock: args.stock,
         hold_ms,
+        drill: (!args.single).then(|| DrillPlan {
+            at: Duration::from_secs(args.duration).mul_f64(DRILL_AT),
+            isolate_for: Duration::from_secs(drill_seconds),
+        }),
     };
     println!(
         "Flash sale: {} units of {HOT_SKU} (limit {} per shopper) plus {} ordinary SKUs; \
@@ -115,15 +157,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.duration,
         hold_ms,
     );
+    if let Some(drill) = &setup.drill {
+        println!(
+            "Zone-loss drill at {:.1} s: the leader's zone is cut off for {} s",
+            drill.at.as_secs_f64(),
+            drill.isolate_for.as_secs()
+        );
+    }
+    let endpoints = setup.endpoints.clone();
     let findings = match crowd::on_client_thread("surge-demo-client", move || drive(setup)).await {
         Ok(Ok(findings)) => findings,
         Ok(Err(error)) | Err(error) => {
-            server.stop().await;
+            nodes.stop().await;
             return Err(error);
         }
     };
 
-    let summary = Summary::new(&args, seed, hold_ms, &url, findings);
+    let summary = Summary::new(&args, seed, hold_ms, &endpoints, findings);
     print!("{}", summary.render());
     if let Some(path) = &args.summary_json {
         write_json(path, &summary)?;
@@ -131,13 +181,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     if !args.exit {
-        println!("{}", explore_text(&url, &server.operator_token));
+        println!("{}", explore_text(&endpoints, &operator_token));
         if let Err(error) = actix_rt::signal::ctrl_c().await {
             tracing::warn!(%error, "cannot wait for Ctrl-C; stopping now");
         }
         println!("Stopping.");
     }
-    server.stop().await;
+    nodes.stop().await;
     drop(data);
     if !summary.pass {
         let failed: Vec<&str> = summary.checks.iter().filter(|c| !c.pass).map(|c| c.name).collect();
@@ -146,13 +196,46 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the demo runs on.
+enum Nodes {
+    Single(Server),
+    Cluster(LocalCluster),
+}
+
+impl Nodes {
+    /// Where shoppers go: the single node, or every node of zones a and b
+    /// (the tiebreaker takes no shopper traffic).
+    fn shopper_endpoints(&self) -> Vec<String> {
+        match self {
+            Nodes::Single(server) => vec![server.url.clone()],
+            Nodes::Cluster(cluster) => cluster.endpoints(&["a", "b"]),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Nodes::Single(server) => server.stop().await,
+            Nodes::Cluster(cluster) => cluster.stop().await,
+        }
+    }
+}
+
+/// When the zone-loss drill starts and how long the zone stays cut off.
+#[derive(Clone, Copy, Debug)]
+struct DrillPlan {
+    at: Duration,
+    isolate_for: Duration,
+}
+
 /// What the client thread needs to run the sale.
 struct Setup {
-    url: String,
+    /// Shoppers' endpoints; the operator and the audits use them too.
+    endpoints: Vec<String>,
     operator_token: String,
     plan: Plan,
     hot_stock: u64,
     hold_ms: u64,
+    drill: Option<DrillPlan>,
 }
 
 /// What the client thread found.
@@ -164,12 +247,14 @@ struct Findings {
     /// Every SKU's stock after the audit.
     stock: Vec<StockRead>,
     audit: Audit,
+    /// The zone-loss drill's final report, or why there is none.
+    drill: Option<Result<DrillReport, String>>,
 }
 
 /// Creates the sales, runs the crowd, waits for the holds to expire and
 /// audits. Runs on a client thread.
 async fn drive(setup: Setup) -> anyhow::Result<Findings> {
-    let operator = Http::unrecorded(&setup.url);
+    let operator = Http::spread(&setup.endpoints, 0, Default::default());
     create_sales(&operator, &setup).await?;
     let mut skus = vec![setup.plan.hot_sku.clone()];
     skus.extend(setup.plan.cold_skus.iter().cloned());
@@ -181,18 +266,67 @@ async fn drive(setup: Setup) -> anyhow::Result<Findings> {
             .progress_chars("=> "),
     );
     progress.enable_steady_tick(Duration::from_millis(200));
-    let crowd = crowd::run(&setup.url, setup.plan.clone(), progress).await;
+    let drill = async {
+        match setup.drill {
+            Some(plan) => Some(zone_loss_drill(&operator, &setup.operator_token, plan).await),
+            None => None,
+        }
+    };
+    let (crowd, drill) = futures::join!(crowd::run(&setup.endpoints, setup.plan.clone(), progress), drill);
 
     let waited = Instant::now();
     let holds_released = wait_for_expiry(&operator, &skus, Duration::from_millis(setup.hold_ms) + EXPIRY_SLACK).await;
     let expiry_wait = waited.elapsed();
-    let audit = audit(&setup.url, &crowd.ledger).await;
+    let audit = audit(&setup.endpoints, &crowd.ledger).await;
     let mut stock = Vec::new();
     for sku in &skus {
         stock
             .push(read_stock(&operator, sku).await.with_context(|| format!("read the stock of {sku} after the sale"))?);
     }
-    Ok(Findings { crowd, holds_released, expiry_wait, stock, audit })
+    Ok(Findings { crowd, holds_released, expiry_wait, stock, audit, drill })
+}
+
+/// Waits until `plan.at`, then has a node outside the leader's zone run the
+/// zone-loss drill on that zone, and follows it to its final report.
+async fn zone_loss_drill(operator: &Http, token: &str, plan: DrillPlan) -> Result<DrillReport, String> {
+    actix_rt::time::sleep(plan.at).await;
+    let status = operator.call(&Req::get("/v1/cluster").bearer(token)).await?;
+    if status.status != 200 {
+        return Err(format!("GET /v1/cluster: {}", status.describe()));
+    }
+    let nodes = status.body["nodes"].as_array().cloned().unwrap_or_default();
+    let leader =
+        nodes.iter().find_map(|node| node["status"]["groups"][0]["leader"].as_u64()).ok_or("no node knows a leader")?;
+    let zone_of = |id: u64| nodes.iter().find(|n| n["id"] == id).and_then(|n| n["zone"].as_str()).map(str::to_string);
+    // The leader's zone is the worst case; a tiebreaker leader loses nothing
+    // with zone a, so cut zone a then.
+    let zone = zone_of(leader).filter(|zone| zone == "a" || zone == "b").unwrap_or_else(|| "a".to_string());
+    let coordinator = nodes
+        .iter()
+        .find(|n| n["region"] == "primary" && n["zone"] != zone.as_str())
+        .and_then(|n| n["api"].as_str())
+        .map(|api| format!("http://{api}"))
+        .ok_or("no primary node outside the zone")?;
+    let coordinator = Http::unrecorded(&coordinator);
+    let body = json!({ "zone": zone, "isolate_for_ms": plan.isolate_for.as_millis() as u64 });
+    let started = coordinator.call(&Req::post("/v1/admin/drills/zone-loss", Some(body)).bearer(token)).await?;
+    if started.status != 202 {
+        return Err(format!("starting the drill: {}", started.describe()));
+    }
+    let id = started.u64_field("id").ok_or("the drill has no id")?;
+    let deadline = Instant::now() + plan.isolate_for + DRILL_SLACK;
+    loop {
+        actix_rt::time::sleep(DRILL_POLL).await;
+        let reply = coordinator.call(&Req::get(format!("/v1/admin/drills/{id}")).bearer(token)).await?;
+        let report: DrillReport =
+            serde_json::from_value(reply.body.clone()).map_err(|e| format!("unreadable drill report: {e}"))?;
+        if report.state != "running" {
+            return Ok(report);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("drill {id} still running after {:?}", plan.isolate_for + DRILL_SLACK));
+        }
+    }
 }
 
 async fn create_sales(operator: &Http, setup: &Setup) -> anyhow::Result<()> {
@@ -270,11 +404,11 @@ struct Audit {
 }
 
 /// Reads every acknowledged order back with its shopper's token.
-async fn audit(url: &str, ledger: &[Acked]) -> Audit {
+async fn audit(endpoints: &[String], ledger: &[Acked]) -> Audit {
     let next = std::cell::Cell::new(0);
     let audit = std::cell::RefCell::new(Audit::default());
-    let workers = (0..AUDIT_CONCURRENCY).map(|_| {
-        let http = Http::unrecorded(url);
+    let workers = (0..AUDIT_CONCURRENCY).map(|worker| {
+        let http = Http::spread(endpoints, worker, Default::default());
         let (next, audit) = (&next, &audit);
         async move {
             while let Some(acked) = ledger.get(next.get()) {
@@ -360,7 +494,10 @@ struct SkuSummary {
 #[derive(Debug, Serialize)]
 struct Summary {
     pass: bool,
-    url: String,
+    /// `cluster` (five nodes, two zones and a tiebreaker) or `single`.
+    topology: &'static str,
+    /// The endpoints shoppers used.
+    endpoints: Vec<String>,
     seed: u64,
     shoppers: usize,
     concurrency: usize,
@@ -391,6 +528,13 @@ struct Summary {
     throughput_per_s: f64,
     transport_errors: u64,
     overload_retries: u64,
+    /// Times a shopper's client moved to another endpoint.
+    failovers: u64,
+    /// How long checkout was unavailable during the zone-loss drill, from
+    /// the first failed to the first successful probe checkout (cluster only).
+    zone_loss_unavailable_ms: Option<u64>,
+    /// The zone-loss drill's report (cluster only).
+    zone_loss_drill: Option<DrillReport>,
     requests_by_status: BTreeMap<u16, u64>,
     crowd: crowd::Counters,
     watch: crowd::Watch,
@@ -406,8 +550,8 @@ struct Summary {
 }
 
 impl Summary {
-    fn new(args: &DemoArgs, seed: u64, hold_ms: u64, url: &str, findings: Findings) -> Summary {
-        let Findings { crowd, holds_released, expiry_wait, stock, audit } = findings;
+    fn new(args: &DemoArgs, seed: u64, hold_ms: u64, endpoints: &[String], findings: Findings) -> Summary {
+        let Findings { crowd, holds_released, expiry_wait, stock, audit, drill } = findings;
         let latency = crowd.stats.latency();
         let crowd_seconds = crowd.wall.as_secs_f64();
         let requests = crowd.stats.requests();
@@ -443,7 +587,7 @@ impl Summary {
         };
         let lost_acknowledged = audit.lost.len() as u64;
 
-        let checks = vec![
+        let mut checks = vec![
             Check {
                 name: "no oversell",
                 pass: oversell == 0,
@@ -514,6 +658,9 @@ impl Summary {
                 ),
             },
         ];
+        if let Some(drill) = &drill {
+            checks.push(drill_check(drill));
+        }
         let audit_notes = audit
             .lost
             .iter()
@@ -525,7 +672,8 @@ impl Summary {
 
         Summary {
             pass: checks.iter().all(|check| check.pass),
-            url: url.to_string(),
+            topology: if args.single { "single" } else { "cluster" },
+            endpoints: endpoints.to_vec(),
             seed,
             shoppers: args.shoppers,
             concurrency: args.concurrency,
@@ -551,6 +699,9 @@ impl Summary {
             throughput_per_s: if crowd_seconds > 0.0 { requests as f64 / crowd_seconds } else { 0.0 },
             transport_errors: crowd.stats.transport_errors,
             overload_retries: crowd.stats.overload_retries,
+            failovers: crowd.stats.failovers,
+            zone_loss_unavailable_ms: drill.as_ref().and_then(|d| d.as_ref().ok()).map(|r| r.checkout_unavailable_ms),
+            zone_loss_drill: drill.and_then(Result::ok),
             requests_by_status: crowd.stats.by_status.clone(),
             crowd: crowd.counters,
             watch: crowd.watch,
@@ -627,6 +778,26 @@ impl Summary {
         );
         let statuses: Vec<String> = self.requests_by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
         let _ = writeln!(out, "  by status: {}", statuses.join(", "));
+        if self.endpoints.len() > 1 {
+            let _ = writeln!(
+                out,
+                "  {} endpoints; clients moved to another endpoint {} times",
+                self.endpoints.len(),
+                self.failovers
+            );
+        }
+        if let Some(drill) = &self.zone_loss_drill {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "Zone-loss drill {} on zone {} (nodes {:?}), coordinated by node {}",
+                drill.id, drill.zone, drill.nodes, drill.coordinator
+            );
+            for event in &drill.timeline {
+                let _ = writeln!(out, "  {:>7} ms  {}", event.at_ms, event.what);
+            }
+            let _ = writeln!(out, "  zone_loss_unavailable_ms = {}", drill.checkout_unavailable_ms);
+        }
         let _ = writeln!(out);
         let _ = writeln!(out, "Checks");
         for check in &self.checks {
@@ -649,15 +820,45 @@ impl Summary {
     }
 }
 
+/// The drill passes if it ran to the end, every node caught up, and no
+/// acknowledged probe order was lost or unit oversold.
+fn drill_check(drill: &Result<DrillReport, String>) -> Check {
+    let name = "zone-loss drill";
+    match drill {
+        Err(why) => Check { name, pass: false, detail: why.clone() },
+        Ok(report) => Check {
+            name,
+            pass: report.state == "completed"
+                && report.orders_lost.is_empty()
+                && report.oversold_units == 0
+                && report.caught_up_ms.is_some(),
+            detail: format!(
+                "zone {} cut off for {} ms: {}{}; checkout unavailable {} ms; {} probe orders, {} lost; \
+                 {} oversold; caught up {}",
+                report.zone,
+                report.isolated_for_ms,
+                report.state,
+                report.failure.as_ref().map_or(String::new(), |why| format!(" ({why})")),
+                report.checkout_unavailable_ms,
+                report.orders_acknowledged,
+                report.orders_lost.len(),
+                report.oversold_units,
+                report.caught_up_ms.map_or("never".into(), |ms| format!("{ms} ms after the heal")),
+            ),
+        },
+    }
+}
+
 fn write_json(path: &Path, summary: &Summary) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(summary).context("encode the summary")?;
     text.push('\n');
     std::fs::write(path, text).with_context(|| format!("write the summary to {}", path.display()))
 }
 
-fn explore_text(url: &str, operator_token: &str) -> String {
-    format!(
-        "\nThe node stays up at {url} — explore it (Ctrl-C stops it and deletes its data):\n\
+fn explore_text(endpoints: &[String], operator_token: &str) -> String {
+    let url = &endpoints[0];
+    let mut text = format!(
+        "\nSurge stays up — explore it (Ctrl-C stops it and deletes its data):\n\
          \x20 curl -s {url}/v1/skus/{HOT_SKU}\n\
          \x20 TOKEN=$(curl -s -X POST {url}/v1/sessions -H 'content-type: application/json' -d '{{\"shopper\":\"me\"}}' \\\n\
          \x20      | sed 's/.*\"token\":\"\\([^\"]*\\)\".*/\\1/')\n\
@@ -667,7 +868,18 @@ fn explore_text(url: &str, operator_token: &str) -> String {
          \x20 curl -s -X POST {url}/v1/skus/{HOT_SKU}/restock -H 'Authorization: Bearer {operator_token}' \\\n\
          \x20      -H 'content-type: application/json' -d '{{\"units\":100}}'\n\
          \x20 also: {url}/openapi.json  {url}/metrics  {url}/v1/cluster (operator)"
-    )
+    );
+    if endpoints.len() > 1 {
+        text.push_str(&format!(
+            "\n  every node answers: {}\n\
+             \x20 export SURGE_ENDPOINT={} SURGE_OPERATOR_TOKEN={operator_token}\n\
+             \x20 surge ctl status\n\
+             \x20 surge ctl drill zone-loss --zone a --for 5",
+            endpoints.join(" "),
+            endpoints[endpoints.len() - 1],
+        ));
+    }
+    text
 }
 
 #[cfg(test)]

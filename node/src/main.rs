@@ -6,6 +6,7 @@ mod config;
 mod crowd;
 mod ctl;
 mod demo;
+mod local_cluster;
 mod server;
 
 use std::path::PathBuf;
@@ -52,11 +53,19 @@ const DEFAULT_LOG_FILTER: &str =
 
 #[actix_rt::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // A node logs what an operator needs; the tools that start nodes in
+    // this process (demo, bench) or only talk to them (ctl) print their own
+    // report and log only errors.
+    let default_filter = match cli.command {
+        Command::Start { .. } => DEFAULT_LOG_FILTER,
+        _ => "error,openraft=off",
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Start { config } => start(config).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
