@@ -17,7 +17,7 @@
 # stopped and removed on exit (normal or not).
 #
 # Usage: bench/compare.sh [--clients N] [--seconds S] [--json PATH|-]
-#                         [--surge-json PATH] [--dir DIR] [--no-install]
+#                         [--surge-json PATH]... [--dir DIR] [--no-install]
 # See usage() below.
 
 set -euo pipefail
@@ -27,7 +27,7 @@ set -euo pipefail
 CLIENTS=64
 DURATION=10            # seconds; not $SECONDS, which bash reserves
 JSON_OUT=""            # empty: no JSON; "-": JSON on stdout
-SURGE_JSON=""
+SURGE_JSONS=()         # surge bench summaries to put beside the references
 ALLOW_INSTALL=1
 BASE_DIR=/var/tmp      # where the throwaway data directories go
 
@@ -68,7 +68,8 @@ vs PostgreSQL (one-row UPDATE, fsync on), same client count and duration.
   --json PATH        also write the results as JSON to PATH ("-" for stdout)
   --surge-json PATH  read Surge's own summary ({"throughput_per_s": X,
                      "p50_ms": .., "p99_ms": ..}, from
-                     \`surge bench --summary-json PATH\`) and print ratios
+                     \`surge bench --summary-json PATH\`) and print ratios;
+                     repeat it for several (one node, the cluster, ...)
   --dir DIR          parent of the throwaway data directories (default
                      $BASE_DIR; must be a real disk, not tmpfs)
   --no-install       never run apt-get; fail if a tool is missing
@@ -89,7 +90,7 @@ parse_args() {
             --clients)    CLIENTS="${2:?--clients needs a value}"; shift 2 ;;
             --seconds)    DURATION="${2:?--seconds needs a value}"; shift 2 ;;
             --json)       JSON_OUT="${2:?--json needs a path}"; shift 2 ;;
-            --surge-json) SURGE_JSON="${2:?--surge-json needs a path}"; shift 2 ;;
+            --surge-json) SURGE_JSONS+=("${2:?--surge-json needs a path}"); shift 2 ;;
             --dir)        BASE_DIR="${2:?--dir needs a path}"; shift 2 ;;
             --no-install) ALLOW_INSTALL=0; shift ;;
             -h|--help)    usage; exit 0 ;;
@@ -99,9 +100,10 @@ parse_args() {
     [[ "$CLIENTS" =~ ^[1-9][0-9]*$ ]]  || die "--clients must be a positive integer"
     [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive integer"
     [ -d "$BASE_DIR" ] || die "--dir: no such directory: $BASE_DIR"
-    if [ -n "$SURGE_JSON" ] && [ ! -r "$SURGE_JSON" ]; then
-        die "--surge-json: cannot read $SURGE_JSON"
-    fi
+    local f
+    for f in "${SURGE_JSONS[@]}"; do
+        [ -r "$f" ] || die "--surge-json: cannot read $f"
+    done
 }
 
 # now: wall-clock seconds with sub-second precision, for elapsed times.
@@ -187,7 +189,7 @@ ensure_tools() {
 
     PG_BIN=$(find_pg_bin)
     [ -n "$PG_BIN" ] || die "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin"
-    if [ -n "$SURGE_JSON" ] && ! command -v python3 >/dev/null && ! command -v jq >/dev/null; then
+    if [ "${#SURGE_JSONS[@]}" -gt 0 ] && ! command -v python3 >/dev/null && ! command -v jq >/dev/null; then
         apt_install jq
     fi
     REDIS_VERSION=$(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')
@@ -446,22 +448,22 @@ run_postgres() {
 
 # ------------------------------------------------------------------ surge --
 
-# read_surge: sets SURGE_TPS/SURGE_P50/SURGE_P99 from --surge-json.
+# read_surge FILE: prints "throughput p50 p99" from one surge bench summary.
 read_surge() {
-    local vals
+    local vals tps
     if command -v python3 >/dev/null; then
-        vals=$(python3 - "$SURGE_JSON" <<'PY'
+        vals=$(python3 - "$1" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 print(*(json.dumps(d.get(k)) for k in ("throughput_per_s", "p50_ms", "p99_ms")))
 PY
         )
     else
-        vals=$(jq -r '"\(.throughput_per_s // "null") \(.p50_ms // "null") \(.p99_ms // "null")"' "$SURGE_JSON")
+        vals=$(jq -r '"\(.throughput_per_s // "null") \(.p50_ms // "null") \(.p99_ms // "null")"' "$1")
     fi
-    read -r SURGE_TPS SURGE_P50 SURGE_P99 <<<"$vals"
-    [[ "$SURGE_TPS" =~ ^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]] \
-        || die "$SURGE_JSON: no numeric throughput_per_s"
+    read -r tps _ <<<"$vals"
+    [[ "$tps" =~ ^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]] || die "$1: no numeric throughput_per_s"
+    printf '%s\n' "$vals"
 }
 
 # ----------------------------------------------------------------- report --
@@ -478,21 +480,24 @@ report() {
         "$REDIS_OPS" "$REDIS_P50" "$REDIS_P99"
     printf '%-44s %14.0f %10s %10s\n' "postgres UPDATE one row, fsync on" \
         "$PG_TPS" "(avg $PG_LAT)" "-"
-    if [ -n "$SURGE_JSON" ]; then
-        printf '%-44s %14.0f %10s %10s\n' "surge (from $(basename "$SURGE_JSON"))" \
-            "$SURGE_TPS" "$SURGE_P50" "$SURGE_P99"
-        printf '\nsurge / redis    = %.3f\nsurge / postgres = %.3f\n' \
-            "$(calc "$SURGE_TPS / $REDIS_OPS")" "$(calc "$SURGE_TPS / $PG_TPS")"
-    fi
+    local f tps p50 p99
+    for f in "${SURGE_JSONS[@]}"; do
+        read -r tps p50 p99 <<<"$(read_surge "$f")"
+        printf '%-44s %14.0f %10s %10s   %.3f x redis, %.1f x postgres\n' "surge (from $(basename "$f"))" \
+            "$tps" "$p50" "$p99" "$(calc "$tps / $REDIS_OPS")" "$(calc "$tps / $PG_TPS")"
+    done
     printf '\n'
 }
 
 write_json() {
-    local extra=""
-    if [ -n "$SURGE_JSON" ]; then
-        extra=$(printf ',\n  "surge_throughput_per_s": %s,\n  "surge_p50_ms": %s,\n  "surge_p99_ms": %s,\n  "surge_over_redis": %s,\n  "surge_over_postgres": %s' \
-            "$SURGE_TPS" "$SURGE_P50" "$SURGE_P99" \
-            "$(calc "$SURGE_TPS / $REDIS_OPS")" "$(calc "$SURGE_TPS / $PG_TPS")")
+    local extra="" f tps p50 p99 runs=()
+    for f in "${SURGE_JSONS[@]}"; do
+        read -r tps p50 p99 <<<"$(read_surge "$f")"
+        runs+=("$(printf '{"file": "%s", "throughput_per_s": %s, "p50_ms": %s, "p99_ms": %s, "over_redis": %s, "over_postgres": %s}' \
+            "$f" "$tps" "$p50" "$p99" "$(calc "$tps / $REDIS_OPS")" "$(calc "$tps / $PG_TPS")")")
+    done
+    if [ "${#runs[@]}" -gt 0 ]; then
+        extra=$(printf ',\n  "surge": [%s]' "$(IFS=,; echo "${runs[*]}")")
     fi
     local body
     body=$(cat <<EOF
@@ -529,7 +534,8 @@ EOF
 main() {
     parse_args "$@"
     ensure_tools
-    [ -z "$SURGE_JSON" ] || read_surge   # fail early on a bad file
+    local f
+    for f in "${SURGE_JSONS[@]}"; do read_surge "$f" >/dev/null; done   # fail early on a bad file
 
     trap cleanup EXIT
     trap 'exit 130' INT

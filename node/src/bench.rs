@@ -4,8 +4,12 @@
 //! figure is reservations per second with exact p50/p99 latency, comparable
 //! with `bench/compare.sh`'s Redis and PostgreSQL "decrement if positive".
 //!
-//! By default it starts its own node on a temporary directory; `--url` (and
-//! `--operator-token`, to create the sale) point it at a running node.
+//! By default it starts its own node on a temporary directory; `--cluster`
+//! starts the five-node, two-zone topology instead (every voter fsyncs every
+//! entry; shoppers spread over the zone a and b endpoints); `--url` (and
+//! `--operator-token`, to create the sale) point it at running nodes.
+//! `--rate` paces the clients to a total rate instead of running them flat
+//! out, for latency at a given load (e.g. half the peak).
 
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
@@ -22,7 +26,8 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::crowd::{self, Http, Req, Stats, StockRead};
-use crate::server;
+use crate::local_cluster::LocalCluster;
+use crate::server::{self, Server};
 
 /// Error answers kept verbatim for the report; the rest are counted.
 const ERROR_SAMPLES_MAX: usize = 10;
@@ -45,9 +50,18 @@ pub struct BenchArgs {
     /// Threads generating the load; the clients are split among them.
     #[arg(long, default_value_t = 1)]
     pub client_threads: usize,
-    /// Benchmark the node at this URL instead of starting one.
+    /// Benchmark the nodes at these URLs (comma separated; clients spread
+    /// over them) instead of starting any.
+    #[arg(long = "url", value_name = "URL", value_delimiter = ',', conflicts_with = "cluster")]
+    pub urls: Vec<String>,
+    /// Start the five-node, two-zone topology (in this process, loopback,
+    /// mutual TLS) instead of one node.
     #[arg(long)]
-    pub url: Option<String>,
+    pub cluster: bool,
+    /// Pace the clients to this many checkouts per second in total, instead
+    /// of each sending its next request as soon as the last is answered.
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
     /// Operator token of the node at --url: creates the sale if missing and
     /// restocks it if it sells out.
     #[arg(long, env = "SURGE_OPERATOR_TOKEN", hide_env_values = true)]
@@ -74,34 +88,50 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--clients, --seconds and --stock must be at least 1"
     );
     ensure!((1..=args.clients).contains(&args.client_threads), "--client-threads must be between 1 and --clients");
-    let mut own_node = None;
-    let (url, operator_token) = match &args.url {
-        Some(url) => (url.trim_end_matches('/').to_string(), args.operator_token.clone()),
-        None => {
-            let data = tempfile::Builder::new().prefix("surge-bench-").tempdir().context("create a data directory")?;
-            let mut config = Config::for_demo(data.path())?;
-            config.hold_ms = own_hold_ms(&args);
-            let server = server::start(config).await.context("start the benchmark node")?;
-            let target = (server.url.clone(), Some(server.operator_token.clone()));
-            own_node = Some((server, data));
-            target
-        }
+    ensure!(args.rate.is_none_or(|rate| rate > 0.0), "--rate must be positive");
+    let mut own = None;
+    let (endpoints, operator_token) = if args.urls.is_empty() {
+        let data = tempfile::Builder::new().prefix("surge-bench-").tempdir().context("create a data directory")?;
+        let mut config = Config::for_demo(data.path())?;
+        config.hold_ms = own_hold_ms(&args);
+        let token = Some(config.operator_token.clone());
+        let nodes = if args.cluster {
+            Own::Cluster(LocalCluster::start(data.path(), &config).await.context("start the benchmark cluster")?)
+        } else {
+            Own::Node(server::start(config).await.context("start the benchmark node")?)
+        };
+        let endpoints = match &nodes {
+            Own::Node(server) => vec![server.url.clone()],
+            Own::Cluster(cluster) => cluster.endpoints(&["a", "b"]),
+        };
+        own = Some((nodes, data));
+        (endpoints, token)
+    } else {
+        (args.urls.iter().map(|url| url.trim_end_matches('/').to_string()).collect(), args.operator_token.clone())
     };
     println!(
-        "Surge hot-SKU benchmark: 1 SKU ({}), {} clients on keep-alive connections, {} s measured after {} s warm-up, {}{}",
+        "Surge hot-SKU benchmark: 1 SKU ({}), {} clients on keep-alive connections{}, {} s measured after {} s warm-up, {}{}",
         args.sku,
         args.clients,
+        args.rate.map_or(String::new(), |rate| format!(" paced to {rate:.0} checkouts/s")),
         args.seconds,
         args.warmup,
-        url,
-        match own_node {
-            Some(_) => format!(" (a node of its own; orders hold stock for {} ms)", own_hold_ms(&args)),
+        endpoints.join(" "),
+        match &own {
+            Some((Own::Node(_), _)) => format!(" (a node of its own; orders hold stock for {} ms)", own_hold_ms(&args)),
+            Some((Own::Cluster(_), _)) => format!(
+                " (five nodes of its own, zones a and b and a tiebreaker, every voter fsyncing; orders hold stock for {} ms)",
+                own_hold_ms(&args)
+            ),
             None => String::new(),
         }
     );
-    let result = bench(&args, &url, operator_token).await;
-    if let Some((server, data)) = own_node.take() {
-        server.stop().await;
+    let result = bench(&args, &endpoints, operator_token).await;
+    if let Some((nodes, data)) = own.take() {
+        match nodes {
+            Own::Node(server) => server.stop().await,
+            Own::Cluster(cluster) => cluster.stop().await,
+        }
         drop(data);
     }
     let summary = result?;
@@ -117,6 +147,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the bench started for itself.
+enum Own {
+    Node(Server),
+    Cluster(LocalCluster),
+}
+
 /// The payment window of the node the bench starts.
 fn own_hold_ms(args: &BenchArgs) -> u64 {
     args.hold_ms.unwrap_or(Config::default().hold_ms)
@@ -124,7 +160,10 @@ fn own_hold_ms(args: &BenchArgs) -> u64 {
 
 /// What one load thread is to do.
 struct LoadPlan {
-    url: String,
+    /// Where the clients go; client `i` starts at `endpoints[i % len]`.
+    endpoints: Vec<String>,
+    /// Time between two checkouts of one client when paced.
+    pace: Option<Duration>,
     operator_token: Option<String>,
     sku: String,
     restock_units: u64,
@@ -153,10 +192,11 @@ struct LoadReport {
     error_samples: Vec<String>,
 }
 
-async fn bench(args: &BenchArgs, url: &str, operator_token: Option<String>) -> anyhow::Result<BenchSummary> {
-    let (setup_url, setup_token, sku, stock) = (url.to_string(), operator_token.clone(), args.sku.clone(), args.stock);
+async fn bench(args: &BenchArgs, endpoints: &[String], operator_token: Option<String>) -> anyhow::Result<BenchSummary> {
+    let (setup_endpoints, setup_token, sku, stock) =
+        (endpoints.to_vec(), operator_token.clone(), args.sku.clone(), args.stock);
     let sale = crowd::on_client_thread("surge-bench-setup", move || async move {
-        ensure_sale(&setup_url, setup_token.as_deref(), &sku, stock).await
+        ensure_sale(&setup_endpoints, setup_token.as_deref(), &sku, stock).await
     })
     .await??;
     if sale.available < args.clients as u64 && operator_token.is_none() {
@@ -173,7 +213,8 @@ async fn bench(args: &BenchArgs, url: &str, operator_token: Option<String>) -> a
         let first = args.clients * thread / args.client_threads;
         let last = args.clients * (thread + 1) / args.client_threads;
         let plan = LoadPlan {
-            url: url.to_string(),
+            endpoints: endpoints.to_vec(),
+            pace: args.rate.map(|rate| Duration::from_secs_f64(args.clients as f64 / rate)),
             operator_token: operator_token.clone(),
             sku: args.sku.clone(),
             restock_units: args.stock,
@@ -210,12 +251,17 @@ async fn bench(args: &BenchArgs, url: &str, operator_token: Option<String>) -> a
         let room = ERROR_SAMPLES_MAX.saturating_sub(total.error_samples.len());
         total.error_samples.extend(report.error_samples.into_iter().take(room));
     }
-    Ok(BenchSummary::new(args, url, total))
+    Ok(BenchSummary::new(args, endpoints, total))
 }
 
 /// Creates the benchmark sale, or finds it; returns its stock.
-async fn ensure_sale(url: &str, operator_token: Option<&str>, sku: &str, stock: u64) -> anyhow::Result<StockRead> {
-    let http = Http::unrecorded(url);
+async fn ensure_sale(
+    endpoints: &[String],
+    operator_token: Option<&str>,
+    sku: &str,
+    stock: u64,
+) -> anyhow::Result<StockRead> {
+    let http = Http::spread(endpoints, 0, Default::default());
     if let Some(token) = operator_token {
         let now = crowd::now_ms();
         let sale = json!({
@@ -254,9 +300,11 @@ async fn load(plan: LoadPlan) -> LoadReport {
         }
     };
     let clients = plan.clients.clone().map(|client| {
-        let http = Http::new(&plan.url, stats.clone());
+        let http = Http::spread(&plan.endpoints, client, stats.clone());
         let (plan, report, restocking, error) = (&plan, &report, &restocking, &error);
         async move {
+            // Paced clients start spread over one interval, not all at once.
+            let mut next_send = plan.pace.map(|pace| Instant::now() + pace.mul_f64(rand::random::<f64>()));
             let body = json!({ "items": [{ "sku": plan.sku, "qty": 1 }] });
             // A session decides a bounded number of checkouts; a client moves
             // on to a new session (a new shopper) when it has used one up.
@@ -273,6 +321,12 @@ async fn load(plan: LoadPlan) -> LoadReport {
                 for sequence in 0..domain::CHECKOUTS_PER_SESSION_MAX {
                     if Instant::now() >= plan.measure_until {
                         break 'sessions;
+                    }
+                    if let Some(next) = &mut next_send {
+                        // On schedule, or at once when behind (the server is
+                        // slower than the pace).
+                        actix_rt::time::sleep_until((*next).into()).await;
+                        *next += plan.pace.expect("paced");
                     }
                     let key = format!("{shopper}-{sequence}");
                     let req = Req::post("/v1/checkout", Some(body.clone())).bearer(&token).idempotency_key(&key);
@@ -341,7 +395,7 @@ async fn restock(plan: &LoadPlan, report: &RefCell<LoadReport>, restocking: &Cel
     if restocking.replace(true) {
         return actix_rt::time::sleep(Duration::from_millis(10)).await;
     }
-    let http = Http::unrecorded(&plan.url);
+    let http = Http::spread(&plan.endpoints, 0, Default::default());
     let req =
         Req::post(format!("/v1/skus/{}/restock", plan.sku), Some(json!({ "units": plan.restock_units }))).bearer(token);
     if let Ok(reply) = http.call(&req).await {
@@ -405,16 +459,20 @@ struct BenchSummary {
     /// Length of the measured window.
     seconds: f64,
     warmup_seconds: u64,
-    url: String,
+    /// The total rate the clients were paced to, if they were.
+    paced_per_s: Option<f64>,
+    /// The endpoints the clients used.
+    endpoints: Vec<String>,
     sku: String,
-    own_node: bool,
+    /// `single` or `cluster` when the bench started its own; absent with --url.
+    own_topology: Option<&'static str>,
     /// The payment window of the node the bench started (absent with --url).
     hold_ms: Option<u64>,
     error_samples: Vec<String>,
 }
 
 impl BenchSummary {
-    fn new(args: &BenchArgs, url: &str, report: LoadReport) -> BenchSummary {
+    fn new(args: &BenchArgs, endpoints: &[String], report: LoadReport) -> BenchSummary {
         let seconds = args.seconds as f64;
         let latency = report.stats.latency();
         let reserved = report.stats.status_count(201) + report.stats.status_count(200);
@@ -439,10 +497,11 @@ impl BenchSummary {
             client_threads: args.client_threads,
             seconds,
             warmup_seconds: args.warmup,
-            url: url.to_string(),
+            paced_per_s: args.rate,
+            endpoints: endpoints.to_vec(),
             sku: args.sku.clone(),
-            own_node: args.url.is_none(),
-            hold_ms: args.url.is_none().then(|| own_hold_ms(args)),
+            own_topology: args.urls.is_empty().then_some(if args.cluster { "cluster" } else { "single" }),
+            hold_ms: args.urls.is_empty().then(|| own_hold_ms(args)),
             error_samples: report.error_samples,
         }
     }

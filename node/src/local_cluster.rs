@@ -50,6 +50,10 @@ impl LocalCluster {
                 node_id: spec.id,
                 data_dir: dir.join(format!("node-{}", spec.id)),
                 listen: spec.api.clone(),
+                // Five nodes share this machine's cores: one HTTP worker
+                // each keeps the threads few (measured: p99 at half the
+                // peak rate 14 ms with one, 26 ms with two; docs/benchmarks.md).
+                workers: 1,
                 cluster: Some(topology.clone()),
                 tls: Some(TlsConfig {
                     ca: certs.join("ca.pem"),

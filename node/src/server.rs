@@ -18,8 +18,6 @@ use crate::config::Config;
 pub struct Server {
     /// Base URL of the public API, e.g. `http://127.0.0.1:8080`.
     pub url: String,
-    /// The operator bearer token it accepts.
-    pub operator_token: String,
     handle: ServerHandle,
     thread: JoinHandle<()>,
 }
@@ -28,7 +26,6 @@ pub struct Server {
 pub async fn start(config: Config) -> anyhow::Result<Server> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
-    let operator_token = config.operator_token.clone();
     let (ready_tx, ready_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("surge-node".into())
@@ -38,7 +35,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         })
         .context("spawn the node thread")?;
     match ready_rx.await {
-        Ok(Ok((addr, handle))) => Ok(Server { url: format!("http://{addr}"), operator_token, handle, thread }),
+        Ok(Ok((addr, handle))) => Ok(Server { url: format!("http://{addr}"), handle, thread }),
         Ok(Err(error)) => {
             let _ = thread.join();
             Err(error)
