@@ -41,6 +41,10 @@ pub struct GroupConfig {
     pub snapshot_every_entries: u64,
     /// Entries kept in the log behind the latest snapshot, for slow followers.
     pub log_kept_behind_snapshot: u64,
+    /// Whether this node ever campaigns to lead. A tiebreaker in another
+    /// region only votes: a leader there would put a cross-region round trip
+    /// into every commit. It still stores the log and counts for the quorum.
+    pub may_lead: bool,
 }
 
 impl Default for GroupConfig {
@@ -52,6 +56,7 @@ impl Default for GroupConfig {
             election_timeout_max_ms: 600,
             snapshot_every_entries: 20_000,
             log_kept_behind_snapshot: 2_000,
+            may_lead: true,
         }
     }
 }
@@ -121,6 +126,7 @@ impl Group {
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
             .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        raft.runtime_config().elect(config.may_lead);
         let initialized = raft.is_initialized().await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         if !initialized && bootstrap {
             raft.initialize(members).await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;

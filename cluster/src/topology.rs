@@ -147,11 +147,29 @@ impl Topology {
     pub fn bootstrapper(&self) -> Option<u64> {
         self.nodes.iter().map(|n| n.id).min()
     }
+
+    /// Whether node `id` may campaign to lead: only nodes of the primary
+    /// region do. A tiebreaker in another region votes, so either zone can
+    /// be lost, but never leads, so commits never wait on a cross-region
+    /// round trip. (A tiebreaker placed in a third zone of the primary
+    /// region may lead.)
+    pub fn may_lead(&self, id: u64) -> bool {
+        self.node(id).is_some_and(|node| node.region == self.primary_region)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_primary_region_nodes_may_lead() {
+        let topology = Topology {
+            primary_region: "primary".into(),
+            nodes: vec![node(1, "primary", "a"), node(2, "primary", "b"), node(3, "dr", "t")],
+        };
+        assert_eq!([1, 2, 3, 4].map(|id| topology.may_lead(id)), [true, true, false, false]);
+    }
 
     fn node(id: u64, region: &str, zone: &str) -> NodeSpec {
         NodeSpec {

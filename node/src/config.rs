@@ -181,6 +181,8 @@ impl Config {
                 election_timeout_max_ms: self.raft.election_timeout_max_ms,
                 snapshot_every_entries: self.raft.snapshot_every_entries,
                 log_kept_behind_snapshot: self.raft.log_kept_behind_snapshot,
+                // Leaders stay in the primary region (see `Topology::may_lead`).
+                may_lead: self.topology().may_lead(self.node_id),
             },
             actors: self.actors.clone(),
             expiry_tick_ms: self.expiry_tick_ms,
