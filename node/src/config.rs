@@ -38,6 +38,21 @@ pub struct Config {
     /// This node's certificate for mutual TLS with its peers; required when
     /// `[cluster]` names more than one node (`surge certs` makes a set).
     pub tls: Option<TlsConfig>,
+    /// Serve the public API over TLS with this certificate (`[public_tls]`);
+    /// absent: plain HTTP.
+    pub public_tls: Option<PublicTlsConfig>,
+}
+
+/// The `[public_tls]` table: the public API's certificate and key (PEM).
+/// A `surge certs` node certificate works for local use: it names
+/// `localhost` and `127.0.0.1`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicTlsConfig {
+    /// The certificate chain shoppers' clients verify.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
 }
 
 /// The `[tls]` table: PEM files for mutual TLS between nodes.
@@ -80,6 +95,7 @@ impl Default for Config {
             actors: ActorLimits::default(),
             cluster: None,
             tls: None,
+            public_tls: None,
         }
     }
 }

@@ -17,6 +17,10 @@ pub struct CtlArgs {
     /// Base URL of any node's public API.
     #[arg(long, env = "SURGE_ENDPOINT", default_value = "http://127.0.0.1:8080", global = true)]
     endpoint: String,
+    /// A CA certificate (PEM) to trust for an `https://` endpoint, e.g. the
+    /// `ca.pem` of `surge certs`.
+    #[arg(long, env = "SURGE_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
     /// The operator bearer token.
     #[arg(
         long,
@@ -73,7 +77,16 @@ enum Drill {
 }
 
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
-    let api = Api { client: awc::Client::builder().timeout(CALL_TIMEOUT).finish(), args: &args };
+    let connector = match &args.ca {
+        None => awc::Connector::new(),
+        Some(ca) => {
+            let tls = cluster::transport::tls::public_client_config(ca)
+                .with_context(|| format!("load the CA certificate {}", ca.display()))?;
+            awc::Connector::new().rustls_0_23(std::sync::Arc::new(tls))
+        }
+    };
+    let client = awc::Client::builder().connector(connector).timeout(CALL_TIMEOUT).finish();
+    let api = Api { client, args: &args };
     match &args.command {
         CtlCommand::Status { json } => {
             let status = api.get("/v1/cluster").await?;

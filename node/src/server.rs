@@ -2,7 +2,6 @@
 //! system of its own thread, so whatever else the process does (the demo's
 //! crowd, a test) never shares the Raft thread.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -16,7 +15,8 @@ use crate::config::Config;
 
 /// A running node.
 pub struct Server {
-    /// Base URL of the public API, e.g. `http://127.0.0.1:8080`.
+    /// Base URL of the public API, e.g. `http://127.0.0.1:8080` (`https`
+    /// with `[public_tls]`).
     pub url: String,
     handle: ServerHandle,
     thread: JoinHandle<()>,
@@ -35,7 +35,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         })
         .context("spawn the node thread")?;
     match ready_rx.await {
-        Ok(Ok((addr, handle))) => Ok(Server { url: format!("http://{addr}"), handle, thread }),
+        Ok(Ok((url, handle))) => Ok(Server { url, handle, thread }),
         Ok(Err(error)) => {
             let _ = thread.join();
             Err(error)
@@ -47,7 +47,8 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     }
 }
 
-type Ready = anyhow::Result<(SocketAddr, ServerHandle)>;
+/// The node's base URL, once it serves.
+type Ready = anyhow::Result<(String, ServerHandle)>;
 
 /// The node thread: starts everything, reports readiness, serves until
 /// stopped, then shuts Raft down so the storage is closed cleanly.
@@ -66,16 +67,23 @@ async fn run(config: Config, ready: oneshot::Sender<Ready>) {
         let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
             .workers(config.workers)
             .max_connections(config.max_connections)
-            .disable_signals()
-            .bind(&config.listen)
-            .with_context(|| format!("listen on {}", config.listen))?;
+            .disable_signals();
+        let (server, scheme) = match &config.public_tls {
+            None => (server.bind(&config.listen), "http"),
+            Some(tls) => {
+                let tls = cluster::transport::tls::public_server_config(&tls.cert, &tls.key)
+                    .context("load the public API certificate ([public_tls])")?;
+                (server.bind_rustls_0_23(&config.listen, tls), "https")
+            }
+        };
+        let server = server.with_context(|| format!("listen on {}", config.listen))?;
         let addr = *server.addrs().first().context("bound to no address")?;
         let server = server.run();
-        anyhow::Ok((node, addr, server))
+        anyhow::Ok((node, format!("{scheme}://{addr}"), server))
     };
     match started.await {
-        Ok((node, addr, server)) => {
-            let _ = ready.send(Ok((addr, server.handle())));
+        Ok((node, url, server)) => {
+            let _ = ready.send(Ok((url, server.handle())));
             if let Err(error) = server.await {
                 tracing::error!(%error, "the HTTP server failed");
             }

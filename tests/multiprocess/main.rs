@@ -2,5 +2,6 @@
 //! the public API and killed for real. One test binary, a module per feature.
 
 mod kill_restart;
+mod public_tls;
 mod support;
 mod zone_loss;

@@ -118,6 +118,33 @@ impl PeerTls {
     }
 }
 
+/// A server configuration without client certificates, for the public API:
+/// shoppers have no certificates. TLS 1.3 only, like the peer transport.
+pub fn public_server_config(cert_pem: &Path, key_pem: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    let read = |path: &Path| std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source });
+    let chain = certificates(&read(cert_pem)?, "API certificate")?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&read(key_pem)?).map_err(|source| TlsError::Pem { what: "API key", source })?;
+    rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(TlsError::Config)
+}
+
+/// A client configuration that trusts exactly the CA in `ca_pem` and
+/// presents no certificate: how `surge ctl` reaches a public API served
+/// with a certificate from that CA.
+pub fn public_client_config(ca_pem: &Path) -> Result<rustls::ClientConfig, TlsError> {
+    let ca = std::fs::read(ca_pem).map_err(|source| TlsError::Read { path: ca_pem.to_owned(), source })?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_root_certificates(root_store(&ca)?)
+        .with_no_client_auth())
+}
+
 /// The crypto provider of every peer connection: rustls' `ring` backend (see
 /// the workspace manifest for why not aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
