@@ -201,6 +201,14 @@ pub struct NodeView {
     pub error: Option<String>,
 }
 
+/// `POST /v1/admin/leader`: move the group's leadership to a node.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveLeader {
+    /// The node that should lead (in the primary region).
+    pub node: u64,
+}
+
 /// `POST /v1/admin/drills/zone-loss`: cut every node of a zone off from the
 /// cluster for a while and measure what checkout sees.
 #[derive(Debug, Deserialize, ToSchema)]

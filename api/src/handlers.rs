@@ -3,7 +3,7 @@
 //! decides anything the state machine decides.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use cluster::DrillReport;
+use cluster::{DrillReport, LeaderMoved};
 use domain::{Command, Line, OrderId, Outcome, Rejection};
 
 use crate::auth::{token_hash, Operator, Shopper};
@@ -287,6 +287,17 @@ pub async fn cluster_status(_: Operator, state: web::Data<AppState>) -> Result<H
 
 /// How long `GET /v1/cluster` waits for each node's answer.
 const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[utoipa::path(post, path = "/v1/admin/leader", tag = "operator", request_body = MoveLeader,
+    security(("operator" = [])),
+    responses((status = 200, body = LeaderMoved), (status = 422, body = Problem), (status = 503, body = Problem)))]
+/// Moves the group's leadership to a node (leadership transfer), e.g. before
+/// maintenance on the leader's machine. Writes are refused (503, retried)
+/// for about one election timeout while it happens.
+pub async fn move_leader(_: Operator, state: web::Data<AppState>, body: web::Json<MoveLeader>) -> Result<HttpResponse> {
+    let moved = state.node.transfer_leadership(body.node).await?;
+    Ok(HttpResponse::Ok().json(moved))
+}
 
 #[utoipa::path(post, path = "/v1/admin/drills/zone-loss", tag = "operator", request_body = ZoneLossDrill,
     security(("operator" = [])),

@@ -64,6 +64,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route("/orders/{id}/pay", web::post().to(handlers::pay))
                     .route("/orders/{id}/cancel", web::post().to(handlers::cancel))
                     .route("/cluster", web::get().to(handlers::cluster_status))
+                    .route("/admin/leader", web::post().to(handlers::move_leader))
                     .route("/admin/drills", web::get().to(handlers::list_drills))
                     .route("/admin/drills/zone-loss", web::post().to(handlers::start_zone_loss_drill))
                     .route("/admin/drills/{id}", web::get().to(handlers::get_drill)),

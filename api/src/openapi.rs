@@ -15,10 +15,10 @@ use crate::handlers;
         handlers::create_sale, handlers::restock, handlers::get_sku, handlers::create_session,
         handlers::get_cart, handlers::put_cart_item, handlers::delete_cart_item, handlers::checkout,
         handlers::pay, handlers::cancel, handlers::get_order, handlers::cluster_status,
-        handlers::start_zone_loss_drill, handlers::list_drills, handlers::get_drill,
+        handlers::start_zone_loss_drill, handlers::list_drills, handlers::get_drill, handlers::move_leader,
     ),
     components(schemas(CreateSale, Restock, Sku, CreateSession, SessionCreated, SetCartItem, Item, Cart,
-        Checkout, Pay, OrderBody, ClusterStatus, NodeView, OrderCounts, ZoneLossDrill, Problem,
+        Checkout, Pay, OrderBody, ClusterStatus, NodeView, OrderCounts, ZoneLossDrill, MoveLeader, Problem, cluster::LeaderMoved,
         cluster::DrillReport, cluster::DrillEvent, cluster::NodeStatus, cluster::GroupStatus)),
     modifiers(&BearerSchemes),
 )]

@@ -3,7 +3,7 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
-use cluster::{DrillError, ProposeError};
+use cluster::{DrillError, ProposeError, TransferError};
 use domain::Rejection;
 
 use crate::dto::Problem;
@@ -33,6 +33,9 @@ pub enum ApiError {
     /// No such route.
     #[error("no such resource")]
     NotFound,
+    /// Leadership did not move.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
     /// A drill could not start; nothing was cut off.
     #[error(transparent)]
     Drill(#[from] DrillError),
@@ -75,6 +78,12 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
             ApiError::PaymentDeclined(_) => (StatusCode::PAYMENT_REQUIRED, "payment-declined", "Payment declined"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::Transfer(TransferError::UnknownNode(_) | TransferError::MayNotLead(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request")
+            }
+            ApiError::Transfer(TransferError::NoLeader | TransferError::Failed(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable")
+            }
             ApiError::Drill(DrillError::UnknownZone(_) | DrillError::BadDuration { .. }) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request")
             }
@@ -116,7 +125,7 @@ impl ResponseError for ApiError {
         response.content_type("application/problem+json");
         match self {
             // Backpressure: tell the client when to come back.
-            ApiError::Unavailable(_) => {
+            ApiError::Unavailable(_) | ApiError::Transfer(TransferError::NoLeader | TransferError::Failed(_)) => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
             ApiError::Unauthorized(_) | ApiError::Rejected(Rejection::UnknownSession) => {

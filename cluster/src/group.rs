@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use domain::{Command, GroupState, Request, Response};
@@ -94,6 +94,14 @@ pub struct Group {
     /// come. openraft 0.9 has no way to make a leader step down; it does
     /// when the partition heals and it hears the new term.
     lease: Duration,
+    /// Whether this node may campaign when nothing is being transferred.
+    may_lead: bool,
+    /// While a leadership transfer moves leadership away from this node:
+    /// until when it refuses writes and sends no heartbeats (see
+    /// [`Group::abdicate`]).
+    abdicating_until: Arc<Mutex<Option<tokio::time::Instant>>>,
+    /// Until when this node does not campaign (a transfer favours another).
+    elections_held_until: Arc<Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl Group {
@@ -132,7 +140,17 @@ impl Group {
             raft.initialize(members).await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         }
         let lease = Duration::from_millis(config.election_timeout_max_ms);
-        Ok(Group { id: 0, raft, state, clock, forwarder: None, lease })
+        Ok(Group {
+            id: 0,
+            raft,
+            state,
+            clock,
+            forwarder: None,
+            lease,
+            may_lead: config.may_lead,
+            abdicating_until: Arc::default(),
+            elections_held_until: Arc::default(),
+        })
     }
 
     /// Lets this group's writes and reads reach the leader from a follower.
@@ -175,6 +193,10 @@ impl Group {
     /// leader does with a batch a follower forwarded. Never forwards again,
     /// so a stale leader hint cannot bounce a batch around.
     pub async fn propose_here(&self, commands: Vec<Command>) -> Result<Response, ProposeError> {
+        // Once it has stepped down, openraft itself names the new leader.
+        if self.is_abdicating() && self.is_leader() {
+            return Err(ProposeError::NotLeader { leader: None });
+        }
         let request = Request { stamped_at_ms: self.clock.now_ms(), commands };
         let started = Instant::now();
         let written = match self.unless_cut_off(self.raft.client_write(request)).await {
@@ -209,6 +231,9 @@ impl Group {
     /// The leader's side of a read index: confirms leadership with a quorum
     /// and returns the index a linearizable read must see applied.
     pub async fn read_index_here(&self) -> Result<u64, ProposeError> {
+        if self.is_abdicating() && self.is_leader() {
+            return Err(ProposeError::NotLeader { leader: None });
+        }
         let Some(read) = self.unless_cut_off(self.raft.get_read_log_id()).await else {
             return Err(cut_off_error());
         };
@@ -279,6 +304,75 @@ impl Group {
             () = cut_off => None,
             done = work => Some(done),
         }
+    }
+
+    // ---- Leadership transfer. openraft 0.9 cannot hand leadership over, so
+    // ---- a transfer makes the leader fall silent until the voters' leader
+    // ---- lease (one election timeout) has run out, keeps every other voter
+    // ---- from campaigning, and has the target campaign. All three lift by
+    // ---- themselves, so a coordinator that dies leaves nothing stuck.
+
+    /// On the leader: for `duration` (or until it steps down), refuse writes
+    /// and reads (`NotLeader`, a 503 the client retries) and send no
+    /// heartbeats, so the voters' leases run out and another node can win
+    /// an election. A zero duration ends it.
+    pub fn abdicate(&self, duration: Duration) {
+        Self::hold(&self.abdicating_until, duration);
+        let runtime = self.raft.runtime_config();
+        runtime.heartbeat(false);
+        runtime.elect(false);
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            if !this.is_abdicating() {
+                this.raft.runtime_config().heartbeat(true);
+                this.restore_elect();
+            }
+        });
+    }
+
+    /// For `duration`, do not campaign: a transfer favours another node. A
+    /// zero duration ends it.
+    pub fn hold_elections(&self, duration: Duration) {
+        Self::hold(&self.elections_held_until, duration);
+        self.raft.runtime_config().elect(false);
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            this.restore_elect();
+        });
+    }
+
+    /// Campaign now, whatever the election timer says.
+    pub async fn campaign(&self) -> Result<(), ProposeError> {
+        self.raft.trigger().elect().await.map_err(|e| ProposeError::Unavailable(e.to_string()))
+    }
+
+    /// How long a leader may go without a quorum's acknowledgement before
+    /// it counts as cut off; also the voters' leader lease.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    fn is_abdicating(&self) -> bool {
+        Self::holding(&self.abdicating_until)
+    }
+
+    /// Campaigns again (if this node may lead) once no transfer holds it back.
+    fn restore_elect(&self) {
+        if !Self::holding(&self.elections_held_until) && !self.is_abdicating() {
+            self.raft.runtime_config().elect(self.may_lead);
+        }
+    }
+
+    fn hold(until: &Mutex<Option<tokio::time::Instant>>, duration: Duration) {
+        let deadline = tokio::time::Instant::now() + duration;
+        // The latest call wins: a zero duration lifts the hold.
+        *until.lock().unwrap_or_else(PoisonError::into_inner) = Some(deadline);
+    }
+
+    fn holding(until: &Mutex<Option<tokio::time::Instant>>) -> bool {
+        until.lock().unwrap_or_else(PoisonError::into_inner).is_some_and(|until| tokio::time::Instant::now() < until)
     }
 
     /// This replica's view of the group, for `surge ctl status`.

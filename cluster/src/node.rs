@@ -12,11 +12,12 @@ use crate::actors::{ActorLimits, Router};
 use crate::clock::Clock;
 use crate::drill::{self, DrillError, DrillReport, Drills};
 use crate::group::{Group, GroupConfig};
+use crate::leadership::{self, LeaderMoved, TransferError};
 use crate::network::NoPeers;
 use crate::status::NodeStatus;
 use crate::topology::Topology;
 use crate::transport::{
-    ClientLimits, GroupHandler, PeerClients, PeerForwarder, PeerNetwork, PeerServer, PeerTls, ServerLimits,
+    ClientLimits, GroupHandler, PeerBody, PeerClients, PeerForwarder, PeerNetwork, PeerServer, PeerTls, ServerLimits,
 };
 use crate::ProposeError;
 
@@ -166,6 +167,34 @@ impl Node {
         let (report, zone_nodes) = drill::plan_zone_loss(self, zone, isolate_for, requested_by, self.clock_ms())?;
         actix::spawn(drill::run_zone_loss(self.clone(), report.id, zone_nodes, isolate_for));
         Ok(report)
+    }
+
+    /// Moves the group's leadership to node `to` (see [`crate::leadership`]).
+    pub async fn transfer_leadership(&self, to: u64) -> Result<LeaderMoved, TransferError> {
+        leadership::transfer(self, to, self.group.lease()).await
+    }
+
+    /// Has node `node` (this one included) do one step of a leadership
+    /// transfer of the group.
+    pub(crate) async fn transfer_step(&self, node: u64, step: PeerBody) -> Result<(), ProposeError> {
+        if node == self.id() {
+            return match step {
+                PeerBody::Abdicate { for_ms } => {
+                    self.group.abdicate(Duration::from_millis(for_ms));
+                    Ok(())
+                }
+                PeerBody::HoldElections { for_ms } => {
+                    self.group.hold_elections(Duration::from_millis(for_ms));
+                    Ok(())
+                }
+                PeerBody::Campaign => self.group.campaign().await,
+                other => Err(ProposeError::Unavailable(format!("{} is not a transfer step", other.kind()))),
+            };
+        }
+        match &self.peers {
+            Some(peers) => peers.forwarder.transfer_step(node, 0, step).await,
+            None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
+        }
     }
 
     /// Cuts node `node` off from every other node for `duration`: the zone-

@@ -127,9 +127,11 @@ impl PeerHandler for Echo {
                     PeerResponse::Forward(Ok(Response { outcomes }))
                 }
                 PeerBody::ReadIndex => PeerResponse::ReadIndex(Ok(u64::from(request.group) * 10)),
-                other @ (PeerBody::Isolate { .. } | PeerBody::Status) => {
-                    return Err(Refusal::Unsupported(other.kind().into()))
-                }
+                other @ (PeerBody::Isolate { .. }
+                | PeerBody::Status
+                | PeerBody::Abdicate { .. }
+                | PeerBody::HoldElections { .. }
+                | PeerBody::Campaign) => return Err(Refusal::Unsupported(other.kind().into())),
             })
         })
     }

@@ -48,6 +48,13 @@ enum CtlCommand {
         #[command(subcommand)]
         drill: Drill,
     },
+    /// Move the group's leadership to a node (e.g. before maintenance on
+    /// the leader's machine). Writes pause for about an election timeout.
+    TransferLeader {
+        /// The node that should lead.
+        #[arg(long)]
+        to: u64,
+    },
     /// The drills the endpoint's node coordinated.
     Drills {
         /// Print the raw JSON instead of a summary.
@@ -95,6 +102,14 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             } else {
                 print!("{}", render_status(&status)?);
             }
+            Ok(())
+        }
+        CtlCommand::TransferLeader { to } => {
+            let moved = api.post("/v1/admin/leader", json!({ "node": to })).await?;
+            println!(
+                "group {}: leadership moved from node {} to node {} in {} ms",
+                moved["group"], moved["from"], moved["to"], moved["took_ms"]
+            );
             Ok(())
         }
         CtlCommand::Drills { json } => {

@@ -356,4 +356,18 @@ async fn checkout_survives_losing_a_zone_and_the_history_is_linearizable() {
     // Through a kill, a restart and a drill, the tiebreaker never led.
     assert!(leaders[0].starts_with("primary"), "the leader left the primary region: {table}");
     assert_eq!(table.lines().filter(|line| line.contains("127.0.0.1:")).count(), 5, "{table}");
+
+    // Leadership moves on the operator's word: to another primary node, and
+    // never to the tiebreaker.
+    let leader: u64 = leaders[0].split_whitespace().nth(2).unwrap().parse().unwrap();
+    let target = if leader == 3 { 1 } else { 3 };
+    let moved = ctl(&["transfer-leader", "--to", &target.to_string()]);
+    assert!(moved.status.success(), "{}", String::from_utf8_lossy(&moved.stderr));
+    let table = String::from_utf8_lossy(&ctl(&["status"]).stdout).into_owned();
+    let leader_rows: Vec<&str> = table.lines().filter(|line| line.contains(" leader ")).collect();
+    assert_eq!(leader_rows.len(), 1, "{table}");
+    assert_eq!(leader_rows[0].split_whitespace().nth(2), Some(target.to_string().as_str()), "{table}");
+    let refused = ctl(&["transfer-leader", "--to", "5"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("never leads"));
 }

@@ -52,6 +52,15 @@ impl PeerForwarder {
         }
     }
 
+    /// Asks node `node` to do its part of a leadership transfer of `group`.
+    pub async fn transfer_step(&self, node: u64, group: u32, step: PeerBody) -> Result<(), ProposeError> {
+        let asked = step.kind();
+        match self.call(node, group, step).await? {
+            PeerResponse::Done(result) => result,
+            other => Err(mismatch(asked, &other)),
+        }
+    }
+
     fn call(&self, leader: u64, group: u32, body: PeerBody) -> BoxFuture<'static, Result<PeerResponse, ProposeError>> {
         let Some(addr) = self.peers.get(&leader) else {
             let error = ProposeError::Unavailable(format!("no peer address for leader {leader}"));
@@ -158,6 +167,15 @@ impl GroupHandler {
         match request.body {
             PeerBody::Forward(commands) => Ok(PeerResponse::Forward(group.propose_here(commands).await)),
             PeerBody::ReadIndex => Ok(PeerResponse::ReadIndex(group.read_index_here().await)),
+            PeerBody::Abdicate { for_ms } => {
+                group.abdicate(Duration::from_millis(for_ms));
+                Ok(PeerResponse::Done(Ok(())))
+            }
+            PeerBody::HoldElections { for_ms } => {
+                group.hold_elections(Duration::from_millis(for_ms));
+                Ok(PeerResponse::Done(Ok(())))
+            }
+            PeerBody::Campaign => Ok(PeerResponse::Done(group.campaign().await)),
             _ => self.raft.dispatch(request).await,
         }
     }

@@ -248,9 +248,13 @@ impl RaftHandler {
             PeerBody::AppendEntries(rpc) => PeerResponse::AppendEntries(raft.append_entries(rpc).await),
             PeerBody::Vote(rpc) => PeerResponse::Vote(raft.vote(rpc).await),
             PeerBody::InstallSnapshot(rpc) => PeerResponse::InstallSnapshot(raft.install_snapshot(rpc).await),
-            other @ (PeerBody::Forward(_) | PeerBody::ReadIndex | PeerBody::Isolate { .. } | PeerBody::Status) => {
-                return Err(Refusal::Unsupported(other.kind().into()))
-            }
+            other @ (PeerBody::Forward(_)
+            | PeerBody::ReadIndex
+            | PeerBody::Isolate { .. }
+            | PeerBody::Status
+            | PeerBody::Abdicate { .. }
+            | PeerBody::HoldElections { .. }
+            | PeerBody::Campaign) => return Err(Refusal::Unsupported(other.kind().into())),
         })
     }
 }

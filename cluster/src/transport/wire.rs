@@ -64,6 +64,20 @@ pub enum PeerBody {
     /// The peer's view of itself and of every group it runs, for `surge ctl
     /// status`. About the node: the group id is ignored.
     Status,
+    /// Leadership transfer, on the leader: fall silent for this long (see
+    /// `crate::Group::abdicate`).
+    Abdicate {
+        /// How long; 0 ends it.
+        for_ms: u64,
+    },
+    /// Leadership transfer, on the voters that are not the target: do not
+    /// campaign for this long.
+    HoldElections {
+        /// How long; 0 ends it.
+        for_ms: u64,
+    },
+    /// Leadership transfer, on the target: campaign now.
+    Campaign,
 }
 
 impl PeerBody {
@@ -77,6 +91,9 @@ impl PeerBody {
             PeerBody::ReadIndex => "read_index",
             PeerBody::Isolate { .. } => "isolate",
             PeerBody::Status => "status",
+            PeerBody::Abdicate { .. } => "abdicate",
+            PeerBody::HoldElections { .. } => "hold_elections",
+            PeerBody::Campaign => "campaign",
         }
     }
 }
@@ -102,6 +119,8 @@ pub enum PeerResponse {
     Isolated,
     /// Answers [`PeerBody::Status`].
     Status(NodeStatus),
+    /// Answers the leadership-transfer requests.
+    Done(Result<(), ProposeError>),
 }
 
 impl PeerResponse {
@@ -115,6 +134,7 @@ impl PeerResponse {
             PeerResponse::ReadIndex(_) => "read_index",
             PeerResponse::Isolated => "isolate",
             PeerResponse::Status(_) => "status",
+            PeerResponse::Done(_) => "done",
         }
     }
 }
