@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use domain::{Command, GroupState, Request, Response};
 use futures::future::BoxFuture;
@@ -99,9 +101,9 @@ pub struct Group {
     /// While a leadership transfer moves leadership away from this node:
     /// until when it refuses writes and sends no heartbeats (see
     /// [`Group::abdicate`]).
-    abdicating_until: Arc<Mutex<Option<tokio::time::Instant>>>,
+    abdicating_until: Arc<Mutex<Option<Instant>>>,
     /// Until when this node does not campaign (a transfer favours another).
-    elections_held_until: Arc<Mutex<Option<tokio::time::Instant>>>,
+    elections_held_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Group {
@@ -118,6 +120,21 @@ impl Group {
         members: BTreeMap<u64, BasicNode>,
         bootstrap: bool,
     ) -> Result<Group, ProposeError> {
+        let database = redb::Database::create(data_dir.join("group-0.redb"))
+            .map_err(|e| ProposeError::Unavailable(format!("open the group's database: {e}")))?;
+        Group::open_on(config, Arc::new(database), clock, network, members, bootstrap).await
+    }
+
+    /// Like [`Group::open`], on a database the caller built: the simulator's
+    /// has a disk that loses what was not fsynced when its node crashes.
+    pub async fn open_on<N: RaftNetworkFactory<TypeConfig>>(
+        config: &GroupConfig,
+        database: Arc<redb::Database>,
+        clock: Arc<dyn Clock>,
+        network: N,
+        members: BTreeMap<u64, BasicNode>,
+        bootstrap: bool,
+    ) -> Result<Group, ProposeError> {
         let raft_config = openraft::Config {
             cluster_name: "surge".into(),
             heartbeat_interval: config.heartbeat_ms,
@@ -128,8 +145,8 @@ impl Group {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| ProposeError::Unavailable(e.to_string()))?);
-        let (log, state_machine) = storage::open::<TypeConfig>(&data_dir.join("group-0.redb"))
-            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let (log, state_machine) =
+            storage::from_database::<TypeConfig>(database).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let state = state_machine.reader();
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
@@ -365,14 +382,14 @@ impl Group {
         }
     }
 
-    fn hold(until: &Mutex<Option<tokio::time::Instant>>, duration: Duration) {
-        let deadline = tokio::time::Instant::now() + duration;
+    fn hold(until: &Mutex<Option<Instant>>, duration: Duration) {
+        let deadline = Instant::now() + duration;
         // The latest call wins: a zero duration lifts the hold.
         *until.lock().unwrap_or_else(PoisonError::into_inner) = Some(deadline);
     }
 
-    fn holding(until: &Mutex<Option<tokio::time::Instant>>) -> bool {
-        until.lock().unwrap_or_else(PoisonError::into_inner).is_some_and(|until| tokio::time::Instant::now() < until)
+    fn holding(until: &Mutex<Option<Instant>>) -> bool {
+        until.lock().unwrap_or_else(PoisonError::into_inner).is_some_and(|until| Instant::now() < until)
     }
 
     /// This replica's view of the group, for `surge ctl status`.

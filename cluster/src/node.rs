@@ -109,11 +109,22 @@ impl Node {
             let (group, peers) = open_clustered(config, data_dir, clock.clone(), members, bootstrap).await?;
             (group, Some(peers))
         };
+        Ok(Node::assemble(group, config, clock, peers))
+    }
+
+    /// A node around an open group: its actors and its expiry ticker. The
+    /// simulator builds its nodes this way, over its own network and disk.
+    /// Must run inside an actix system.
+    pub fn with_group(group: Group, config: &NodeConfig, clock: Arc<dyn Clock>) -> Node {
+        Node::assemble(group, config, clock, None)
+    }
+
+    fn assemble(group: Group, config: &NodeConfig, clock: Arc<dyn Clock>, peers: Option<Peers>) -> Node {
         let router = Router::new(group.clone(), config.actors.clone());
         let tick = Duration::from_millis(config.expiry_tick_ms.max(10));
         actix::spawn(expire_holds(group.clone(), clock.clone(), tick));
         let topology = Arc::new(config.topology.clone());
-        Ok(Node { group, router, topology, clock, drills: Drills::default(), peers })
+        Node { group, router, topology, clock, drills: Drills::default(), peers }
     }
 
     /// This node's Raft id.
@@ -283,6 +294,10 @@ async fn expire_holds(group: Group, clock: Arc<dyn Clock>, tick: Duration) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
+        if group.raft().metrics().borrow().running_state.is_err() {
+            // Raft stopped (shutdown, or a crash in the simulator): so does this.
+            return;
+        }
         let due = group.read_local(GroupState::next_deadline_ms).is_some_and(|deadline| deadline <= clock.now_ms());
         if due && group.is_leader() {
             if let Err(error) = group.propose(Vec::new()).await {

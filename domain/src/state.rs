@@ -384,6 +384,11 @@ impl GroupState {
         self.deadlines.first().map(|&(pay_by_ms, _)| pay_by_ms)
     }
 
+    /// Every order ever placed, by id: what the simulator's checkers audit.
+    pub fn orders(&self) -> impl Iterator<Item = &Order> + '_ {
+        self.orders.values()
+    }
+
     /// How many orders are in each status, in `OrderStatus` declaration order
     /// (pending, paid, cancelled, expired).
     pub fn order_counts(&self) -> [u64; 4] {

@@ -25,6 +25,7 @@
 pub mod codec;
 mod error;
 mod log_store;
+pub mod runtime;
 mod schema;
 mod state_machine;
 
@@ -43,12 +44,14 @@ pub use crate::state_machine::StateMachineStore;
 pub use crate::state_machine::StateReader;
 
 openraft::declare_raft_types!(
-    /// The production Raft type config of a Surge group: domain requests and responses,
-    /// openraft's defaults (tokio runtime, `u64` node ids, `BasicNode`) otherwise.
+    /// The Raft type config of a Surge group: domain requests and responses, tokio with a
+    /// seedable generator ([`runtime::SurgeRuntime`], so the simulator replays elections),
+    /// openraft's defaults (`u64` node ids, `BasicNode`) otherwise.
     pub TypeConfig:
         D = domain::Request,
         R = domain::Response,
         SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = runtime::SurgeRuntime,
 );
 
 /// Any Raft type config whose data the stores can persist: Surge's request and response,
