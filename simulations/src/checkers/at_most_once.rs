@@ -1,0 +1,29 @@
+//! Invariant 4: one idempotency key, at most one order. Every answer to a
+//! key named the same order, and no session holds more orders than the keys
+//! it used.
+
+use std::collections::BTreeMap;
+
+use super::Final;
+
+pub fn check(view: &Final<'_>) -> Result<(), String> {
+    for ((session, key), orders) in &view.oracle.answers {
+        if orders.len() > 1 {
+            return Err(format!("session {session} key {key} was answered with orders {orders:?}"));
+        }
+    }
+    for (node, state) in view.replicas {
+        let mut per_session: BTreeMap<u64, u64> = BTreeMap::new();
+        for order in state.orders() {
+            *per_session.entry(order.session).or_default() += 1;
+        }
+        for (session, count) in per_session {
+            // The probe session uses one key and is not in the oracle's keys.
+            let keys = view.oracle.keys.get(&session).map_or(1, |keys| keys.len() as u64);
+            if count > keys {
+                return Err(format!("node {node}: session {session} has {count} orders from {keys} keys"));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The fault schedule: drawn from the seed at the start of a run, applied
+//! while the crowd shops, and all healed by its end. Faults overlap: a zone
+//! may be cut off while another node crashes and the network drops packets.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::net::Weather;
+use crate::world::World;
+
+/// One thing that goes wrong.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Cut `nodes` off from every other node, both ways: one node, a
+    /// whole zone, the tiebreaker.
+    Isolate { nodes: Vec<u64> },
+    /// Cut one direction only: `from` cannot reach `to`.
+    OneWay { from: u64, to: u64 },
+    /// Power cut; the node restarts from its disk when the fault ends.
+    Crash { node: u64 },
+    /// The node's clock jumps by `delta_ms` (and stays jumped).
+    ClockJump { node: u64, delta_ms: i64 },
+    /// Messages are slower, some lost, some delivered twice.
+    Storm { weather: Weather },
+}
+
+/// A fault, when it starts and how long it lasts.
+#[derive(Clone, Debug)]
+pub struct Scheduled {
+    pub at_ms: u64,
+    pub for_ms: u64,
+    pub fault: Fault,
+}
+
+/// Draws a schedule of faults between `from_ms` and `until_ms`, each ending
+/// by `until_ms`.
+pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
+    let ids = world.ids();
+    let mut faults = Vec::new();
+    let mut at = from_ms;
+    loop {
+        at += world.draw(|rng| rng.gen_range(1_000..6_000));
+        if at + 500 >= until_ms {
+            break;
+        }
+        let for_ms = world.draw(|rng| rng.gen_range(500..8_000)).min(until_ms - at);
+        let fault = world.draw(|rng| match rng.gen_range(0..9) {
+            0 => Fault::Isolate { nodes: vec![ids[rng.gen_range(0..ids.len())]] },
+            1 => Fault::Isolate { nodes: world.zone("a") },
+            2 => Fault::Isolate { nodes: world.zone("b") },
+            3 => Fault::Isolate { nodes: world.zone("t") },
+            4 => {
+                let from = ids[rng.gen_range(0..ids.len())];
+                let to = ids[rng.gen_range(0..ids.len())];
+                Fault::OneWay { from, to }
+            }
+            5 | 6 => Fault::Crash { node: ids[rng.gen_range(0..ids.len())] },
+            7 => Fault::ClockJump { node: ids[rng.gen_range(0..ids.len())], delta_ms: rng.gen_range(-3_000..3_000) },
+            _ => Fault::Storm {
+                weather: Weather {
+                    delay_ms: (1, rng.gen_range(5..150)),
+                    drop_per_mille: rng.gen_range(0..200),
+                    duplicate_per_mille: rng.gen_range(0..50),
+                },
+            },
+        });
+        faults.push(Scheduled { at_ms: at, for_ms, fault });
+    }
+    faults
+}
+
+/// Applies `scheduled` at its time and undoes it when it ends.
+pub async fn run(world: Rc<World>, scheduled: Scheduled) {
+    let Scheduled { at_ms, for_ms, fault } = scheduled;
+    tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(world.trace.now_ms()))).await;
+    world.trace.event(format!("fault {fault:?} for {for_ms} ms"));
+    let ids = world.ids();
+    let cuts: Vec<(u64, u64)> = match &fault {
+        Fault::Isolate { nodes } => nodes
+            .iter()
+            .flat_map(|&inside| {
+                ids.iter().filter(|id| !nodes.contains(id)).flat_map(move |&out| [(inside, out), (out, inside)])
+            })
+            .collect(),
+        Fault::OneWay { from, to } if from != to => vec![(*from, *to)],
+        _ => Vec::new(),
+    };
+    for &(from, to) in &cuts {
+        world.net.cut(from, to);
+    }
+    match &fault {
+        Fault::Crash { node } => world.crash(*node).await,
+        Fault::ClockJump { node, delta_ms } => world.clock(*node).jump(*delta_ms),
+        Fault::Storm { weather } => world.net.set_weather(*weather),
+        _ => {}
+    }
+    tokio::time::sleep(Duration::from_millis(for_ms)).await;
+    for &(from, to) in &cuts {
+        world.net.uncut(from, to);
+    }
+    match &fault {
+        Fault::Crash { node } if !world.is_up(*node) => {
+            if let Err(error) = world.start(*node).await {
+                world.fail(format!("restart after a crash: {error}"));
+            }
+        }
+        Fault::Storm { .. } => world.net.set_weather(Weather::CALM),
+        _ => {}
+    }
+    world.trace.event(format!("healed {fault:?}"));
+}

@@ -1,0 +1,186 @@
+//! Surge's deterministic simulator.
+//!
+//! Every node of the default topology (zones a and b, the tiebreaker) runs
+//! its real actors, openraft group and redb storage in this one thread, on a
+//! simulated network, disk and clock, while a seeded schedule breaks things
+//! and a seeded crowd shops. Checkers then prove the invariants of
+//! DESIGN.md. A seed replays its run exactly:
+//!
+//! ```text
+//! cargo run -p simulations --release -- --seed 42 --trace
+//! ```
+
+mod checkers;
+mod clock;
+mod disk;
+mod faults;
+mod net;
+mod sim;
+mod trace;
+mod workload;
+mod world;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+
+/// Run seeds of the whole-topology simulation and check every invariant.
+///
+/// With no seed given: replays the regression seeds, checks determinism
+/// (each of a few seeds run twice must give the same trace), then runs
+/// fresh random seeds.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Run this one seed (and nothing else).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print every event of the run as it happens (with --seed).
+    #[arg(long)]
+    trace: bool,
+    /// Fresh random seeds to run.
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// Keep running fresh seeds for this many minutes instead (soak).
+    #[arg(long)]
+    minutes: Option<u64>,
+    /// The first fresh seed (default: drawn from the OS); the next ones follow it.
+    #[arg(long)]
+    from: Option<u64>,
+    /// Seeds checked for determinism by running each twice.
+    #[arg(long, default_value_t = 3)]
+    determinism: u64,
+    /// The regression list: seeds that once failed, replayed every run.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/regressions.txt"))]
+    regressions: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sim::capture_panics();
+    if let Some(seed) = args.seed {
+        let started = Instant::now();
+        let report = sim::run(seed, false, args.trace);
+        print_report(&report, started.elapsed());
+        if !report.failures.is_empty() {
+            bail!("seed {seed} failed");
+        }
+        return Ok(());
+    }
+
+    let mut totals = Totals::default();
+    let regressions = read_regressions(&args.regressions)?;
+    println!("regression seeds: {}", regressions.len());
+    for seed in regressions {
+        totals.run(seed);
+    }
+
+    let from = args.from.unwrap_or_else(rand::random);
+    println!("fresh seeds from {from}");
+    for seed in from..from.saturating_add(args.determinism) {
+        let (first, second) = (sim::run(seed, true, false), sim::run(seed, true, false));
+        if first.hash != second.hash {
+            let at = first.trace.iter().zip(&second.trace).position(|(a, b)| a != b).unwrap_or(first.trace.len());
+            println!("seed {seed} is NOT deterministic: traces differ from event {at}");
+            println!("  first run:  {}", first.trace.get(at).map_or("(ended)", String::as_str));
+            println!("  second run: {}", second.trace.get(at).map_or("(ended)", String::as_str));
+            totals.failed.push(seed);
+        } else {
+            println!("seed {seed} deterministic: {} events, trace {}", first.events, &first.hash[..16]);
+        }
+    }
+
+    let deadline = args.minutes.map(|m| Instant::now() + Duration::from_secs(m * 60));
+    let mut seed = from;
+    loop {
+        let done = match deadline {
+            Some(deadline) => Instant::now() >= deadline,
+            None => seed >= from.saturating_add(args.seeds),
+        };
+        if done {
+            break;
+        }
+        totals.run(seed);
+        seed += 1;
+    }
+    totals.print();
+    if !totals.failed.is_empty() {
+        bail!("{} seed(s) failed: {:?}", totals.failed.len(), totals.failed);
+    }
+    Ok(())
+}
+
+/// Seeds from the regression file: one per line, `#` starts a comment.
+fn read_regressions(path: &PathBuf) -> anyhow::Result<Vec<u64>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|line| !line.is_empty())
+        .map(|line| line.parse().with_context(|| format!("{}: {line:?} is not a seed", path.display())))
+        .collect()
+}
+
+/// Counts over many runs.
+#[derive(Default)]
+struct Totals {
+    runs: u64,
+    simulated_ms: u64,
+    wall: Duration,
+    acked: usize,
+    failed: Vec<u64>,
+    /// When to print the next progress line.
+    next_progress: u64,
+}
+
+impl Totals {
+    fn run(&mut self, seed: u64) {
+        let started = Instant::now();
+        let report = sim::run(seed, false, false);
+        let wall = started.elapsed();
+        self.runs += 1;
+        self.simulated_ms += report.simulated_ms;
+        self.wall += wall;
+        self.acked += report.acked;
+        if !report.failures.is_empty() {
+            print_report(&report, wall);
+            self.failed.push(seed);
+        } else if self.runs >= self.next_progress {
+            println!("{} runs, {} failed so far", self.runs, self.failed.len());
+            self.next_progress += 100;
+        }
+    }
+
+    fn print(&self) {
+        let simulated = self.simulated_ms as f64 / 1000.0;
+        println!(
+            "{} runs, {} failed; {:.0} simulated s in {:.1} wall s ({:.0} simulated s per wall s); {} orders acknowledged",
+            self.runs,
+            self.failed.len(),
+            simulated,
+            self.wall.as_secs_f64(),
+            simulated / self.wall.as_secs_f64().max(1e-9),
+            self.acked
+        );
+    }
+}
+
+fn print_report(report: &sim::Report, wall: Duration) {
+    let verdict = if report.failures.is_empty() { "passed" } else { "FAILED" };
+    println!(
+        "seed {} {verdict}: {:.1} simulated s in {:.2} wall s, {} events, {} orders acknowledged, {} checkouts unanswered, trace {}",
+        report.seed,
+        report.simulated_ms as f64 / 1000.0,
+        wall.as_secs_f64(),
+        report.events,
+        report.acked,
+        report.unknown,
+        &report.hash[..16]
+    );
+    for failure in &report.failures {
+        println!("  {failure}");
+    }
+    if !report.failures.is_empty() {
+        println!("  replay: cargo run -p simulations --release -- --seed {} --trace", report.seed);
+    }
+}

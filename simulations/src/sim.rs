@@ -1,0 +1,189 @@
+//! One run: a seed in, a verdict and the trace's hash out.
+//!
+//! Determinism comes from running everything on one thread, on a tokio
+//! current-thread runtime with paused time and a fixed scheduler seed
+//! (`rng_seed`, which needs `--cfg tokio_unstable`, set in
+//! `.cargo/config.toml`), with openraft's randomness drawn from a generator
+//! seeded by the run ([`storage::runtime::seed_raft_rng`]), and every other
+//! choice drawn from the world's seeded generators.
+
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::time::Duration;
+
+use domain::GroupState;
+
+use crate::checkers::{self, Final};
+use crate::faults;
+use crate::trace::Trace;
+use crate::workload::{self, Oracle, HOLD_MS};
+use crate::world::World;
+
+/// Shoppers in a run.
+const SHOPPERS: u64 = 40;
+/// Shoppers arrive and start checkouts until then.
+const WORKLOAD_UNTIL_MS: u64 = 45_000;
+/// Faults start after the sales exist and all end by then.
+const FAULTS_FROM_MS: u64 = 2_000;
+const FAULTS_UNTIL_MS: u64 = 50_000;
+/// A run lasts at least this long in simulated time.
+const RUN_MIN_MS: u64 = 60_000;
+/// How long the replicas get to catch up after the heal.
+const CONVERGE_MAX: Duration = Duration::from_secs(30);
+
+/// What one run found.
+#[derive(Debug)]
+pub struct Report {
+    pub seed: u64,
+    /// Broken properties and other failures; empty when the run passed.
+    pub failures: Vec<String>,
+    /// Hash of the full event trace.
+    pub hash: String,
+    pub events: u64,
+    /// The events, when they were kept.
+    pub trace: Vec<String>,
+    pub simulated_ms: u64,
+    /// Acknowledged orders and checkouts without a definite answer.
+    pub acked: usize,
+    pub unknown: u64,
+}
+
+thread_local! {
+    /// Panics caught by the hook during the current run.
+    static PANICS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Routes panics (an assertion in `apply`, a checker's own bug) into the
+/// run's failures instead of the terminal.
+pub fn capture_panics() {
+    std::panic::set_hook(Box::new(|info| PANICS.with(|panics| panics.borrow_mut().push(info.to_string()))));
+}
+
+/// Runs `seed`. `keep` keeps the trace's events; `echo` prints them live.
+pub fn run(seed: u64, keep: bool, echo: bool) -> Report {
+    storage::runtime::seed_raft_rng(seed);
+    PANICS.with(|panics| panics.borrow_mut().clear());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
+        .build()
+        .expect("a current-thread runtime");
+    let system = actix_rt::System::with_tokio_rt(|| runtime);
+    let trace = Trace::new(keep, echo);
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| system.block_on(simulate(seed, trace.clone()))));
+    let (mut failures, simulated_ms, acked, unknown) = match outcome {
+        Ok(found) => found,
+        Err(_) => (Vec::new(), trace.now_ms(), 0, 0),
+    };
+    failures
+        .extend(PANICS.with(|panics| panics.borrow_mut().drain(..).map(|p| format!("panic: {p}")).collect::<Vec<_>>()));
+    let (hash, events) = trace.digest();
+    Report { seed, failures, hash, events, trace: trace.events(), simulated_ms, acked, unknown }
+}
+
+/// The run itself, inside the simulated runtime.
+async fn simulate(seed: u64, trace: Trace) -> (Vec<String>, u64, usize, u64) {
+    let world = Rc::new(World::new(seed, trace.clone()));
+    let oracle = Rc::new(RefCell::new(Oracle::default()));
+    for id in world.ids() {
+        if let Err(error) = world.start(id).await {
+            world.fail(error);
+            return (world.failures(), trace.now_ms(), 0, 0);
+        }
+    }
+    if let Err(error) = workload::create_sales(&world).await {
+        world.fail(error);
+        world.stop().await;
+        return (world.failures(), trace.now_ms(), 0, 0);
+    }
+
+    let schedule = faults::schedule(&world, FAULTS_FROM_MS, FAULTS_UNTIL_MS);
+    let faults: Vec<_> = schedule.into_iter().map(|fault| actix_rt::spawn(faults::run(world.clone(), fault))).collect();
+    let sampler = actix_rt::spawn(workload::sampler(world.clone(), oracle.clone(), FAULTS_UNTIL_MS + 5_000));
+    let operator = actix_rt::spawn(workload::operator(world.clone(), WORKLOAD_UNTIL_MS));
+    let shoppers: Vec<_> = (0..SHOPPERS)
+        .map(|n| actix_rt::spawn(workload::shopper(world.clone(), oracle.clone(), n, WORKLOAD_UNTIL_MS)))
+        .collect();
+    for task in faults.into_iter().chain(shoppers).chain([operator]) {
+        let _ = task.await;
+    }
+    trace.event("faults healed, crowd gone");
+
+    // Every node up again, checkout must work again, holds must expire.
+    for id in world.ids() {
+        if !world.is_up(id) {
+            if let Err(error) = world.start(id).await {
+                world.fail(error);
+            }
+        }
+    }
+    workload::probe_liveness(&world, &oracle).await;
+    tokio::time::sleep(Duration::from_millis(HOLD_MS + 1_500)).await;
+    let now = trace.now_ms();
+    if now < RUN_MIN_MS {
+        tokio::time::sleep(Duration::from_millis(RUN_MIN_MS - now)).await;
+    }
+    let _ = sampler.await;
+
+    let replicas = converged(&world).await;
+    let mut failures = world.failures();
+    let (acked, unknown) = {
+        let oracle = oracle.borrow();
+        match replicas {
+            Ok(replicas) => {
+                trace.event(format!("final state {:016x}", state_digest(&replicas[0].1)));
+                failures.extend(checkers::run(&Final { replicas: &replicas, oracle: &oracle }));
+            }
+            Err(why) => failures.push(format!("replicas converge: {why}")),
+        }
+        (oracle.acked.len(), oracle.unknown)
+    };
+    for failure in &failures {
+        trace.event(format!("FAILED {failure}"));
+    }
+    world.stop().await;
+    (failures, trace.now_ms(), acked, unknown)
+}
+
+/// Waits until every replica has applied the same log, then returns each
+/// replica's state.
+async fn converged(world: &World) -> Result<Vec<(u64, GroupState)>, String> {
+    let deadline = tokio::time::Instant::now() + CONVERGE_MAX;
+    loop {
+        let applied: Vec<(u64, Option<u64>, Option<u64>)> = world
+            .ids()
+            .into_iter()
+            .map(|id| match world.node(id) {
+                Some(node) => {
+                    let metrics = node.group().raft().metrics().borrow().clone();
+                    (id, metrics.last_applied.map(|log_id| log_id.index), metrics.last_log_index)
+                }
+                None => (id, None, None),
+            })
+            .collect();
+        let highest = applied.iter().filter_map(|(_, _, last)| *last).max();
+        let caught_up = highest.is_some() && applied.iter().all(|(_, done, _)| *done == highest);
+        if caught_up {
+            return Ok(world
+                .ids()
+                .into_iter()
+                .filter_map(|id| world.node(id).map(|node| (id, node.read_local(GroupState::clone))))
+                .collect());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "not caught up {CONVERGE_MAX:?} after the heal: (node, applied, last log) {applied:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A short fingerprint of a state, for the trace.
+fn state_digest(state: &GroupState) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{state:?}").as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}

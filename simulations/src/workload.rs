@@ -1,0 +1,361 @@
+//! The seeded crowd: shoppers who open sessions, check out the hot SKU and
+//! cold ones (directly or through their cart), retry with the same
+//! idempotency key when an answer is lost, pay, cancel or walk away, through
+//! endpoints in both zones; and an operator who restocks. Every answer the
+//! cluster gave is written down in the [`Oracle`] for the checkers.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+use cluster::{Node, ProposeError};
+use domain::{Command, Line, OrderId, OrderStatus, Outcome, Rejection, Sale, SessionId};
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::clock::EPOCH_MS;
+use crate::world::World;
+
+/// The flash-sale SKU and two ordinary ones.
+pub const HOT: &str = "hot";
+/// Ordinary SKUs some shoppers add.
+pub const COLD: [&str; 2] = ["cold-a", "cold-b"];
+/// Most units of the hot SKU one shopper may hold or buy.
+pub const HOT_LIMIT: u32 = 2;
+/// A checkout's payment window.
+pub const HOLD_MS: u64 = 3_000;
+/// How long a client keeps retrying one operation before it gives up and
+/// counts the outcome as unknown.
+const GIVE_UP: Duration = Duration::from_secs(30);
+/// Bound on one attempt, on top of the node's own timeouts.
+const ATTEMPT_MAX: Duration = Duration::from_secs(10);
+
+/// What a shopper was told about one of its orders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Told {
+    /// Reserved, pending payment.
+    Reserved,
+    /// Paid.
+    Paid,
+    /// Cancelled.
+    Cancelled,
+}
+
+/// An acknowledged order, as its shopper remembers it.
+#[derive(Clone, Debug)]
+pub struct Acked {
+    pub session: SessionId,
+    pub key: String,
+    pub lines: Vec<Line>,
+    pub told: Told,
+}
+
+/// Everything the cluster answered, for the checkers.
+#[derive(Debug, Default)]
+pub struct Oracle {
+    /// Acknowledged orders by id.
+    pub acked: BTreeMap<OrderId, Acked>,
+    /// The orders each (session, key) was answered with: at most one each.
+    pub answers: BTreeMap<(SessionId, String), BTreeSet<OrderId>>,
+    /// Keys each session used.
+    pub keys: BTreeMap<SessionId, BTreeSet<String>>,
+    /// Checkouts answered definitely (an order or a refusal), and not.
+    pub decided: u64,
+    pub unknown: u64,
+    /// Stock invariant breaks the sampler saw on any replica.
+    pub violations: Vec<Sighting>,
+    /// Simulated ms from the end of the faults until a checkout succeeded.
+    pub recovered_after_ms: Option<u64>,
+}
+
+/// One replica's stock of one SKU, as the sampler saw it break an invariant.
+#[derive(Clone, Debug)]
+pub struct Sighting {
+    pub at_ms: u64,
+    pub node: u64,
+    pub sku: String,
+    pub stock: domain::Stock,
+}
+
+impl std::fmt::Display for Sighting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {} at {} ms, {}: {:?}", self.node, self.at_ms, self.sku, self.stock)
+    }
+}
+
+/// Creates the sales, retrying until a leader takes them.
+pub async fn create_sales(world: &World) -> Result<(), String> {
+    let hot_stock = world.draw(|rng| rng.gen_range(20..120));
+    let sales = std::iter::once((HOT, hot_stock, HOT_LIMIT)).chain(COLD.iter().map(|sku| (*sku, 1_000, 0))).map(
+        |(sku, stock, limit)| Sale {
+            sku: sku.into(),
+            name: sku.into(),
+            price_minor: 100,
+            stock,
+            starts_at_ms: EPOCH_MS,
+            ends_at_ms: EPOCH_MS + 24 * 3_600_000,
+            limit_per_shopper: limit,
+        },
+    );
+    for sale in sales {
+        let command = Command::CreateSale(sale.clone());
+        let outcome = definite(world, 0, |node: Node| {
+            let command = command.clone();
+            async move { node.operator(command).await }
+        })
+        .await;
+        match outcome {
+            Some(Outcome::Sku(_)) | Some(Outcome::Rejected(Rejection::SaleExists { .. })) => {}
+            other => return Err(format!("creating sale {}: {other:?}", sale.sku)),
+        }
+    }
+    world.trace.event(format!("sales created, hot stock {hot_stock}"));
+    Ok(())
+}
+
+/// Sends one operation through the endpoints, starting at `first`, until
+/// it gets a definite answer: `None` if it never did (its effect unknown).
+/// A lost answer is retried as it is, which is safe: every command that
+/// could apply twice carries its identity (the idempotency key, the order).
+async fn definite<F, Fut>(world: &World, first: usize, op: F) -> Option<Outcome>
+where
+    F: Fn(Node) -> Fut,
+    Fut: Future<Output = Result<Outcome, ProposeError>>,
+{
+    let endpoints = world.endpoints();
+    let mut at = first % endpoints.len();
+    let started = Instant::now();
+    while started.elapsed() < GIVE_UP {
+        if let Some(node) = world.node(endpoints[at]) {
+            if let Ok(Ok(outcome)) = tokio::time::timeout(ATTEMPT_MAX, op(node)).await {
+                return Some(outcome);
+            }
+        }
+        at = (at + 1) % endpoints.len();
+        let pause = world.draw(|rng| rng.gen_range(20..200));
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    None
+}
+
+/// One shopper's choices, drawn up front from the world's generator.
+struct Plan {
+    arrive_ms: u64,
+    first: usize,
+    checkouts: u32,
+    /// Per checkout: hot units, a cold SKU and its units.
+    carts: Vec<(u32, Option<(&'static str, u32)>)>,
+    via_cart: bool,
+    /// Per checkout: 0 pay, 1 cancel, 2 walk away.
+    fates: Vec<u8>,
+    replays: bool,
+}
+
+impl Plan {
+    fn draw(world: &World, until_ms: u64) -> Plan {
+        world.draw(|rng| {
+            let checkouts = rng.gen_range(1..=3);
+            Plan {
+                arrive_ms: rng.gen_range(0..until_ms.saturating_sub(5_000).max(1)),
+                first: rng.gen(),
+                checkouts,
+                carts: (0..checkouts)
+                    .map(|_| {
+                        let hot = rng.gen_range(0..=2);
+                        let cold =
+                            (hot == 0 || rng.gen_bool(0.3)).then(|| (COLD[rng.gen_range(0..2)], rng.gen_range(1..=3)));
+                        (hot, cold)
+                    })
+                    .collect(),
+                via_cart: rng.gen_bool(0.3),
+                fates: (0..checkouts).map(|_| [0, 0, 0, 1, 2][rng.gen_range(0..5)]).collect(),
+                replays: rng.gen_bool(0.3),
+            }
+        })
+    }
+}
+
+/// One shopper, from arrival to its last order.
+pub async fn shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64, until_ms: u64) {
+    let plan = Plan::draw(&world, until_ms);
+    tokio::time::sleep(Duration::from_millis(plan.arrive_ms)).await;
+    let name = format!("shopper-{n}");
+    let mut attempt = 0u64;
+    let session = loop {
+        attempt += 1;
+        // A hash no token has; a lost answer leaves an unused session behind.
+        let token_hash = format!("{n:032x}{attempt:032x}");
+        let open = |node: Node| {
+            let (name, token_hash) = (name.clone(), token_hash.clone());
+            async move { node.open_session(name, token_hash).await }
+        };
+        match definite(&world, plan.first, open).await {
+            Some(Outcome::SessionOpened { session }) => break session,
+            _ if attempt < 3 => continue,
+            other => {
+                world.trace.event(format!("{name} gave up opening a session: {other:?}"));
+                return;
+            }
+        }
+    };
+    world.trace.event(format!("{name} session {session}"));
+    for c in 0..plan.checkouts as usize {
+        if world.trace.now_ms() > until_ms {
+            return;
+        }
+        let (hot, cold) = plan.carts[c];
+        let mut lines: Vec<Line> = Vec::new();
+        if hot > 0 {
+            lines.push(Line { sku: HOT.into(), qty: hot });
+        }
+        if let Some((sku, qty)) = cold {
+            lines.push(Line { sku: sku.into(), qty });
+        }
+        let items = if plan.via_cart {
+            for line in &lines {
+                let set = Command::SetCartItem { session, sku: line.sku.clone(), qty: line.qty };
+                if definite(&world, plan.first, |node: Node| {
+                    let set = set.clone();
+                    async move { node.shopper(session, set).await }
+                })
+                .await
+                .is_none()
+                {
+                    return;
+                }
+            }
+            None
+        } else {
+            Some(lines.clone())
+        };
+        let key = format!("k{n}-{c}");
+        oracle.borrow_mut().keys.entry(session).or_default().insert(key.clone());
+        let checkout = Command::Checkout { session, idempotency_key: key.clone(), items, hold_ms: HOLD_MS };
+        let order = match decide_checkout(&world, &oracle, &plan, session, &key, &checkout).await {
+            Some(order) => order,
+            None => continue,
+        };
+        let acked = Acked { session, key: key.clone(), lines: order.lines.clone(), told: Told::Reserved };
+        oracle.borrow_mut().acked.insert(order.id, acked);
+        if plan.replays {
+            // The same key again: the same order, never a second one.
+            decide_checkout(&world, &oracle, &plan, session, &key, &checkout).await;
+        }
+        let think = world.draw(|rng| rng.gen_range(0..HOLD_MS + 500));
+        tokio::time::sleep(Duration::from_millis(think)).await;
+        let (command, told) = match plan.fates[c] {
+            0 => (Command::Pay { session, order: order.id }, Told::Paid),
+            1 => (Command::Cancel { session, order: order.id }, Told::Cancelled),
+            _ => {
+                world.trace.event(format!("{name} walks away from order {}", order.id));
+                continue;
+            }
+        };
+        let answer = definite(&world, plan.first, |node: Node| {
+            let command = command.clone();
+            async move { node.shopper(session, command).await }
+        })
+        .await;
+        match answer {
+            Some(Outcome::Order { order: settled, .. }) => {
+                let expected = if told == Told::Paid { OrderStatus::Paid } else { OrderStatus::Cancelled };
+                world.trace.event(format!("{name} order {} now {:?}", settled.id, settled.status));
+                if settled.status == expected {
+                    if let Some(acked) = oracle.borrow_mut().acked.get_mut(&settled.id) {
+                        acked.told = told;
+                    }
+                }
+            }
+            other => world.trace.event(format!("{name} settling order {}: {other:?}", order.id)),
+        }
+    }
+}
+
+/// Sends a checkout until it is decided; records the answer. `Some(order)`
+/// when it placed (or replayed) one.
+async fn decide_checkout(
+    world: &World,
+    oracle: &RefCell<Oracle>,
+    plan: &Plan,
+    session: SessionId,
+    key: &str,
+    checkout: &Command,
+) -> Option<domain::Order> {
+    let answer = definite(world, plan.first, |node: Node| {
+        let checkout = checkout.clone();
+        async move { node.shopper(session, checkout).await }
+    })
+    .await;
+    let mut oracle = oracle.borrow_mut();
+    match answer {
+        Some(Outcome::Order { order, replayed }) => {
+            oracle.decided += 1;
+            oracle.answers.entry((session, key.to_string())).or_default().insert(order.id);
+            world.trace.event(format!("checkout {key} -> order {} (replayed {replayed})", order.id));
+            Some(order)
+        }
+        Some(Outcome::Rejected(rejection)) => {
+            oracle.decided += 1;
+            world.trace.event(format!("checkout {key} -> {rejection:?}"));
+            None
+        }
+        other => {
+            oracle.unknown += 1;
+            world.trace.event(format!("checkout {key} -> unknown ({other:?})"));
+            None
+        }
+    }
+}
+
+/// The operator restocks the hot SKU once, at a random moment. A lost
+/// answer is not retried: a restock carries no identity, so a retry could
+/// add the units twice.
+pub async fn operator(world: Rc<World>, until_ms: u64) {
+    let (at, units, via) = world.draw(|rng| (rng.gen_range(0..until_ms), rng.gen_range(1..20), rng.gen::<usize>()));
+    tokio::time::sleep(Duration::from_millis(at)).await;
+    let endpoints = world.endpoints();
+    let Some(node) = world.node(endpoints[via % endpoints.len()]) else { return };
+    let answer = tokio::time::timeout(ATTEMPT_MAX, node.operator(Command::Restock { sku: HOT.into(), units })).await;
+    world.trace.event(format!("restock {units}: {answer:?}"));
+}
+
+/// Reads every live replica's stock now and then; an oversell or a broken
+/// sum must not exist even for a moment, on any of them.
+pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u64) {
+    while world.trace.now_ms() < until_ms {
+        for id in world.ids() {
+            let Some(node) = world.node(id) else { continue };
+            for view in node.read_local(|s| s.sku_views().collect::<Vec<_>>()) {
+                let stock = view.stock;
+                if stock.held + stock.sold > stock.total || stock.available + stock.held + stock.sold != stock.total {
+                    let sighting = Sighting { at_ms: world.trace.now_ms(), node: id, sku: view.sale.sku, stock };
+                    oracle.borrow_mut().violations.push(sighting);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// After the faults: how long until a fresh shopper's checkout succeeds.
+pub async fn probe_liveness(world: &World, oracle: &RefCell<Oracle>) {
+    let started = world.trace.now_ms();
+    let open = |node: Node| async move { node.open_session("probe".into(), format!("{:064x}", u64::MAX)).await };
+    let Some(Outcome::SessionOpened { session }) = definite(world, 0, open).await else { return };
+    let checkout = Command::Checkout {
+        session,
+        idempotency_key: "probe".into(),
+        items: Some(vec![Line { sku: COLD[0].into(), qty: 1 }]),
+        hold_ms: HOLD_MS,
+    };
+    if let Some(Outcome::Order { .. }) = definite(world, 1, |node: Node| {
+        let checkout = checkout.clone();
+        async move { node.shopper(session, checkout).await }
+    })
+    .await
+    {
+        oracle.borrow_mut().recovered_after_ms = Some(world.trace.now_ms() - started);
+    }
+}

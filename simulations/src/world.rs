@@ -1,0 +1,191 @@
+//! The simulated world: the default topology's five nodes (zones a and b of
+//! the primary region, two each, and the tiebreaker in the DR region), each
+//! a real `cluster::Node` (actors, openraft group, redb storage) on a
+//! simulated disk, clock and network, all on this one thread.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cluster::{ActorLimits, Group, GroupConfig, Node, NodeConfig, NodeSpec, Topology};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::clock::SimClock;
+use crate::disk::Disk;
+use crate::net::{Net, SimForwarder, SimNetwork};
+use crate::trace::Trace;
+
+/// (id, region, zone) of every node.
+const SHAPE: [(u64, &str, &str); 5] =
+    [(1, "primary", "a"), (2, "primary", "a"), (3, "primary", "b"), (4, "primary", "b"), (5, "dr", "t")];
+
+/// One node's machine: its disk and clock outlive its crashes.
+struct Machine {
+    disk: Disk,
+    clock: Arc<SimClock>,
+    /// The running node; `None` while it is down.
+    node: Option<Node>,
+    /// Starts so far.
+    lives: u32,
+}
+
+/// Everything in the run. Shared by the workload and fault tasks (one
+/// thread, so `RefCell`; no borrow is held across an await).
+pub struct World {
+    pub trace: Trace,
+    pub net: Arc<Net>,
+    pub topology: Topology,
+    /// The workload's and the fault schedule's randomness.
+    rng: RefCell<StdRng>,
+    machines: RefCell<BTreeMap<u64, Machine>>,
+    config: NodeConfig,
+    /// Things that went wrong outside the checkers (a node that could not
+    /// restart from its disk).
+    failures: RefCell<Vec<String>>,
+}
+
+impl World {
+    /// A world for `seed`, with no node started yet.
+    pub fn new(seed: u64, trace: Trace) -> World {
+        let mut seeds = StdRng::seed_from_u64(seed);
+        let net = Net::new(StdRng::seed_from_u64(seeds.gen()), trace.clone());
+        let topology = Topology {
+            primary_region: "primary".into(),
+            nodes: SHAPE
+                .iter()
+                .map(|&(id, region, zone)| NodeSpec {
+                    id,
+                    region: region.into(),
+                    zone: zone.into(),
+                    api: format!("sim-{id}:80"),
+                    peer: format!("sim-{id}:90"),
+                })
+                .collect(),
+        };
+        let machines = SHAPE
+            .iter()
+            .map(|&(id, _, _)| {
+                (id, Machine { disk: Disk::default(), clock: Arc::new(SimClock::new()), node: None, lives: 0 })
+            })
+            .collect();
+        let config = NodeConfig {
+            group: GroupConfig {
+                // Small, so snapshots, log purges and snapshot installs all
+                // happen within a run.
+                snapshot_every_entries: 300,
+                log_kept_behind_snapshot: 50,
+                ..GroupConfig::default()
+            },
+            topology: topology.clone(),
+            tls: None,
+            actors: ActorLimits::default(),
+            expiry_tick_ms: 200,
+        };
+        World {
+            trace,
+            net,
+            topology,
+            rng: RefCell::new(StdRng::seed_from_u64(seeds.gen())),
+            machines: RefCell::new(machines),
+            config,
+            failures: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Records a failure of the run.
+    pub fn fail(&self, what: String) {
+        self.trace.event(format!("FAILURE {what}"));
+        self.failures.borrow_mut().push(what);
+    }
+
+    /// The failures recorded so far.
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.borrow().clone()
+    }
+
+    /// Draws from the world's generator.
+    pub fn draw<T>(&self, draw: impl FnOnce(&mut StdRng) -> T) -> T {
+        draw(&mut self.rng.borrow_mut())
+    }
+
+    /// Every node id.
+    pub fn ids(&self) -> Vec<u64> {
+        SHAPE.iter().map(|&(id, _, _)| id).collect()
+    }
+
+    /// The nodes of zone `zone`.
+    pub fn zone(&self, zone: &str) -> Vec<u64> {
+        self.topology.nodes.iter().filter(|n| n.zone == zone).map(|n| n.id).collect()
+    }
+
+    /// The shopper-facing nodes (zones a and b).
+    pub fn endpoints(&self) -> Vec<u64> {
+        self.topology.nodes.iter().filter(|n| n.region == "primary").map(|n| n.id).collect()
+    }
+
+    /// Node `id` if it is up.
+    pub fn node(&self, id: u64) -> Option<Node> {
+        self.machines.borrow().get(&id).and_then(|m| m.node.clone())
+    }
+
+    /// Whether node `id` is up.
+    pub fn is_up(&self, id: u64) -> bool {
+        self.node(id).is_some()
+    }
+
+    /// Node `id`'s clock.
+    pub fn clock(&self, id: u64) -> Arc<SimClock> {
+        self.machines.borrow()[&id].clock.clone()
+    }
+
+    /// Starts node `id` from what its disk holds (nothing, the first time;
+    /// the lowest id then bootstraps the cluster).
+    pub async fn start(&self, id: u64) -> Result<(), String> {
+        let (disk, clock, first) = {
+            let mut machines = self.machines.borrow_mut();
+            let machine = machines.get_mut(&id).expect("a node of the topology");
+            machine.lives += 1;
+            (machine.disk.clone(), machine.clock.clone(), machine.lives == 1)
+        };
+        let database = redb::Builder::new()
+            .set_cache_size(4 << 20)
+            .create_with_backend(disk.incarnation())
+            .map_err(|e| format!("node {id}: open its database: {e}"))?;
+        let config = GroupConfig { node_id: id, may_lead: self.topology.may_lead(id), ..self.config.group.clone() };
+        let bootstrap = first && self.topology.bootstrapper() == Some(id);
+        let network = SimNetwork { id, net: self.net.clone() };
+        let group =
+            Group::open_on(&config, Arc::new(database), clock.clone(), network, self.topology.members(), bootstrap)
+                .await
+                .map_err(|e| format!("node {id}: open its group: {e}"))?
+                .with_forwarder(Arc::new(SimForwarder { id, net: self.net.clone() }));
+        let node = Node::with_group(group.clone(), &self.config, clock);
+        self.net.attach(id, group);
+        self.machines.borrow_mut().get_mut(&id).expect("checked").node = Some(node);
+        self.trace.event(format!("node {id} up"));
+        Ok(())
+    }
+
+    /// Kills node `id` like a power cut: its Raft stops, what its disk had
+    /// not synced is gone, and messages to it are lost until it restarts.
+    pub async fn crash(&self, id: u64) {
+        let node = self.machines.borrow_mut().get_mut(&id).and_then(|m| m.node.take());
+        let Some(node) = node else { return };
+        self.net.detach(id);
+        let _ = node.group().raft().shutdown().await;
+        self.machines.borrow()[&id].disk.crash();
+        self.trace.event(format!("node {id} crashed"));
+    }
+
+    /// Stops every node (end of run), so their tasks end with the runtime.
+    pub async fn stop(&self) {
+        for id in self.ids() {
+            let node = self.machines.borrow_mut().get_mut(&id).and_then(|m| m.node.take());
+            if let Some(node) = node {
+                self.net.detach(id);
+                let _ = node.group().raft().shutdown().await;
+            }
+        }
+    }
+}
