@@ -12,6 +12,7 @@
 //! outcome ([`Outcome::Rejected`]), not an error.
 
 mod limits;
+pub mod mutation;
 mod state;
 mod stock;
 mod types;

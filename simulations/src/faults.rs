@@ -18,8 +18,9 @@ pub enum Fault {
     Isolate { nodes: Vec<u64> },
     /// Cut one direction only: `from` cannot reach `to`.
     OneWay { from: u64, to: u64 },
-    /// Power cut; the node restarts from its disk when the fault ends.
-    Crash { node: u64 },
+    /// Power cut to these nodes (one, a whole zone, or every node); each
+    /// restarts from its disk when the fault ends.
+    Crash { nodes: Vec<u64> },
     /// The node's clock jumps by `delta_ms` (and stays jumped).
     ClockJump { node: u64, delta_ms: i64 },
     /// Messages are slower, some lost, some delivered twice.
@@ -46,7 +47,7 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             break;
         }
         let for_ms = world.draw(|rng| rng.gen_range(500..8_000)).min(until_ms - at);
-        let fault = world.draw(|rng| match rng.gen_range(0..9) {
+        let fault = world.draw(|rng| match rng.gen_range(0..12) {
             0 => Fault::Isolate { nodes: vec![ids[rng.gen_range(0..ids.len())]] },
             1 => Fault::Isolate { nodes: world.zone("a") },
             2 => Fault::Isolate { nodes: world.zone("b") },
@@ -56,7 +57,9 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
                 let to = ids[rng.gen_range(0..ids.len())];
                 Fault::OneWay { from, to }
             }
-            5 | 6 => Fault::Crash { node: ids[rng.gen_range(0..ids.len())] },
+            5 | 6 => Fault::Crash { nodes: vec![ids[rng.gen_range(0..ids.len())]] },
+            9 => Fault::Crash { nodes: world.zone(["a", "b"][rng.gen_range(0..2)]) },
+            10 => Fault::Crash { nodes: ids.clone() },
             7 => Fault::ClockJump { node: ids[rng.gen_range(0..ids.len())], delta_ms: rng.gen_range(-3_000..3_000) },
             _ => Fault::Storm {
                 weather: Weather {
@@ -91,7 +94,11 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
         world.net.cut(from, to);
     }
     match &fault {
-        Fault::Crash { node } => world.crash(*node).await,
+        Fault::Crash { nodes } => {
+            for &node in nodes {
+                world.crash(node).await;
+            }
+        }
         Fault::ClockJump { node, delta_ms } => world.clock(*node).jump(*delta_ms),
         Fault::Storm { weather } => world.net.set_weather(*weather),
         _ => {}
@@ -101,9 +108,13 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
         world.net.uncut(from, to);
     }
     match &fault {
-        Fault::Crash { node } if !world.is_up(*node) => {
-            if let Err(error) = world.start(*node).await {
-                world.fail(format!("restart after a crash: {error}"));
+        Fault::Crash { nodes } => {
+            for &node in nodes {
+                if !world.is_up(node) {
+                    if let Err(error) = world.start(node).await {
+                        world.fail(format!("restart after a crash: {error}"));
+                    }
+                }
             }
         }
         Fault::Storm { .. } => world.net.set_weather(Weather::CALM),

@@ -10,21 +10,12 @@
 //! cargo run -p simulations --release -- --seed 42 --trace
 //! ```
 
-mod checkers;
-mod clock;
-mod disk;
-mod faults;
-mod net;
-mod sim;
-mod trace;
-mod workload;
-mod world;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use simulations::sim::{self, Options};
 
 /// Run seeds of the whole-topology simulation and check every invariant.
 ///
@@ -61,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     sim::capture_panics();
     if let Some(seed) = args.seed {
         let started = Instant::now();
-        let report = sim::run(seed, false, args.trace);
+        let report = sim::run(seed, &Options { echo: args.trace, ..Options::default() });
         print_report(&report, started.elapsed());
         if !report.failures.is_empty() {
             bail!("seed {seed} failed");
@@ -79,7 +70,8 @@ fn main() -> anyhow::Result<()> {
     let from = args.from.unwrap_or_else(rand::random);
     println!("fresh seeds from {from}");
     for seed in from..from.saturating_add(args.determinism) {
-        let (first, second) = (sim::run(seed, true, false), sim::run(seed, true, false));
+        let keep = Options { keep: true, ..Options::default() };
+        let (first, second) = (sim::run(seed, &keep), sim::run(seed, &keep));
         if first.hash != second.hash {
             let at = first.trace.iter().zip(&second.trace).position(|(a, b)| a != b).unwrap_or(first.trace.len());
             println!("seed {seed} is NOT deterministic: traces differ from event {at}");
@@ -136,7 +128,7 @@ struct Totals {
 impl Totals {
     fn run(&mut self, seed: u64) {
         let started = Instant::now();
-        let report = sim::run(seed, false, false);
+        let report = sim::run(seed, &Options::default());
         let wall = started.elapsed();
         self.runs += 1;
         self.simulated_ms += report.simulated_ms;

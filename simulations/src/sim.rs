@@ -12,6 +12,7 @@ use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::time::Duration;
 
+use domain::mutation::Mutation;
 use domain::GroupState;
 
 use crate::checkers::{self, Final};
@@ -60,8 +61,26 @@ pub fn capture_panics() {
     std::panic::set_hook(Box::new(|info| PANICS.with(|panics| panics.borrow_mut().push(info.to_string()))));
 }
 
-/// Runs `seed`. `keep` keeps the trace's events; `echo` prints them live.
-pub fn run(seed: u64, keep: bool, echo: bool) -> Report {
+/// How to run a seed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Keep the trace's events in the report.
+    pub keep: bool,
+    /// Print the trace's events as they happen.
+    pub echo: bool,
+    /// Run with this known bug switched on (the mutation test).
+    pub mutation: Option<Mutation>,
+}
+
+/// Runs `seed`.
+pub fn run(seed: u64, options: &Options) -> Report {
+    domain::mutation::activate(options.mutation);
+    let report = run_world(seed, options.keep, options.echo);
+    domain::mutation::activate(None);
+    report
+}
+
+fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
     storage::runtime::seed_raft_rng(seed);
     PANICS.with(|panics| panics.borrow_mut().clear());
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -177,29 +177,32 @@ impl Plan {
     }
 }
 
+/// Opens a session for `name` (shopper number `n`). An open whose answer
+/// was lost but which applied makes its retry find the token taken; the
+/// shopper then starts another session with a new token, as a client
+/// would, and the first stays unused.
+async fn open_session(world: &World, name: &str, n: u64, first: usize) -> Option<SessionId> {
+    for attempt in 0..10u64 {
+        // A hash no token has.
+        let token_hash = format!("{n:032x}{attempt:032x}");
+        let open = |node: Node| {
+            let (name, token_hash) = (name.to_string(), token_hash.clone());
+            async move { node.open_session(name, token_hash).await }
+        };
+        match definite(world, first, open).await {
+            Some(Outcome::SessionOpened { session }) => return Some(session),
+            other => world.trace.event(format!("{name} could not open a session: {other:?}")),
+        }
+    }
+    None
+}
+
 /// One shopper, from arrival to its last order.
 pub async fn shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64, until_ms: u64) {
     let plan = Plan::draw(&world, until_ms);
     tokio::time::sleep(Duration::from_millis(plan.arrive_ms)).await;
     let name = format!("shopper-{n}");
-    let mut attempt = 0u64;
-    let session = loop {
-        attempt += 1;
-        // A hash no token has; a lost answer leaves an unused session behind.
-        let token_hash = format!("{n:032x}{attempt:032x}");
-        let open = |node: Node| {
-            let (name, token_hash) = (name.clone(), token_hash.clone());
-            async move { node.open_session(name, token_hash).await }
-        };
-        match definite(&world, plan.first, open).await {
-            Some(Outcome::SessionOpened { session }) => break session,
-            _ if attempt < 3 => continue,
-            other => {
-                world.trace.event(format!("{name} gave up opening a session: {other:?}"));
-                return;
-            }
-        }
-    };
+    let Some(session) = open_session(&world, &name, n, plan.first).await else { return };
     world.trace.event(format!("{name} session {session}"));
     for c in 0..plan.checkouts as usize {
         if world.trace.now_ms() > until_ms {
@@ -342,20 +345,20 @@ pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u6
 /// After the faults: how long until a fresh shopper's checkout succeeds.
 pub async fn probe_liveness(world: &World, oracle: &RefCell<Oracle>) {
     let started = world.trace.now_ms();
-    let open = |node: Node| async move { node.open_session("probe".into(), format!("{:064x}", u64::MAX)).await };
-    let Some(Outcome::SessionOpened { session }) = definite(world, 0, open).await else { return };
+    let Some(session) = open_session(world, "probe", u64::MAX, 0).await else { return };
     let checkout = Command::Checkout {
         session,
         idempotency_key: "probe".into(),
         items: Some(vec![Line { sku: COLD[0].into(), qty: 1 }]),
         hold_ms: HOLD_MS,
     };
-    if let Some(Outcome::Order { .. }) = definite(world, 1, |node: Node| {
+    let answer = definite(world, 1, |node: Node| {
         let checkout = checkout.clone();
         async move { node.shopper(session, checkout).await }
     })
-    .await
-    {
+    .await;
+    world.trace.event(format!("probe checkout: {answer:?}"));
+    if let Some(Outcome::Order { .. }) = answer {
         oracle.borrow_mut().recovered_after_ms = Some(world.trace.now_ms() - started);
     }
 }

@@ -20,12 +20,58 @@ use crate::trace::Trace;
 const SHAPE: [(u64, &str, &str); 5] =
     [(1, "primary", "a"), (2, "primary", "a"), (3, "primary", "b"), (4, "primary", "b"), (5, "dr", "t")];
 
+/// The nodes' configuration for this run: production defaults, except that
+/// each rare path is switched on with a chance of one in four (in the
+/// manner of FoundationDB's BUGGIFY), so that some runs snapshot every few
+/// entries, never batch, pipeline proposals, time clients out early, shed
+/// load from tiny queues, or elect leaders twice as fast.
+fn rare_paths(rng: &mut StdRng, trace: &Trace, topology: Topology) -> NodeConfig {
+    let mut group = GroupConfig {
+        // Small, so snapshots, log purges and snapshot installs all happen
+        // within a run.
+        snapshot_every_entries: 300,
+        log_kept_behind_snapshot: 50,
+        ..GroupConfig::default()
+    };
+    let mut actors = ActorLimits::default();
+    let mut on = Vec::new();
+    let mut maybe = |name: &'static str| {
+        rng.gen_range(0..4) == 0 && {
+            on.push(name);
+            true
+        }
+    };
+    if maybe("snapshot every 20 entries") {
+        (group.snapshot_every_entries, group.log_kept_behind_snapshot) = (20, 5);
+    }
+    if maybe("no batching") {
+        actors.batch_max = 1;
+    }
+    if maybe("4 proposals in flight") {
+        actors.proposals_in_flight_max = 4;
+    }
+    if maybe("300 ms request timeout") {
+        actors.request_timeout_ms = 300;
+    }
+    if maybe("queues of 4") {
+        (actors.queue_max, actors.mailbox_max) = (4, 4);
+    }
+    if maybe("fast elections") {
+        (group.heartbeat_ms, group.election_timeout_min_ms, group.election_timeout_max_ms) = (50, 150, 300);
+    }
+    trace.event(format!("rare paths: {on:?}"));
+    NodeConfig { group, topology, tls: None, actors, expiry_tick_ms: 200 }
+}
+
 /// One node's machine: its disk and clock outlive its crashes.
 struct Machine {
     disk: Disk,
     clock: Arc<SimClock>,
-    /// The running node; `None` while it is down.
+    /// The running node; `None` while it is down or starting.
     node: Option<Node>,
+    /// A start is under way (opening the database, starting Raft): a second
+    /// start must not put two processes on one disk.
+    starting: bool,
     /// Starts so far.
     lives: u32,
 }
@@ -66,22 +112,19 @@ impl World {
         let machines = SHAPE
             .iter()
             .map(|&(id, _, _)| {
-                (id, Machine { disk: Disk::default(), clock: Arc::new(SimClock::new()), node: None, lives: 0 })
+                (
+                    id,
+                    Machine {
+                        disk: Disk::default(),
+                        clock: Arc::new(SimClock::new()),
+                        node: None,
+                        starting: false,
+                        lives: 0,
+                    },
+                )
             })
             .collect();
-        let config = NodeConfig {
-            group: GroupConfig {
-                // Small, so snapshots, log purges and snapshot installs all
-                // happen within a run.
-                snapshot_every_entries: 300,
-                log_kept_behind_snapshot: 50,
-                ..GroupConfig::default()
-            },
-            topology: topology.clone(),
-            tls: None,
-            actors: ActorLimits::default(),
-            expiry_tick_ms: 200,
-        };
+        let config = rare_paths(&mut seeds, &trace, topology.clone());
         World {
             trace,
             net,
@@ -129,9 +172,9 @@ impl World {
         self.machines.borrow().get(&id).and_then(|m| m.node.clone())
     }
 
-    /// Whether node `id` is up.
+    /// Whether node `id` is up or starting.
     pub fn is_up(&self, id: u64) -> bool {
-        self.node(id).is_some()
+        self.machines.borrow().get(&id).is_some_and(|m| m.node.is_some() || m.starting)
     }
 
     /// Node `id`'s clock.
@@ -145,9 +188,26 @@ impl World {
         let (disk, clock, first) = {
             let mut machines = self.machines.borrow_mut();
             let machine = machines.get_mut(&id).expect("a node of the topology");
+            if machine.node.is_some() || machine.starting {
+                return Ok(());
+            }
+            machine.starting = true;
             machine.lives += 1;
             (machine.disk.clone(), machine.clock.clone(), machine.lives == 1)
         };
+        let started = self.open(id, disk, clock, first).await;
+        let mut machines = self.machines.borrow_mut();
+        let machine = machines.get_mut(&id).expect("checked");
+        machine.starting = false;
+        let node = started?;
+        self.net.attach(id, node.group().clone());
+        machine.node = Some(node);
+        self.trace.event(format!("node {id} up"));
+        Ok(())
+    }
+
+    /// Opens node `id`'s database and group and assembles the node.
+    async fn open(&self, id: u64, disk: Disk, clock: Arc<SimClock>, first: bool) -> Result<Node, String> {
         let database = redb::Builder::new()
             .set_cache_size(4 << 20)
             .create_with_backend(disk.incarnation())
@@ -160,11 +220,7 @@ impl World {
                 .await
                 .map_err(|e| format!("node {id}: open its group: {e}"))?
                 .with_forwarder(Arc::new(SimForwarder { id, net: self.net.clone() }));
-        let node = Node::with_group(group.clone(), &self.config, clock);
-        self.net.attach(id, group);
-        self.machines.borrow_mut().get_mut(&id).expect("checked").node = Some(node);
-        self.trace.event(format!("node {id} up"));
-        Ok(())
+        Ok(Node::with_group(group, &self.config, clock))
     }
 
     /// Kills node `id` like a power cut: its Raft stops, what its disk had

@@ -118,7 +118,11 @@ impl<C: SurgeTypeConfig> LogStore<C> {
             // Nothing to make durable; skip the commit and its fsync.
             return Ok(());
         }
-        let txn = schema::begin_durable_write(&self.db)?;
+        let txn = if domain::mutation::active(domain::mutation::Mutation::AckBeforeFsync) {
+            schema::begin_lazy_write(&self.db)?
+        } else {
+            schema::begin_durable_write(&self.db)?
+        };
         {
             let mut table = txn.open_table(schema::LOG)?;
             for entry in entries {

@@ -1,0 +1,62 @@
+//! Known bugs, for proving that the simulator's checkers catch them.
+//!
+//! Each [`Mutation`] is a bug Surge must never have: skipping the stock
+//! check, applying a retried checkout twice, acknowledging a log append
+//! before it is fsynced, a deposed leader acknowledging writes. The code
+//! paths that would have the bug ask [`active`] first. The simulator's
+//! mutation test switches them on one at a time and expects a failing seed
+//! within a bounded number of runs.
+//!
+//! Only the `mutations` feature (enabled by the `simulations` crate alone)
+//! compiles the switch in; otherwise [`active`] is a constant `false` and
+//! every check folds away. Even with the feature, nothing but the simulator
+//! ever calls [`activate`].
+
+/// A bug the simulator must catch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mutation {
+    /// A checkout reserves units without checking that enough are available.
+    SkipStockCheck = 1,
+    /// A retried checkout is applied again instead of answered from its key.
+    ApplyRetryTwice = 2,
+    /// Log appends are acknowledged before they are fsynced.
+    AckBeforeFsync = 3,
+    /// A leader cut off from its quorum answers writes from its own state.
+    DeposedLeaderAcks = 4,
+}
+
+impl Mutation {
+    /// Every mutation, for the test that tries them all.
+    pub const ALL: [Mutation; 4] =
+        [Mutation::SkipStockCheck, Mutation::ApplyRetryTwice, Mutation::AckBeforeFsync, Mutation::DeposedLeaderAcks];
+}
+
+#[cfg(feature = "mutations")]
+mod switch {
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use super::Mutation;
+
+    static ACTIVE: AtomicU8 = AtomicU8::new(0);
+
+    /// Switches `mutation` on (and every other off); `None` switches all off.
+    pub fn activate(mutation: Option<Mutation>) {
+        ACTIVE.store(mutation.map_or(0, |m| m as u8), Ordering::SeqCst);
+    }
+
+    /// Whether `mutation` is on.
+    pub fn active(mutation: Mutation) -> bool {
+        ACTIVE.load(Ordering::Relaxed) == mutation as u8
+    }
+}
+
+#[cfg(feature = "mutations")]
+pub use switch::{activate, active};
+
+/// Whether `mutation` is on: never, without the `mutations` feature.
+#[cfg(not(feature = "mutations"))]
+#[inline(always)]
+pub fn active(_mutation: Mutation) -> bool {
+    false
+}
