@@ -30,6 +30,21 @@ impl Mutation {
     /// Every mutation, for the test that tries them all.
     pub const ALL: [Mutation; 4] =
         [Mutation::SkipStockCheck, Mutation::ApplyRetryTwice, Mutation::AckBeforeFsync, Mutation::DeposedLeaderAcks];
+
+    /// Its name on the simulator's command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::SkipStockCheck => "skip-stock-check",
+            Mutation::ApplyRetryTwice => "apply-retry-twice",
+            Mutation::AckBeforeFsync => "ack-before-fsync",
+            Mutation::DeposedLeaderAcks => "deposed-leader-acks",
+        }
+    }
+
+    /// The mutation called `name`.
+    pub fn named(name: &str) -> Option<Mutation> {
+        Mutation::ALL.into_iter().find(|m| m.name() == name)
+    }
 }
 
 #[cfg(feature = "mutations")]

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use domain::mutation::Mutation;
 use simulations::sim::{self, Options};
 
 /// Run seeds of the whole-topology simulation and check every invariant.
@@ -30,6 +31,10 @@ struct Args {
     /// Print every event of the run as it happens (with --seed).
     #[arg(long)]
     trace: bool,
+    /// Switch a known bug on (skip-stock-check, apply-retry-twice,
+    /// ack-before-fsync, deposed-leader-acks): the runs should fail.
+    #[arg(long, value_parser = parse_mutation)]
+    mutation: Option<Mutation>,
     /// Fresh random seeds to run.
     #[arg(long, default_value_t = 100)]
     seeds: u64,
@@ -52,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     sim::capture_panics();
     if let Some(seed) = args.seed {
         let started = Instant::now();
-        let report = sim::run(seed, &Options { echo: args.trace, ..Options::default() });
+        let report = sim::run(seed, &Options { echo: args.trace, mutation: args.mutation, ..Options::default() });
         print_report(&report, started.elapsed());
         if !report.failures.is_empty() {
             bail!("seed {seed} failed");
@@ -60,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let mut totals = Totals::default();
+    let mut totals = Totals { mutation: args.mutation, ..Totals::default() };
     let regressions = read_regressions(&args.regressions)?;
     println!("regression seeds: {}", regressions.len());
     for seed in regressions {
@@ -70,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     let from = args.from.unwrap_or_else(rand::random);
     println!("fresh seeds from {from}");
     for seed in from..from.saturating_add(args.determinism) {
-        let keep = Options { keep: true, ..Options::default() };
+        let keep = Options { keep: true, mutation: args.mutation, ..Options::default() };
         let (first, second) = (sim::run(seed, &keep), sim::run(seed, &keep));
         if first.hash != second.hash {
             let at = first.trace.iter().zip(&second.trace).position(|(a, b)| a != b).unwrap_or(first.trace.len());
@@ -103,6 +108,11 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_mutation(name: &str) -> Result<Mutation, String> {
+    let names: Vec<&str> = Mutation::ALL.iter().map(|m| m.name()).collect();
+    Mutation::named(name).ok_or_else(|| format!("one of {}", names.join(", ")))
+}
+
 /// Seeds from the regression file: one per line, `#` starts a comment.
 fn read_regressions(path: &PathBuf) -> anyhow::Result<Vec<u64>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
@@ -123,12 +133,13 @@ struct Totals {
     failed: Vec<u64>,
     /// When to print the next progress line.
     next_progress: u64,
+    mutation: Option<Mutation>,
 }
 
 impl Totals {
     fn run(&mut self, seed: u64) {
         let started = Instant::now();
-        let report = sim::run(seed, &Options::default());
+        let report = sim::run(seed, &Options { mutation: self.mutation, ..Options::default() });
         let wall = started.elapsed();
         self.runs += 1;
         self.simulated_ms += report.simulated_ms;
