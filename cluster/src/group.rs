@@ -98,12 +98,25 @@ pub struct Group {
     lease: Duration,
     /// Whether this node may campaign when nothing is being transferred.
     may_lead: bool,
-    /// While a leadership transfer moves leadership away from this node:
-    /// until when it refuses writes and sends no heartbeats (see
-    /// [`Group::abdicate`]).
-    abdicating_until: Arc<Mutex<Option<Instant>>>,
-    /// Until when this node does not campaign (a transfer favours another).
-    elections_held_until: Arc<Mutex<Option<Instant>>>,
+    /// What keeps this node from campaigning or heartbeating now; see
+    /// [`Group::apply_holds`].
+    holds: Arc<Mutex<Holds>>,
+}
+
+/// Deadlines that override openraft's elect and heartbeat switches. Kept
+/// under one lock with the switches' last setting, so a newer hold can
+/// never be undone by an older one's expiry.
+#[derive(Debug, Default)]
+struct Holds {
+    /// While leadership is handed away from this node: it refuses writes
+    /// and sends no heartbeats (see [`Group::abdicate`]).
+    abdicating_until: Option<Instant>,
+    /// A transfer favours another node: this one does not campaign.
+    elections_held_until: Option<Instant>,
+    /// When this node last heard from a leader (an append-entries call) or
+    /// led itself. A follower that never campaigns keeps naming its old
+    /// leader for ever, so this, not `current_leader`, says it is stranded.
+    heard_from_leader: Option<Instant>,
 }
 
 impl Group {
@@ -140,6 +153,9 @@ impl Group {
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: config.election_timeout_min_ms,
             election_timeout_max: config.election_timeout_max_ms,
+            // Set before Raft starts, so a tiebreaker never campaigns early;
+            // afterwards the hold ticker owns the switch.
+            enable_elect: config.may_lead,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
             max_in_snapshot_log_to_keep: config.log_kept_behind_snapshot,
             ..Default::default()
@@ -151,13 +167,12 @@ impl Group {
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
             .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
-        raft.runtime_config().elect(config.may_lead);
         let initialized = raft.is_initialized().await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         if !initialized && bootstrap {
             raft.initialize(members).await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         }
         let lease = Duration::from_millis(config.election_timeout_max_ms);
-        Ok(Group {
+        let group = Group {
             id: 0,
             raft,
             state,
@@ -165,9 +180,10 @@ impl Group {
             forwarder: None,
             lease,
             may_lead: config.may_lead,
-            abdicating_until: Arc::default(),
-            elections_held_until: Arc::default(),
-        })
+            holds: Arc::default(),
+        };
+        tokio::spawn(group.clone().tend_holds(Duration::from_millis(config.heartbeat_ms.max(10))));
+        Ok(group)
     }
 
     /// Lets this group's writes and reads reach the leader from a follower.
@@ -338,30 +354,28 @@ impl Group {
     /// heartbeats, so the voters' leases run out and another node can win
     /// an election. A zero duration ends it.
     pub fn abdicate(&self, duration: Duration) {
-        Self::hold(&self.abdicating_until, duration);
-        let runtime = self.raft.runtime_config();
-        runtime.heartbeat(false);
-        runtime.elect(false);
-        let this = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(duration).await;
-            if !this.is_abdicating() {
-                this.raft.runtime_config().heartbeat(true);
-                this.restore_elect();
-            }
-        });
+        let mut holds = self.lock_holds();
+        holds.abdicating_until = Some(Instant::now() + duration);
+        self.apply_holds(&holds);
     }
 
     /// For `duration`, do not campaign: a transfer favours another node. A
     /// zero duration ends it.
     pub fn hold_elections(&self, duration: Duration) {
-        Self::hold(&self.elections_held_until, duration);
-        self.raft.runtime_config().elect(false);
-        let this = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(duration).await;
-            this.restore_elect();
-        });
+        let mut holds = self.lock_holds();
+        holds.elections_held_until = Some(Instant::now() + duration);
+        self.apply_holds(&holds);
+    }
+
+    /// Hands a leader's append-entries call (replication or heartbeat) to
+    /// Raft, noting that a leader is alive. Every transport delivers them
+    /// through here.
+    pub async fn append_entries(
+        &self,
+        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+    ) -> Result<openraft::raft::AppendEntriesResponse<u64>, RaftError<u64>> {
+        self.lock_holds().heard_from_leader = Some(Instant::now());
+        self.raft.append_entries(rpc).await
     }
 
     /// Campaign now, whatever the election timer says.
@@ -376,24 +390,60 @@ impl Group {
     }
 
     fn is_abdicating(&self) -> bool {
-        Self::holding(&self.abdicating_until)
+        self.lock_holds().abdicating_until.is_some_and(|until| Instant::now() < until)
     }
 
-    /// Campaigns again (if this node may lead) once no transfer holds it back.
-    fn restore_elect(&self) {
-        if !Self::holding(&self.elections_held_until) && !self.is_abdicating() {
-            self.raft.runtime_config().elect(self.may_lead);
+    fn lock_holds(&self) -> std::sync::MutexGuard<'_, Holds> {
+        self.holds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets openraft's heartbeat and elect switches from the holds, under
+    /// their lock.
+    ///
+    /// A node that may not lead (the tiebreaker) still campaigns once it
+    /// has heard from no leader for three leases. Its vote alone can block a
+    /// leader: if it holds entries the surviving primary nodes lack, it
+    /// refuses to vote for them, and the group would wait for the lost zone
+    /// forever. Once it leads, [`Group::tend_holds`] hands leadership back.
+    fn apply_holds(&self, holds: &Holds) {
+        let now = Instant::now();
+        let abdicating = holds.abdicating_until.is_some_and(|until| now < until);
+        let held = holds.elections_held_until.is_some_and(|until| now < until);
+        let stranded = holds.heard_from_leader.is_some_and(|heard| now.duration_since(heard) > self.lease * 3);
+        let runtime = self.raft.runtime_config();
+        runtime.heartbeat(!abdicating);
+        runtime.elect(!abdicating && !held && (self.may_lead || stranded));
+    }
+
+    /// Keeps the holds applied as they expire, and has a tiebreaker that had to lead give leadership
+    /// back to the primary region once a primary voter has its whole log.
+    /// Ends when Raft stops.
+    async fn tend_holds(self, tick: Duration) {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let metrics = self.raft.metrics().borrow().clone();
+            if metrics.running_state.is_err() {
+                return;
+            }
+            let hand_back = !self.may_lead
+                && metrics.state.is_leader()
+                && !self.is_abdicating()
+                && metrics.replication.as_ref().is_some_and(|replication| {
+                    let last = metrics.last_log_index;
+                    replication.iter().any(|(id, matched)| *id != metrics.id && matched.map(|m| m.index) >= last)
+                });
+            if hand_back {
+                tracing::warn!("the tiebreaker leads; handing leadership back to the primary region");
+                self.abdicate(self.lease * 3);
+            }
+            let mut holds = self.lock_holds();
+            if metrics.state.is_leader() || holds.heard_from_leader.is_none() {
+                holds.heard_from_leader = Some(Instant::now());
+            }
+            self.apply_holds(&holds);
         }
-    }
-
-    fn hold(until: &Mutex<Option<Instant>>, duration: Duration) {
-        let deadline = Instant::now() + duration;
-        // The latest call wins: a zero duration lifts the hold.
-        *until.lock().unwrap_or_else(PoisonError::into_inner) = Some(deadline);
-    }
-
-    fn holding(until: &Mutex<Option<Instant>>) -> bool {
-        until.lock().unwrap_or_else(PoisonError::into_inner).is_some_and(|until| Instant::now() < until)
     }
 
     /// This replica's view of the group, for `surge ctl status`.
@@ -403,9 +453,12 @@ impl Group {
         let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
         let (commit_index, follower_lag) = match &metrics.replication {
             Some(replication) if metrics.state.is_leader() => {
-                let matched = |id: &u64| match id == &metrics.id {
-                    true => last_log_index,
-                    false => replication.get(id).copied().flatten().map_or(0, |log_id| log_id.index),
+                // The leader's own entry is what it has flushed; openraft
+                // tracks it like a follower's when it has one.
+                let matched = |id: &u64| match replication.get(id).copied().flatten() {
+                    Some(log_id) => log_id.index,
+                    None if id == &metrics.id => last_log_index,
+                    None => 0,
                 };
                 let mut stored: Vec<u64> = voters.iter().map(matched).collect();
                 stored.sort_unstable_by(|a, b| b.cmp(a));

@@ -142,10 +142,12 @@ impl Topology {
         self.nodes.iter().map(|n| (n.id, BasicNode::new(&n.peer))).collect()
     }
 
-    /// The node that initialises a new cluster's groups: the lowest id, so
-    /// that starting every node with the same config bootstraps exactly once.
+    /// The node that initialises a new cluster's groups: the lowest id of
+    /// the nodes that may lead, so that starting every node with the same
+    /// config bootstraps exactly once, and the first leader is in the
+    /// primary region (initialising makes the node campaign at once).
     pub fn bootstrapper(&self) -> Option<u64> {
-        self.nodes.iter().map(|n| n.id).min()
+        self.nodes.iter().map(|n| n.id).filter(|&id| self.may_lead(id)).min()
     }
 
     /// Whether node `id` may campaign to lead: only nodes of the primary
@@ -169,6 +171,11 @@ mod tests {
             nodes: vec![node(1, "primary", "a"), node(2, "primary", "b"), node(3, "dr", "t")],
         };
         assert_eq!([1, 2, 3, 4].map(|id| topology.may_lead(id)), [true, true, false, false]);
+        let tiebreaker_first = Topology {
+            primary_region: "primary".into(),
+            nodes: vec![node(1, "dr", "t"), node(2, "primary", "a"), node(3, "primary", "b")],
+        };
+        assert_eq!(tiebreaker_first.bootstrapper(), Some(2));
     }
 
     fn node(id: u64, region: &str, zone: &str) -> NodeSpec {

@@ -660,6 +660,11 @@ struct Trio {
 impl Trio {
     /// Starts the three and waits until every one has a leader.
     async fn start() -> Trio {
+        Trio::with_tiebreaker(None).await
+    }
+
+    /// Like [`Trio::start`]; `tiebreaker` never campaigns unless stranded.
+    async fn with_tiebreaker(tiebreaker: Option<u64>) -> Trio {
         let pki = Pki::new();
         let mut listeners = BTreeMap::new();
         let mut members = BTreeMap::new();
@@ -679,6 +684,7 @@ impl Trio {
                 node_id: id,
                 election_timeout_min_ms: 500,
                 election_timeout_max_ms: 1_000,
+                may_lead: tiebreaker != Some(id),
                 ..GroupConfig::default()
             };
             let clients = PeerClients::new(tls.client.clone(), fast_client());
@@ -793,6 +799,38 @@ async fn a_leader_cut_off_from_its_quorum_fails_fast_and_steps_down_when_it_heal
         assert!(healed.is_ok(), "the old leader did not step down after the heal: {healed:?}");
         let after = trio.groups[&old].read_linearizable(|s| s.sku_view("after").is_some()).await.unwrap();
         assert!(after, "the old leader did not catch up with the write made without it");
+        trio.shutdown().await;
+    })
+    .await;
+}
+
+/// The tiebreaker never campaigns, but its vote can block a leader: here
+/// it holds an entry the surviving primary node lacks, so it refuses to
+/// vote for it once the leader is gone. Stranded, it campaigns itself,
+/// brings the primary node up to date, and hands leadership back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiebreaker_with_the_longest_log_leads_briefly_and_hands_leadership_back() {
+    bounded(90, async {
+        let trio = Trio::with_tiebreaker(Some(3)).await;
+        assert_eq!(trio.leader(), 1, "node 1 bootstraps and leads");
+        // Node 2 misses a write that nodes 1 and 3 commit.
+        trio.isolations[&2].isolate_for(Duration::from_secs(60));
+        trio.groups[&1].propose(vec![Command::CreateSale(sale("only-on-1-and-3"))]).await.unwrap();
+        // Node 1 (the leader, as if its zone burned) goes; node 2 returns.
+        trio.isolations[&1].isolate_for(Duration::from_secs(60));
+        trio.isolations[&2].lift();
+        let started = Instant::now();
+        let led = trio.groups[&2]
+            .raft()
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(|m| m.state.is_leader(), "node 2 leads")
+            .await;
+        assert!(led.is_ok(), "node 2 never led: {:?}", trio.groups[&2].status());
+        println!("node 2 led {:?} after node 1 was cut off", started.elapsed());
+        let seen = trio.groups[&2].read_linearizable(|s| s.sku_view("only-on-1-and-3").is_some()).await.unwrap();
+        assert!(seen, "the new leader lacks a committed entry");
+        trio.groups[&2].propose(vec![Command::CreateSale(sale("after"))]).await.unwrap();
+        assert!(!trio.groups[&3].is_leader(), "the tiebreaker kept the lead");
         trio.shutdown().await;
     })
     .await;

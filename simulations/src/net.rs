@@ -222,15 +222,10 @@ impl RaftNetwork<TypeConfig> for SimConn {
         if self.net.duplicate() {
             let (net, from, to, copy) = (self.net.clone(), self.from, self.to, rpc.clone());
             tokio::spawn(async move {
-                let _ =
-                    net.deliver(from, to, "append(dup)", |g| async move { g.raft().append_entries(copy).await }).await;
+                let _ = net.deliver(from, to, "append(dup)", |g| async move { g.append_entries(copy).await }).await;
             });
         }
-        match self
-            .net
-            .deliver(self.from, self.to, "append", |g| async move { g.raft().append_entries(rpc).await })
-            .await
-        {
+        match self.net.deliver(self.from, self.to, "append", |g| async move { g.append_entries(rpc).await }).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(error)) => Err(self.remote(error)),
             Err(lost) => Err(unreachable(lost)),

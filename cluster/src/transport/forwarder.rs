@@ -122,8 +122,8 @@ impl Forwarder for PeerForwarder {
 /// never forwarded again), read indexes to [`Group::read_index_here`].
 ///
 /// It also answers what peers ask of the node as a whole (its status; a
-/// drill's isolation), and while the node is isolated it refuses everything,
-/// so no peer's message reaches its Raft groups.
+/// drill's isolation), and while the node is isolated it refuses everything
+/// but status requests, so no peer's message reaches its Raft groups.
 #[derive(Clone)]
 pub struct GroupHandler {
     node_id: u64,
@@ -151,6 +151,11 @@ impl GroupHandler {
 
     /// Handles one request addressed to this node or one of its groups.
     pub async fn dispatch(&self, request: PeerRequest) -> Result<PeerResponse, Refusal> {
+        // Status still answers, so operators (and a second drill) can see
+        // that the node is cut off and for how long; nothing else does.
+        if let PeerBody::Status = request.body {
+            return Ok(PeerResponse::Status(self.status()));
+        }
         if self.isolation.is_isolated() {
             return Err(Refusal::Isolated);
         }
@@ -160,7 +165,6 @@ impl GroupHandler {
                 self.isolation.isolate_for(Duration::from_millis(for_ms));
                 return Ok(PeerResponse::Isolated);
             }
-            PeerBody::Status => return Ok(PeerResponse::Status(self.status())),
             _ => {}
         }
         let group = self.groups.get(&request.group).ok_or(Refusal::UnknownGroup(request.group))?;
@@ -176,6 +180,7 @@ impl GroupHandler {
                 Ok(PeerResponse::Done(Ok(())))
             }
             PeerBody::Campaign => Ok(PeerResponse::Done(group.campaign().await)),
+            PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
             _ => self.raft.dispatch(request).await,
         }
     }
