@@ -314,7 +314,7 @@ pub async fn start_zone_loss_drill(
     body: web::Json<ZoneLossDrill>,
 ) -> Result<HttpResponse> {
     let isolate_for = std::time::Duration::from_millis(body.isolate_for_ms);
-    let report = state.node.start_zone_loss_drill(&body.zone, isolate_for, "operator")?;
+    let report = state.node.start_zone_loss_drill(&body.zone, isolate_for, "operator").await?;
     Ok(HttpResponse::Accepted()
         .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
         .json(report))

@@ -93,7 +93,7 @@ impl ApiError {
             ApiError::Drill(DrillError::LosesQuorum { .. }) => {
                 (StatusCode::CONFLICT, "drill-loses-quorum", "The drill would stop checkout")
             }
-            ApiError::Drill(DrillError::AlreadyRunning(_)) => {
+            ApiError::Drill(DrillError::AlreadyRunning(_) | DrillError::AlreadyIsolated(_)) => {
                 (StatusCode::CONFLICT, "drill-running", "A drill is running")
             }
             ApiError::Unavailable(ProposeError::Overloaded) => {

@@ -3,9 +3,10 @@
 //! a shopper would have seen.
 //!
 //! ```text
-//!  baseline ── isolate zone ── probe … probe ── isolation lifts ── probe until one succeeds
-//!   (one ok)     (t = 0)      first failure ▲   first success ▲       ── every node caught up
-//!                                            └─ unavailable ─┘        ── acknowledged orders read back
+//!  baseline ── isolate zone ── probe … probe ── isolation lifts ── probe 3 leases more ── every node caught up
+//!   (one ok)     (t = 0)      first failure ▲   first success ▲   (the rejoining nodes'      ── acknowledged
+//!                                            └─ unavailable ─┘    higher terms can depose       orders read back
+//!                                                                 the leader once more)
 //! ```
 //!
 //! The probe is a synthetic shopper on a sale of its own (`drill-<id>`), so
@@ -80,6 +81,10 @@ pub struct DrillReport {
     /// Longest time checkout was unavailable: from the start of a failed
     /// probe checkout to the end of the next successful one. 0 if none failed.
     pub checkout_unavailable_ms: u64,
+    /// All such stretches added up: the cut itself, and the rejoin after
+    /// the heal (the returning nodes' higher terms can depose the leader
+    /// once more; openraft 0.9 has no pre-vote).
+    pub checkout_unavailable_total_ms: u64,
     /// Probe checkouts attempted (retries included) and acknowledged while
     /// the zone was cut off or recovering.
     pub probe_attempts: u64,
@@ -141,6 +146,10 @@ pub enum DrillError {
     /// This node already runs a drill.
     #[error("drill {0} is still running on this node")]
     AlreadyRunning(u64),
+    /// A node is cut off already (another coordinator's drill): cutting
+    /// more could lose the majority.
+    #[error("node {0} is isolated by a drill already")]
+    AlreadyIsolated(u64),
 }
 
 /// The drills a node ran, newest last. Cheap to clone.
@@ -225,6 +234,7 @@ pub(crate) fn plan_zone_loss(
         isolated_for_ms: u64::try_from(isolate_for.as_millis()).unwrap_or(u64::MAX),
         timeline: Vec::new(),
         checkout_unavailable_ms: 0,
+        checkout_unavailable_total_ms: 0,
         probe_attempts: 0,
         orders_acknowledged: 0,
         orders_lost: Vec::new(),
@@ -299,20 +309,26 @@ async fn zone_loss(
     }
     log.note("baseline probe checkout acknowledged");
 
-    let isolated_at = Instant::now();
-    for &member in zone_nodes {
-        match node.isolate(member, isolate_for).await {
+    // All at once; each node's isolation runs from when it heard, so the
+    // zone is whole again once the last one's has run out.
+    let isolations = zone_nodes.iter().map(|&member| async move { (member, node.isolate(member, isolate_for).await) });
+    for (member, isolated) in futures::future::join_all(isolations).await {
+        match isolated {
             Ok(()) => log.note(format!("node {member} isolated for {} ms", isolate_for.as_millis())),
             Err(error) => log.note(format!("node {member} could not be told to isolate (already gone?): {error}")),
         }
     }
-    let heals_at = isolated_at + isolate_for;
+    let heals_at = Instant::now() + isolate_for;
+    // After the heal the zone's nodes come back with higher terms (openraft
+    // 0.9 has no pre-vote) and may depose the leader once more: keep
+    // probing long enough to see that outage too.
+    let watch_until = heals_at + node.group().lease() * 3;
 
     // Probe through the isolation and until checkout works again after it.
     let mut acknowledged = Vec::new();
     let mut attempts = 0u64;
     let mut failing_since: Option<Instant> = None;
-    let mut worst = Duration::ZERO;
+    let (mut worst, mut total) = (Duration::ZERO, Duration::ZERO);
     let mut healed_noted = false;
     loop {
         let attempt_started = Instant::now();
@@ -324,6 +340,7 @@ async fn zone_loss(
                 if let Some(since) = failing_since.take() {
                     let window = since.elapsed();
                     worst = worst.max(window);
+                    total += window;
                     log.note(format!("checkout available again after {} ms", window.as_millis()));
                 }
             }
@@ -343,8 +360,9 @@ async fn zone_loss(
             report.probe_attempts = attempts;
             report.orders_acknowledged = acknowledged.len() as u64;
             report.checkout_unavailable_ms = worst.as_millis() as u64;
+            report.checkout_unavailable_total_ms = total.as_millis() as u64;
         });
-        if now >= heals_at && failing_since.is_none() {
+        if now >= watch_until && failing_since.is_none() {
             break;
         }
         if now >= heals_at + SETTLE_MAX {

@@ -53,8 +53,19 @@ pub enum TransferError {
     Failed(String),
 }
 
-/// Moves group 0's leadership to node `to`; see the module docs.
-pub(crate) async fn transfer(node: &Node, to: u64, lease: Duration) -> Result<LeaderMoved, TransferError> {
+/// A target this many entries behind the leader cannot win an election
+/// soon; the transfer is refused rather than stalling writes for a window.
+const TARGET_LAG_MAX: u64 = 1_000;
+
+/// Moves group 0's leadership to node `to`; see the module docs. One
+/// transfer at a time per coordinating node (`busy`).
+pub(crate) async fn transfer(
+    node: &Node,
+    to: u64,
+    lease: Duration,
+    busy: &std::sync::atomic::AtomicBool,
+) -> Result<LeaderMoved, TransferError> {
+    use std::sync::atomic::Ordering;
     let topology = node.topology();
     if topology.node(to).is_none() {
         return Err(TransferError::UnknownNode(to));
@@ -62,43 +73,68 @@ pub(crate) async fn transfer(node: &Node, to: u64, lease: Duration) -> Result<Le
     if !topology.may_lead(to) {
         return Err(TransferError::MayNotLead(to));
     }
+    if busy.swap(true, Ordering::SeqCst) {
+        return Err(TransferError::Failed("another transfer is under way on this node".into()));
+    }
+    let moved = hand_over(node, to, lease).await;
+    busy.store(false, Ordering::SeqCst);
+    moved
+}
+
+async fn hand_over(node: &Node, to: u64, lease: Duration) -> Result<LeaderMoved, TransferError> {
     let started = Instant::now();
     let from = node.status().groups.first().and_then(|g| g.leader).ok_or(TransferError::NoLeader)?;
     if from == to {
         return Ok(LeaderMoved { group: 0, from, to, took_ms: 0 });
     }
+    let failed = |what: &str, error: ProposeError| TransferError::Failed(format!("{what}: {error}"));
+    let leader = node.node_status(from).await.map_err(|e| failed("asking the leader", e))?;
+    let lag = leader.groups.first().and_then(|g| g.follower_lag.get(&to).copied());
+    match lag {
+        Some(lag) if lag <= TARGET_LAG_MAX => {}
+        Some(lag) => return Err(TransferError::Failed(format!("node {to} is {lag} entries behind; try again later"))),
+        None => return Err(TransferError::Failed(format!("node {from} no longer leads"))),
+    }
     // Long enough for the lease to lapse and an election or two to finish.
     let window = lease * 4 + Duration::from_millis(500);
-    let for_ms = window.as_millis() as u64;
-    let others: Vec<u64> = topology.nodes.iter().map(|n| n.id).filter(|id| *id != from && *id != to).collect();
-    let failed = |what: &str, error: ProposeError| TransferError::Failed(format!("{what}: {error}"));
-
-    for &other in &others {
-        // A voter that cannot be reached cannot win an election either.
-        let _ = node.transfer_step(other, PeerBody::HoldElections { for_ms }).await;
-    }
-    node.transfer_step(from, PeerBody::Abdicate { for_ms }).await.map_err(|e| failed("silencing the leader", e))?;
-    tokio::time::sleep(lease + Duration::from_millis(100)).await;
-    node.transfer_step(to, PeerBody::Campaign).await.map_err(|e| failed("starting the election", e))?;
-
-    let deadline = started + window;
-    let won = loop {
-        let leads = node.node_status(to).await.ok().and_then(|s| s.groups.first().map(|g| g.role == "leader"));
-        if leads == Some(true) {
-            break true;
-        }
-        if Instant::now() >= deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    // Lift the holds now rather than at the end of the window.
+    let others: Vec<u64> = node.topology().nodes.iter().map(|n| n.id).filter(|id| *id != from && *id != to).collect();
+    let won = campaign_alone(node, from, to, &others, lease, window, started).await;
+    // Lift the holds now, whatever happened, rather than at the end of the
+    // window: a failed transfer must not leave writes refused.
     let _ = node.transfer_step(from, PeerBody::Abdicate { for_ms: 0 }).await;
     for &other in &others {
         let _ = node.transfer_step(other, PeerBody::HoldElections { for_ms: 0 }).await;
     }
-    match won {
-        true => Ok(LeaderMoved { group: 0, from, to, took_ms: started.elapsed().as_millis() as u64 }),
-        false => Err(TransferError::Failed(format!("node {to} did not win the election within {window:?}"))),
+    won.map(|()| LeaderMoved { group: 0, from, to, took_ms: started.elapsed().as_millis() as u64 })
+}
+
+/// Steps 1 to 3 of the module docs; `Ok` once `to` leads.
+async fn campaign_alone(
+    node: &Node,
+    from: u64,
+    to: u64,
+    others: &[u64],
+    lease: Duration,
+    window: Duration,
+    started: Instant,
+) -> Result<(), TransferError> {
+    let for_ms = window.as_millis() as u64;
+    let failed = |what: &str, error: ProposeError| TransferError::Failed(format!("{what}: {error}"));
+    // A voter that cannot be reached cannot win an election either.
+    let holds = others.iter().map(|&other| node.transfer_step(other, PeerBody::HoldElections { for_ms }));
+    futures::future::join_all(holds).await;
+    node.transfer_step(from, PeerBody::Abdicate { for_ms }).await.map_err(|e| failed("silencing the leader", e))?;
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    node.transfer_step(to, PeerBody::Campaign).await.map_err(|e| failed("starting the election", e))?;
+    let deadline = started + window;
+    loop {
+        let leads = node.node_status(to).await.ok().and_then(|s| s.groups.first().map(|g| g.role == "leader"));
+        if leads == Some(true) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(TransferError::Failed(format!("node {to} did not win the election within {window:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -73,6 +73,8 @@ pub struct Node {
     clock: Arc<dyn Clock>,
     /// Drills this node coordinated.
     drills: Drills,
+    /// A leadership transfer coordinated by this node is under way.
+    transferring: Arc<std::sync::atomic::AtomicBool>,
     /// Reaching and serving peers; absent on a single node.
     peers: Option<Peers>,
 }
@@ -124,7 +126,7 @@ impl Node {
         let tick = Duration::from_millis(config.expiry_tick_ms.max(10));
         actix::spawn(expire_holds(group.clone(), clock.clone(), tick));
         let topology = Arc::new(config.topology.clone());
-        Node { group, router, topology, clock, drills: Drills::default(), peers }
+        Node { group, router, topology, clock, drills: Drills::default(), transferring: Arc::default(), peers }
     }
 
     /// This node's Raft id.
@@ -169,12 +171,21 @@ impl Node {
     /// [`crate::drill`]) and returns its first report; the drill runs on in
     /// the background and its report fills in as it goes. Must run inside
     /// an actix system.
-    pub fn start_zone_loss_drill(
+    pub async fn start_zone_loss_drill(
         &self,
         zone: &str,
         isolate_for: Duration,
         requested_by: &str,
     ) -> Result<DrillReport, DrillError> {
+        let statuses = self.topology.nodes.iter().map(|spec| async move {
+            let status = tokio::time::timeout(Duration::from_secs(1), self.node_status(spec.id)).await;
+            (spec.id, status.ok().and_then(Result::ok))
+        });
+        for (id, status) in futures::future::join_all(statuses).await {
+            if status.is_some_and(|status| status.isolated_for_ms.is_some()) {
+                return Err(DrillError::AlreadyIsolated(id));
+            }
+        }
         let (report, zone_nodes) = drill::plan_zone_loss(self, zone, isolate_for, requested_by, self.clock_ms())?;
         actix::spawn(drill::run_zone_loss(self.clone(), report.id, zone_nodes, isolate_for));
         Ok(report)
@@ -182,7 +193,7 @@ impl Node {
 
     /// Moves the group's leadership to node `to` (see [`crate::leadership`]).
     pub async fn transfer_leadership(&self, to: u64) -> Result<LeaderMoved, TransferError> {
-        leadership::transfer(self, to, self.group.lease()).await
+        leadership::transfer(self, to, self.group.lease(), &self.transferring).await
     }
 
     /// Has node `node` (this one included) do one step of a leadership

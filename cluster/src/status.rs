@@ -35,7 +35,9 @@ pub struct GroupStatus {
     pub applied_index: u64,
     /// The last index in the replica's latest snapshot.
     pub snapshot_index: Option<u64>,
-    /// On the leader: the highest index a quorum of voters has stored.
+    /// On the leader: the highest index a quorum of voters has stored. It
+    /// may run ahead of Raft's commit index by entries of an earlier term,
+    /// which Raft commits only with the first entry of the current one.
     pub commit_index: Option<u64>,
     /// On the leader: how many entries each other voter is behind the
     /// leader's log (an unreachable voter's lag grows with every write).

@@ -322,14 +322,23 @@ async fn load(plan: LoadPlan) -> LoadReport {
                     if Instant::now() >= plan.measure_until {
                         break 'sessions;
                     }
-                    if let Some(next) = &mut next_send {
-                        // On schedule, or at once when behind (the server is
-                        // slower than the pace).
-                        actix_rt::time::sleep_until((*next).into()).await;
-                        *next += plan.pace.expect("paced");
-                    }
+                    let scheduled = match &mut next_send {
+                        Some(next) => {
+                            // On schedule, or at once when behind (the server
+                            // is slower than the pace); latency counts from
+                            // the schedule either way.
+                            let at = *next;
+                            actix_rt::time::sleep_until(at.into()).await;
+                            *next += plan.pace.expect("paced");
+                            Some(at)
+                        }
+                        None => None,
+                    };
                     let key = format!("{shopper}-{sequence}");
-                    let req = Req::post("/v1/checkout", Some(body.clone())).bearer(&token).idempotency_key(&key);
+                    let mut req = Req::post("/v1/checkout", Some(body.clone())).bearer(&token).idempotency_key(&key);
+                    if let Some(at) = scheduled {
+                        req = req.scheduled(at);
+                    }
                     let reply = http.call(&req).await;
                     plan.completed.fetch_add(1, Ordering::Relaxed);
                     match reply {

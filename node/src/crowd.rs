@@ -162,11 +162,15 @@ pub struct Req<'a> {
     body: Option<Value>,
     /// Whether its latency and status go into the run's statistics.
     recorded: bool,
+    /// When a paced client meant to send it: its latency counts from then,
+    /// so a server that makes clients fall behind schedule pays for the
+    /// wait too (no coordinated omission).
+    scheduled: Option<Instant>,
 }
 
 impl<'a> Req<'a> {
     fn new(method: Method, path: impl Into<String>, body: Option<Value>) -> Req<'a> {
-        Req { method, path: path.into(), bearer: None, idempotency_key: None, body, recorded: true }
+        Req { method, path: path.into(), bearer: None, idempotency_key: None, body, recorded: true, scheduled: None }
     }
 
     pub fn get(path: impl Into<String>) -> Req<'a> {
@@ -186,6 +190,12 @@ impl<'a> Req<'a> {
     }
 
     /// Sends `Authorization: Bearer <token>` (a session or operator token).
+    /// Counts its latency from `at`, when it was meant to be sent.
+    pub fn scheduled(mut self, at: Instant) -> Req<'a> {
+        self.scheduled = Some(at);
+        self
+    }
+
     pub fn bearer(mut self, token: &'a str) -> Req<'a> {
         self.bearer = Some(token);
         self
@@ -308,7 +318,7 @@ impl Http {
         if let Some(key) = req.idempotency_key {
             request = request.insert_header(("Idempotency-Key", key));
         }
-        let started = Instant::now();
+        let started = req.scheduled.unwrap_or_else(Instant::now);
         let sent = match &req.body {
             Some(body) => request.send_json(body).await,
             None => request.send().await,

@@ -269,7 +269,10 @@ fn render_report(report: &DrillReport) -> String {
         out.push_str(&format!(": {failure}"));
     }
     out.push('\n');
-    out.push_str(&format!("  checkout unavailable      {} ms\n", report.checkout_unavailable_ms));
+    out.push_str(&format!(
+        "  checkout unavailable      {} ms at most, {} ms in all\n",
+        report.checkout_unavailable_ms, report.checkout_unavailable_total_ms
+    ));
     out.push_str(&format!(
         "  probe checkouts           {} attempted, {} acknowledged\n",
         report.probe_attempts, report.orders_acknowledged

@@ -530,8 +530,10 @@ struct Summary {
     overload_retries: u64,
     /// Times a shopper's client moved to another endpoint.
     failovers: u64,
-    /// How long checkout was unavailable during the zone-loss drill, from
-    /// the first failed to the first successful probe checkout (cluster only).
+    /// How long checkout was unavailable during the zone-loss drill: the
+    /// longest stretch from the start of a failed probe checkout to the end
+    /// of the next successful one, the rejoin after the heal included
+    /// (cluster only).
     zone_loss_unavailable_ms: Option<u64>,
     /// The zone-loss drill's report (cluster only).
     zone_loss_drill: Option<DrillReport>,
@@ -796,7 +798,11 @@ impl Summary {
             for event in &drill.timeline {
                 let _ = writeln!(out, "  {:>7} ms  {}", event.at_ms, event.what);
             }
-            let _ = writeln!(out, "  zone_loss_unavailable_ms = {}", drill.checkout_unavailable_ms);
+            let _ = writeln!(
+                out,
+                "  zone_loss_unavailable_ms = {} (longest outage; {} ms in all)",
+                drill.checkout_unavailable_ms, drill.checkout_unavailable_total_ms
+            );
         }
         let _ = writeln!(out);
         let _ = writeln!(out, "Checks");
