@@ -300,6 +300,9 @@ async fn open_clustered(
 /// While this node leads, proposes an empty entry whenever a payment
 /// deadline has passed, so expired holds return to stock without waiting for
 /// the next shopper.
+/// Longest wait for an expiry tick's entry to commit.
+const EXPIRY_PROPOSAL_MAX: Duration = Duration::from_secs(5);
+
 async fn expire_holds(group: Group, clock: Arc<dyn Clock>, tick: Duration) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -311,8 +314,12 @@ async fn expire_holds(group: Group, clock: Arc<dyn Clock>, tick: Duration) {
         }
         let due = group.read_local(GroupState::next_deadline_ms).is_some_and(|deadline| deadline <= clock.now_ms());
         if due && group.is_leader() {
-            if let Err(error) = group.propose(Vec::new()).await {
-                tracing::warn!(%error, "proposing an expiry tick failed; retrying next tick");
+            // Bounded: a proposal that never completes must not stop expiry
+            // for good (the next tick proposes again).
+            match tokio::time::timeout(EXPIRY_PROPOSAL_MAX, group.propose(Vec::new())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "proposing an expiry tick failed; retrying next tick"),
+                Err(_) => tracing::warn!("an expiry tick got no outcome in time; retrying next tick"),
             }
         }
     }
