@@ -99,7 +99,7 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
                 world.crash(node).await;
             }
         }
-        Fault::ClockJump { node, delta_ms } => world.clock(*node).jump(*delta_ms),
+        Fault::ClockJump { node, delta_ms } => world.jump_clock(*node, *delta_ms),
         Fault::Storm { weather } => world.net.set_weather(*weather),
         _ => {}
     }

@@ -265,6 +265,10 @@ pub struct SimForwarder {
     pub net: Arc<Net>,
 }
 
+/// Bound on a forwarded call, transport and the leader's commit included:
+/// the production forwarder's (the actors' request timeout).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What a lost forward means to the caller, as with the real transport: a
 /// request that never arrived is unavailability; a lost answer may hide an
 /// applied command, so it is a timeout.
@@ -284,18 +288,22 @@ impl Forwarder for SimForwarder {
     ) -> BoxFuture<'static, Result<Response, ProposeError>> {
         let (net, from) = (self.net.clone(), self.id);
         Box::pin(async move {
-            net.deliver(from, leader, "forward", |g| async move { g.propose_here(commands).await })
-                .await
-                .unwrap_or_else(|lost| Err(forward_error(lost)))
+            let call = net.deliver(from, leader, "forward", |g| async move { g.propose_here(commands).await });
+            match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+                Ok(answer) => answer.unwrap_or_else(|lost| Err(forward_error(lost))),
+                Err(_) => Err(ProposeError::Timeout),
+            }
         })
     }
 
     fn read_index(&self, leader: u64, _group: u32) -> BoxFuture<'static, Result<u64, ProposeError>> {
         let (net, from) = (self.net.clone(), self.id);
         Box::pin(async move {
-            net.deliver(from, leader, "read_index", |g| async move { g.read_index_here().await })
-                .await
-                .unwrap_or_else(|lost| Err(forward_error(lost)))
+            let call = net.deliver(from, leader, "read_index", |g| async move { g.read_index_here().await });
+            match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+                Ok(answer) => answer.unwrap_or_else(|lost| Err(forward_error(lost))),
+                Err(_) => Err(ProposeError::Timeout),
+            }
         })
     }
 }

@@ -139,13 +139,28 @@ async fn simulate(seed: u64, trace: Trace) -> (Vec<String>, u64, usize, u64) {
         }
     }
     workload::probe_liveness(&world, &oracle).await;
-    tokio::time::sleep(Duration::from_millis(HOLD_MS + 1_500)).await;
+    // The last holds expire once the leader's clock passes their deadline;
+    // a clock that jumped back gets there that much later.
+    tokio::time::sleep(Duration::from_millis(HOLD_MS + 1_500 + world.jumped_ms())).await;
     let now = trace.now_ms();
     if now < RUN_MIN_MS {
         tokio::time::sleep(Duration::from_millis(RUN_MIN_MS - now)).await;
     }
     let _ = sampler.await;
 
+    for id in world.ids() {
+        if let Some(node) = world.node(id) {
+            let status = node.group().status();
+            let deadline = node.read_local(GroupState::next_deadline_ms);
+            trace.event(format!(
+                "node {id}: {} of term {}, applied {}, next deadline {deadline:?}, clock {}",
+                status.role,
+                status.term,
+                status.applied_index,
+                node.clock_ms()
+            ));
+        }
+    }
     let replicas = converged(&world).await;
     let mut failures = world.failures();
     let (acked, unknown) = {

@@ -89,6 +89,9 @@ pub struct World {
     /// Things that went wrong outside the checkers (a node that could not
     /// restart from its disk).
     failures: RefCell<Vec<String>>,
+    /// Every clock jump's size, added up: how far the leader's clock may be
+    /// behind the replicated clock, which delays expiry by as much.
+    jumped_ms: std::cell::Cell<u64>,
 }
 
 impl World {
@@ -133,6 +136,7 @@ impl World {
             machines: RefCell::new(machines),
             config,
             failures: RefCell::new(Vec::new()),
+            jumped_ms: std::cell::Cell::new(0),
         }
     }
 
@@ -177,9 +181,15 @@ impl World {
         self.machines.borrow().get(&id).is_some_and(|m| m.node.is_some() || m.starting)
     }
 
-    /// Node `id`'s clock.
-    pub fn clock(&self, id: u64) -> Arc<SimClock> {
-        self.machines.borrow()[&id].clock.clone()
+    /// Moves node `id`'s clock by `delta_ms`.
+    pub fn jump_clock(&self, id: u64, delta_ms: i64) {
+        self.machines.borrow()[&id].clock.jump(delta_ms);
+        self.jumped_ms.set(self.jumped_ms.get() + delta_ms.unsigned_abs());
+    }
+
+    /// Every clock jump's size so far, added up.
+    pub fn jumped_ms(&self) -> u64 {
+        self.jumped_ms.get()
     }
 
     /// Starts node `id` from what its disk holds (nothing, the first time;
