@@ -5,8 +5,9 @@
 //! replica; this crate decides only which log entry a command travels in and
 //! when.
 //!
-//! Today a node runs one single-voter group (see [`network`]); the multi-node
-//! transport adds members and peers under the same [`Group::propose`].
+//! A node runs one group: alone as its single voter (see [`network`]), or
+//! as one of the topology's voters over the mutual-TLS [`transport`]. The
+//! same [`Node`] runs in the simulator over a simulated network and disk.
 
 pub mod actors;
 pub mod clock;
