@@ -365,6 +365,13 @@ impl GroupState {
         Some((id, &self.sessions[&id].shopper))
     }
 
+    /// What the checkout with idempotency key `key` of `session` decided,
+    /// if it was decided: the order placed, or why none was. Lets an
+    /// auditor learn the fate of a checkout whose answer was lost.
+    pub fn checkout_decision(&self, session: SessionId, key: &str) -> Option<Result<OrderId, Rejection>> {
+        self.sessions.get(&session)?.checkouts.get(key).map(|checkout| checkout.decided.clone())
+    }
+
     /// A session's cart.
     pub fn cart(&self, session: SessionId) -> Result<Cart, Rejection> {
         self.sessions.get(&session).map(Session::cart_view).ok_or(Rejection::UnknownSession)

@@ -125,7 +125,8 @@ async fn simulate(seed: u64, trace: Trace) -> (Vec<String>, u64, usize, u64) {
     let shoppers: Vec<_> = (0..SHOPPERS)
         .map(|n| actix_rt::spawn(workload::shopper(world.clone(), oracle.clone(), n, WORKLOAD_UNTIL_MS)))
         .collect();
-    for task in faults.into_iter().chain(shoppers).chain([operator]) {
+    let lin = workload::lin_shoppers(&world, &oracle);
+    for task in faults.into_iter().chain(shoppers).chain(lin).chain([operator]) {
         let _ = task.await;
     }
     trace.event("faults healed, crowd gone");
@@ -168,7 +169,14 @@ async fn simulate(seed: u64, trace: Trace) -> (Vec<String>, u64, usize, u64) {
         match replicas {
             Ok(replicas) => {
                 trace.event(format!("final state {:016x}", state_digest(&replicas[0].1)));
-                failures.extend(checkers::run(&Final { replicas: &replicas, oracle: &oracle }));
+                let now_ms = crate::clock::EPOCH_MS + trace.now_ms();
+                let expiry_slack_ms = 1_500 + world.jumped_ms();
+                failures.extend(checkers::run(&Final {
+                    replicas: &replicas,
+                    oracle: &oracle,
+                    now_ms,
+                    expiry_slack_ms,
+                }));
             }
             Err(why) => failures.push(format!("replicas converge: {why}")),
         }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use cluster::{Node, ProposeError};
 use domain::{Command, Line, OrderId, OrderStatus, Outcome, Rejection, Sale, SessionId};
 use rand::Rng;
+use todc_utils::linearizability::history::Action;
 use tokio::time::Instant;
 
 use crate::clock::EPOCH_MS;
@@ -68,6 +69,8 @@ pub struct Oracle {
     pub violations: Vec<Sighting>,
     /// Simulated ms from the end of the faults until a checkout succeeded.
     pub recovered_after_ms: Option<u64>,
+    /// The history of the linearizability SKU.
+    pub lin: LinHistory,
 }
 
 /// One replica's stock of one SKU, as the sampler saw it break an invariant.
@@ -88,8 +91,10 @@ impl std::fmt::Display for Sighting {
 /// Creates the sales, retrying until a leader takes them.
 pub async fn create_sales(world: &World) -> Result<(), String> {
     let hot_stock = world.draw(|rng| rng.gen_range(20..120));
-    let sales = std::iter::once((HOT, hot_stock, HOT_LIMIT)).chain(COLD.iter().map(|sku| (*sku, 1_000, 0))).map(
-        |(sku, stock, limit)| Sale {
+    let sales = std::iter::once((HOT, hot_stock, HOT_LIMIT))
+        .chain(COLD.iter().map(|sku| (*sku, 1_000, 0)))
+        .chain(std::iter::once((LIN, LIN_STOCK, 0)))
+        .map(|(sku, stock, limit)| Sale {
             sku: sku.into(),
             name: sku.into(),
             price_minor: 100,
@@ -97,8 +102,7 @@ pub async fn create_sales(world: &World) -> Result<(), String> {
             starts_at_ms: EPOCH_MS,
             ends_at_ms: EPOCH_MS + 24 * 3_600_000,
             limit_per_shopper: limit,
-        },
-    );
+        });
     for sale in sales {
         let command = Command::CreateSale(sale.clone());
         let outcome = definite(world, 0, |node: Node| {
@@ -324,6 +328,11 @@ pub async fn operator(world: Rc<World>, until_ms: u64) {
     world.trace.event(format!("restock {units}: {answer:?}"));
 }
 
+/// The linearizability shoppers, spawned beside the crowd.
+pub fn lin_shoppers(world: &Rc<World>, oracle: &Rc<RefCell<Oracle>>) -> Vec<actix_rt::task::JoinHandle<()>> {
+    (0..LIN_SHOPPERS).map(|n| actix_rt::spawn(lin_shopper(world.clone(), oracle.clone(), n))).collect()
+}
+
 /// Reads every live replica's stock now and then; an oversell or a broken
 /// sum must not exist even for a moment, on any of them.
 pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u64) {
@@ -361,4 +370,121 @@ pub async fn probe_liveness(world: &World, oracle: &RefCell<Oracle>) {
     if let Some(Outcome::Order { .. }) = answer {
         oracle.borrow_mut().recovered_after_ms = Some(world.trace.now_ms() - started);
     }
+}
+
+/// The SKU whose history is checked for linearizability: only checked out
+/// (with holds longer than the run) and read, never paid, cancelled,
+/// restocked or expired, so its sequential specification is a counter.
+pub const LIN: &str = "lin";
+/// Its stock: small, so the history includes "sold out" answers.
+pub const LIN_STOCK: u64 = 30;
+/// Shoppers on it, and operations each.
+const LIN_SHOPPERS: u64 = 6;
+const LIN_OPS: u32 = 30;
+
+/// One operation on [`LIN`], as the checker sees it: the call carries no
+/// result, the response what the cluster answered.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LinOp {
+    /// A checkout of `qty` units: reserved (`Some(true)`) or sold out.
+    Checkout { qty: u64, reserved: Option<bool> },
+    /// A linearizable read of the units available.
+    Read(Option<u64>),
+}
+
+/// What the linearizability checker gets: every call and response on
+/// [`LIN`] in real-time order, and the checkouts whose answer never came
+/// (their fate is read from the final state: an idempotency key remembers
+/// its decision).
+#[derive(Debug, Default)]
+pub struct LinHistory {
+    pub events: Vec<(usize, todc_utils::linearizability::history::Action<LinOp>)>,
+    /// (process, qty, session, key) of each checkout left without an answer.
+    pub unanswered: Vec<(usize, u64, SessionId, String)>,
+}
+
+/// A shopper on [`LIN`]: checkouts and reads, each recorded as a call and
+/// a response.
+pub async fn lin_shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64) {
+    let process = n as usize;
+    let first = world.draw(|rng| rng.gen::<usize>());
+    let Some(session) = open_session(&world, &format!("lin-{n}"), 1_000 + n, first).await else { return };
+    for round in 0..LIN_OPS {
+        let think = world.draw(|rng| rng.gen_range(50..1_500));
+        tokio::time::sleep(Duration::from_millis(think)).await;
+        let read = world.draw(|rng| rng.gen_bool(0.3));
+        if read {
+            let call = LinOp::Read(None);
+            oracle.borrow_mut().lin.events.push((process, Action::Call(call)));
+            let answer = definite_read(&world, first).await;
+            // A read that never answered had no effect: it leaves the history.
+            let mut oracle = oracle.borrow_mut();
+            match answer {
+                Some(available) => oracle.lin.events.push((process, Action::Response(LinOp::Read(Some(available))))),
+                None => {
+                    let last = oracle.lin.events.iter().rposition(|(p, _)| *p == process).expect("just pushed");
+                    oracle.lin.events.remove(last);
+                }
+            }
+            continue;
+        }
+        let qty = world.draw(|rng| rng.gen_range(1..=2));
+        let key = format!("lin{n}-{round}");
+        oracle.borrow_mut().keys.entry(session).or_default().insert(key.clone());
+        let command = Command::Checkout {
+            session,
+            idempotency_key: key.clone(),
+            items: Some(vec![Line { sku: LIN.into(), qty: qty as u32 }]),
+            hold_ms: 600_000,
+        };
+        oracle.borrow_mut().lin.events.push((process, Action::Call(LinOp::Checkout { qty, reserved: None })));
+        let answer = definite(&world, first, |node: Node| {
+            let command = command.clone();
+            async move { node.shopper(session, command).await }
+        })
+        .await;
+        let mut oracle = oracle.borrow_mut();
+        let reserved = match answer {
+            Some(Outcome::Order { order, .. }) => {
+                oracle.answers.entry((session, key.clone())).or_default().insert(order.id);
+                let acked = Acked { session, key: key.clone(), lines: order.lines, told: Told::Reserved };
+                oracle.acked.insert(order.id, acked);
+                true
+            }
+            Some(Outcome::Rejected(Rejection::SoldOut { .. })) => false,
+            Some(other) => {
+                // Only an order or "sold out" is a right answer here.
+                world.fail(format!("lin checkout {key} answered {other:?}"));
+                return;
+            }
+            None => {
+                world.trace.event(format!("lin checkout {key} unanswered; its fate is read from the final state"));
+                oracle.lin.unanswered.push((process, qty, session, key));
+                // No more operations from this process: its open call stays
+                // open until the end of the history.
+                return;
+            }
+        };
+        oracle.lin.events.push((process, Action::Response(LinOp::Checkout { qty, reserved: Some(reserved) })));
+    }
+}
+
+/// A linearizable read of [`LIN`]'s available units, retried through the
+/// endpoints; `None` if none answered in time.
+async fn definite_read(world: &World, first: usize) -> Option<u64> {
+    let endpoints = world.endpoints();
+    let started = Instant::now();
+    let mut at = first % endpoints.len();
+    while started.elapsed() < GIVE_UP {
+        if let Some(node) = world.node(endpoints[at]) {
+            let read = node.read(|state| state.sku_view(LIN).map(|view| view.stock.available));
+            if let Ok(Ok(Some(available))) = tokio::time::timeout(ATTEMPT_MAX, read).await {
+                return Some(available);
+            }
+        }
+        at = (at + 1) % endpoints.len();
+        let pause = world.draw(|rng| rng.gen_range(20..200));
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    None
 }

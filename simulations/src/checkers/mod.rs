@@ -8,6 +8,7 @@ mod conservation;
 mod convergence;
 mod expiry;
 mod limits;
+mod linearizability;
 mod liveness;
 mod lost_ack;
 mod no_oversell;
@@ -21,12 +22,16 @@ pub struct Final<'a> {
     /// `(node id, its state)` for every replica.
     pub replicas: &'a [(u64, GroupState)],
     pub oracle: &'a Oracle,
+    /// Simulated wall time at the end, ms since the epoch.
+    pub now_ms: u64,
+    /// How late a hold may expire: clock jumps delay the leader's ticker.
+    pub expiry_slack_ms: u64,
 }
 
 /// A checker: the property's name and its verdict.
 type Checker = (&'static str, fn(&Final<'_>) -> Result<(), String>);
 
-const CHECKERS: [Checker; 8] = [
+const CHECKERS: [Checker; 9] = [
     ("no oversell", no_oversell::check),
     ("conservation", conservation::check),
     ("no lost acknowledgement", lost_ack::check),
@@ -35,6 +40,7 @@ const CHECKERS: [Checker; 8] = [
     ("expired holds return", expiry::check),
     ("replicas converge", convergence::check),
     ("liveness", liveness::check),
+    ("per-SKU linearizability", linearizability::check),
 ];
 
 /// Runs every checker; one line per broken property.
