@@ -7,6 +7,8 @@
 //! them durable. [`Disk::crash`] throws away everything written since the
 //! last sync and retires the incarnation: whatever the dead process's
 //! leftover tasks still write goes nowhere, as after a real power cut.
+//! A failing device ([`Disk::set_failing`]) refuses writes and syncs: redb's
+//! commit fails, the storage reports it, and openraft stops the node.
 
 use std::fmt;
 use std::io;
@@ -30,6 +32,8 @@ struct Device {
     dirty: Vec<(usize, usize)>,
     /// Bumped by every crash; writes from an older incarnation are ignored.
     incarnation: u64,
+    /// Writes and syncs fail (a dying device) while set.
+    failing: bool,
 }
 
 impl Disk {
@@ -37,6 +41,16 @@ impl Disk {
     pub fn incarnation(&self) -> Incarnation {
         let device = self.lock();
         Incarnation { disk: self.clone(), incarnation: device.incarnation }
+    }
+
+    /// Makes every write and sync fail from now on (or stop failing).
+    pub fn set_failing(&self, failing: bool) {
+        self.lock().failing = failing;
+    }
+
+    /// Whether writes and syncs fail now.
+    pub fn is_failing(&self) -> bool {
+        self.lock().failing
     }
 
     /// Power cut: drops unsynced writes and retires the running incarnation.
@@ -72,6 +86,10 @@ impl Incarnation {
     }
 }
 
+fn failed() -> io::Error {
+    io::Error::other("the simulated disk failed")
+}
+
 fn out_of_range() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the simulated disk")
 }
@@ -99,6 +117,9 @@ impl StorageBackend for Incarnation {
     fn sync_data(&self) -> Result<(), io::Error> {
         if let Some(mut device) = self.live() {
             let device = &mut *device;
+            if device.failing {
+                return Err(failed());
+            }
             device.durable.resize(device.current.len(), 0);
             for (start, end) in device.dirty.drain(..) {
                 let end = end.min(device.current.len());
@@ -112,6 +133,9 @@ impl StorageBackend for Incarnation {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
         if let Some(mut device) = self.live() {
+            if device.failing {
+                return Err(failed());
+            }
             let start = usize::try_from(offset).map_err(|_| out_of_range())?;
             let end = start + data.len();
             if end > device.current.len() {

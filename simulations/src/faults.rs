@@ -25,6 +25,9 @@ pub enum Fault {
     ClockJump { node: u64, delta_ms: i64 },
     /// Messages are slower, some lost, some delivered twice.
     Storm { weather: Weather },
+    /// The node's disk fails every write and sync; Raft stops the node,
+    /// which restarts from its disk when the fault ends.
+    DiskFails { node: u64 },
 }
 
 /// A fault, when it starts and how long it lasts.
@@ -47,7 +50,7 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             break;
         }
         let for_ms = world.draw(|rng| rng.gen_range(500..8_000)).min(until_ms - at);
-        let fault = world.draw(|rng| match rng.gen_range(0..12) {
+        let fault = world.draw(|rng| match rng.gen_range(0..13) {
             0 => Fault::Isolate { nodes: vec![ids[rng.gen_range(0..ids.len())]] },
             1 => Fault::Isolate { nodes: world.zone("a") },
             2 => Fault::Isolate { nodes: world.zone("b") },
@@ -60,6 +63,7 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             5 | 6 => Fault::Crash { nodes: vec![ids[rng.gen_range(0..ids.len())]] },
             9 => Fault::Crash { nodes: world.zone(["a", "b"][rng.gen_range(0..2)]) },
             10 => Fault::Crash { nodes: ids.clone() },
+            11 => Fault::DiskFails { node: ids[rng.gen_range(0..ids.len())] },
             7 => Fault::ClockJump { node: ids[rng.gen_range(0..ids.len())], delta_ms: rng.gen_range(-3_000..3_000) },
             _ => Fault::Storm {
                 weather: Weather {
@@ -101,6 +105,7 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
         }
         Fault::ClockJump { node, delta_ms } => world.jump_clock(*node, *delta_ms),
         Fault::Storm { weather } => world.net.set_weather(*weather),
+        Fault::DiskFails { node } => world.set_disk_failing(*node, true),
         _ => {}
     }
     tokio::time::sleep(Duration::from_millis(for_ms)).await;
@@ -118,7 +123,17 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
             }
         }
         Fault::Storm { .. } => world.net.set_weather(Weather::CALM),
+        Fault::DiskFails { node } => {
+            world.set_disk_failing(*node, false);
+            world.reap().await;
+            if !world.is_up(*node) {
+                if let Err(error) = world.start(*node).await {
+                    world.fail(format!("restart after a disk failure: {error}"));
+                }
+            }
+        }
         _ => {}
     }
+    world.reap().await;
     world.trace.event(format!("healed {fault:?}"));
 }

@@ -132,6 +132,7 @@ async fn simulate(seed: u64, trace: Trace) -> (Vec<String>, u64, usize, u64) {
     trace.event("faults healed, crowd gone");
 
     // Every node up again, checkout must work again, holds must expire.
+    world.reap().await;
     for id in world.ids() {
         if !world.is_up(id) {
             if let Err(error) = world.start(id).await {

@@ -201,6 +201,11 @@ impl World {
             if machine.node.is_some() || machine.starting {
                 return Ok(());
             }
+            if machine.disk.is_failing() {
+                // It comes up when its disk heals (see the DiskFails fault).
+                self.trace.event(format!("node {id} stays down: its disk fails"));
+                return Ok(());
+            }
             machine.starting = true;
             machine.lives += 1;
             (machine.disk.clone(), machine.clock.clone(), machine.lives == 1)
@@ -242,6 +247,30 @@ impl World {
         let _ = node.group().raft().shutdown().await;
         self.machines.borrow()[&id].disk.crash();
         self.trace.event(format!("node {id} crashed"));
+    }
+
+    /// Makes node `id`'s disk fail (or recover).
+    pub fn set_disk_failing(&self, id: u64, failing: bool) {
+        self.machines.borrow()[&id].disk.set_failing(failing);
+    }
+
+    /// Restarts, from its disk, every node whose Raft stopped on its own (a
+    /// storage error is fatal to openraft): what a supervisor does with a
+    /// process that exited.
+    pub async fn reap(&self) {
+        for id in self.ids() {
+            let stopped =
+                self.node(id).is_some_and(|node| node.group().raft().metrics().borrow().running_state.is_err());
+            // A node whose disk still fails is left down until it heals.
+            let failing = self.machines.borrow()[&id].disk.is_failing();
+            if stopped && !failing {
+                self.trace.event(format!("node {id} stopped on its own; restarting it"));
+                self.crash(id).await;
+                if let Err(error) = self.start(id).await {
+                    self.fail(format!("restart after a stop: {error}"));
+                }
+            }
+        }
     }
 
     /// Stops every node (end of run), so their tasks end with the runtime.
