@@ -152,9 +152,10 @@ impl Topology {
 
     /// Whether node `id` may campaign to lead: only nodes of the primary
     /// region do. A tiebreaker in another region votes, so either zone can
-    /// be lost, but never leads, so commits never wait on a cross-region
-    /// round trip. (A tiebreaker placed in a third zone of the primary
-    /// region may lead.)
+    /// be lost, but does not lead, so commits do not wait on a cross-region
+    /// round trip; only when no primary node can be elected without it does
+    /// it lead, briefly (see `Group::tend_holds`). (A tiebreaker placed in a
+    /// third zone of the primary region may lead.)
     pub fn may_lead(&self, id: u64) -> bool {
         self.node(id).is_some_and(|node| node.region == self.primary_region)
     }
