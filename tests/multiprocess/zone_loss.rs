@@ -215,6 +215,21 @@ impl Cluster {
     }
 }
 
+/// A GET whose answer is definite: a 503 (an election under way) or no
+/// answer says nothing either way, so it is asked again, for up to 10 s.
+async fn get(client: &awc::Client, url: &str, headers: &[(&str, String)]) -> (u16, serde_json::Value) {
+    let started = Instant::now();
+    loop {
+        match call(client, "GET", url, headers, None).await {
+            Ok((503, _)) | Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                actix_rt::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(answer) => return answer,
+            Err(error) => panic!("GET {url}: no answer within 10 s: {error}"),
+        }
+    }
+}
+
 /// Waits (bounded) until `url` answers /readyz with 200.
 async fn ready(client: &awc::Client, url: &str, within: Duration) {
     let started = Instant::now();
@@ -293,15 +308,14 @@ async fn checkout_survives_losing_a_zone_and_the_history_is_linearizable() {
     let history = Rc::try_unwrap(history).ok().unwrap().into_inner();
     let url = &cluster.api[0];
     for (token, order) in &history.acked {
-        let (status, _) =
-            call(&client, "GET", &format!("{url}/v1/orders/{order}"), &[bearer(token)], None).await.unwrap();
+        let (status, _) = get(&client, &format!("{url}/v1/orders/{order}"), &[bearer(token)]).await;
         assert_eq!(status, 200, "acknowledged order {order} lost");
     }
 
     // Conservation, and every node agrees once it has caught up.
     let mut views = Vec::new();
     for url in &cluster.api {
-        let (status, sku) = call(&client, "GET", &format!("{url}/v1/skus/{SKU}"), &[], None).await.unwrap();
+        let (status, sku) = get(&client, &format!("{url}/v1/skus/{SKU}"), &[]).await;
         assert_eq!(status, 200);
         let [available, held, sold, total] = ["available", "held", "sold", "total"].map(|k| sku[k].as_u64().unwrap());
         assert_eq!((available + held + sold, total), (STOCK, STOCK), "{sku}");
