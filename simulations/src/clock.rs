@@ -17,12 +17,14 @@ pub struct SimClock {
     skew_ms: AtomicI64,
 }
 
-impl SimClock {
+impl Default for SimClock {
     /// A clock reading [`EPOCH_MS`] now.
-    pub fn new() -> SimClock {
+    fn default() -> SimClock {
         SimClock { start: Instant::now(), skew_ms: AtomicI64::new(0) }
     }
+}
 
+impl SimClock {
     /// Moves this clock by `delta_ms`, which may be negative.
     pub fn jump(&self, delta_ms: i64) {
         self.skew_ms.fetch_add(delta_ms, Ordering::Relaxed);

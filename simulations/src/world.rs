@@ -119,7 +119,7 @@ impl World {
                     id,
                     Machine {
                         disk: Disk::default(),
-                        clock: Arc::new(SimClock::new()),
+                        clock: Arc::new(SimClock::default()),
                         node: None,
                         starting: false,
                         lives: 0,

@@ -159,13 +159,10 @@ impl GroupHandler {
         if self.isolation.is_isolated() {
             return Err(Refusal::Isolated);
         }
-        match request.body {
-            PeerBody::Isolate { for_ms } => {
-                tracing::warn!(for_ms, "a drill isolates this node from its peers");
-                self.isolation.isolate_for(Duration::from_millis(for_ms));
-                return Ok(PeerResponse::Isolated);
-            }
-            _ => {}
+        if let PeerBody::Isolate { for_ms } = request.body {
+            tracing::warn!(for_ms, "a drill isolates this node from its peers");
+            self.isolation.isolate_for(Duration::from_millis(for_ms));
+            return Ok(PeerResponse::Isolated);
         }
         let group = self.groups.get(&request.group).ok_or(Refusal::UnknownGroup(request.group))?;
         match request.body {
