@@ -12,6 +12,7 @@ use domain::{Command, GroupState, Request, Response};
 use futures::future::BoxFuture;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::network::RaftNetworkFactory;
+use openraft::storage::RaftLogStorage;
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 use storage::{StateReader, TypeConfig};
 
@@ -101,6 +102,14 @@ pub struct Group {
     /// What keeps this node from campaigning or heartbeating now; see
     /// [`Group::apply_holds`].
     holds: Arc<Mutex<Holds>>,
+    /// The last log index this replica had when it opened. openraft 0.9
+    /// lets a leader that restarts before anyone else campaigns lead on in
+    /// its old term, with no new blank entry and knowing only what it had
+    /// applied as committed (openraft issue 1511); entries the previous
+    /// incarnation had committed and acknowledged may sit above that. No
+    /// read index is lower than this, so a read waits until they are
+    /// applied rather than missing them.
+    recovered_log: u64,
 }
 
 /// Deadlines that override openraft's elect and heartbeat switches. Kept
@@ -161,9 +170,11 @@ impl Group {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| ProposeError::Unavailable(e.to_string()))?);
-        let (log, state_machine) =
+        let (mut log, state_machine) =
             storage::from_database::<TypeConfig>(database).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let state = state_machine.reader();
+        let log_state = log.get_log_state().await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let recovered_log = log_state.last_log_id.map_or(0, |id| id.index);
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
             .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
@@ -181,6 +192,7 @@ impl Group {
             lease,
             may_lead: config.may_lead,
             holds: Arc::default(),
+            recovered_log,
         };
         tokio::spawn(group.clone().tend_holds(Duration::from_millis(config.heartbeat_ms.max(10))));
         Ok(group)
@@ -277,7 +289,7 @@ impl Group {
             return Err(cut_off_error());
         };
         match read {
-            Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |id| id.index)),
+            Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |id| id.index).max(self.recovered_log)),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward))) => {
                 Err(ProposeError::NotLeader { leader: forward.leader_id })
             }

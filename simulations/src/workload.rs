@@ -415,10 +415,12 @@ pub async fn lin_shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64) 
         let read = world.draw(|rng| rng.gen_bool(0.3));
         if read {
             let call = LinOp::Read(None);
+            world.trace.event(format!("lin-{n} read"));
             oracle.borrow_mut().lin.events.push((process, Action::Call(call)));
             let answer = definite_read(&world, first).await;
             // A read that never answered had no effect: it leaves the history.
             let mut oracle = oracle.borrow_mut();
+            world.trace.event(format!("lin-{n} read -> {answer:?}"));
             match answer {
                 Some(available) => oracle.lin.events.push((process, Action::Response(LinOp::Read(Some(available))))),
                 None => {
@@ -437,6 +439,7 @@ pub async fn lin_shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64) 
             items: Some(vec![Line { sku: LIN.into(), qty: qty as u32 }]),
             hold_ms: 600_000,
         };
+        world.trace.event(format!("lin-{n} checkout {key} of {qty}"));
         oracle.borrow_mut().lin.events.push((process, Action::Call(LinOp::Checkout { qty, reserved: None })));
         let answer = definite(&world, first, |node: Node| {
             let command = command.clone();
@@ -465,6 +468,7 @@ pub async fn lin_shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64) 
                 return;
             }
         };
+        world.trace.event(format!("lin checkout {key} -> reserved {reserved}"));
         oracle.lin.events.push((process, Action::Response(LinOp::Checkout { qty, reserved: Some(reserved) })));
     }
 }
