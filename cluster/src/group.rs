@@ -17,7 +17,7 @@ use openraft::{BasicNode, Raft, SnapshotPolicy};
 use storage::{StateReader, TypeConfig};
 
 use crate::clock::Clock;
-use crate::status::GroupStatus;
+use crate::status::{GroupStatus, ReplicaLag};
 use crate::ProposeError;
 
 type Metrics = openraft::RaftMetrics<u64, BasicNode>;
@@ -48,6 +48,9 @@ pub struct GroupConfig {
     /// region only votes: a leader there would put a cross-region round trip
     /// into every commit. It still stores the log and counts for the quorum.
     pub may_lead: bool,
+    /// The DR replicas: the leader adds each as a learner, so it follows
+    /// the log without being waited for.
+    pub replicas: BTreeMap<u64, BasicNode>,
 }
 
 impl Default for GroupConfig {
@@ -60,6 +63,7 @@ impl Default for GroupConfig {
             snapshot_every_entries: 20_000,
             log_kept_behind_snapshot: 2_000,
             may_lead: true,
+            replicas: BTreeMap::new(),
         }
     }
 }
@@ -110,6 +114,27 @@ pub struct Group {
     /// read index is lower than this, so a read waits until they are
     /// applied rather than missing them.
     recovered_log: u64,
+    /// The DR replicas the leader keeps attached as learners.
+    replicas: Arc<BTreeMap<u64, BasicNode>>,
+    /// How current the DR copy is, from either side.
+    sync: Arc<Mutex<ReplicaSync>>,
+}
+
+/// How current a DR copy is. The leader knows when each replica last had
+/// its whole log; a replica knows when it last had everything a leader
+/// told it was committed.
+#[derive(Debug, Default)]
+struct ReplicaSync {
+    /// On the leader: when each replica last had every entry of its log.
+    caught_up_at: BTreeMap<u64, Instant>,
+    /// On a replica: the commit index the last append-entries call carried,
+    /// and when it came.
+    leader_commit: Option<(u64, Instant)>,
+    /// On a replica: when it last had applied everything a leader had
+    /// committed when it wrote to it.
+    synced_at: Option<Instant>,
+    /// An `add_learner` is under way.
+    attaching: bool,
 }
 
 /// Deadlines that override openraft's elect and heartbeat switches. Kept
@@ -193,6 +218,8 @@ impl Group {
             may_lead: config.may_lead,
             holds: Arc::default(),
             recovered_log,
+            replicas: Arc::new(config.replicas.clone()),
+            sync: Arc::default(),
         };
         tokio::spawn(group.clone().tend_holds(Duration::from_millis(config.heartbeat_ms.max(10))));
         Ok(group)
@@ -388,7 +415,11 @@ impl Group {
         &self,
         rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
     ) -> Result<openraft::raft::AppendEntriesResponse<u64>, RaftError<u64>> {
-        self.lock_holds().heard_from_leader = Some(Instant::now());
+        let now = Instant::now();
+        self.lock_holds().heard_from_leader = Some(now);
+        if let Some(commit) = rpc.leader_commit {
+            self.lock_sync().leader_commit = Some((commit.index, now));
+        }
         self.raft.append_entries(rpc).await
     }
 
@@ -409,6 +440,10 @@ impl Group {
 
     fn lock_holds(&self) -> std::sync::MutexGuard<'_, Holds> {
         self.holds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_sync(&self) -> std::sync::MutexGuard<'_, ReplicaSync> {
+        self.sync.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sets openraft's heartbeat and elect switches from the holds, under
@@ -446,18 +481,93 @@ impl Group {
                 && !self.is_abdicating()
                 && metrics.replication.as_ref().is_some_and(|replication| {
                     let last = metrics.last_log_index;
-                    replication.iter().any(|(id, matched)| *id != metrics.id && matched.map(|m| m.index) >= last)
+                    let voters = metrics.membership_config.membership().voter_ids().collect::<Vec<_>>();
+                    replication.iter().any(|(id, matched)| {
+                        *id != metrics.id && voters.contains(id) && matched.map(|m| m.index) >= last
+                    })
                 });
             if hand_back {
                 tracing::warn!("the tiebreaker leads; handing leadership back to the primary region");
                 self.abdicate(self.lease * 3);
             }
+            if metrics.state.is_leader() {
+                self.tend_replicas(&metrics);
+            }
+            self.note_replica_sync(&metrics);
             let mut holds = self.lock_holds();
             if metrics.state.is_leader() || holds.heard_from_leader.is_none() {
                 holds.heard_from_leader = Some(Instant::now());
             }
             self.apply_holds(&holds);
         }
+    }
+
+    /// On the leader: adds any DR replica missing from the membership as a
+    /// learner (one at a time, in the background), and notes which
+    /// replicas have its whole log.
+    fn tend_replicas(&self, metrics: &Metrics) {
+        let now = Instant::now();
+        let membership = metrics.membership_config.membership();
+        let missing = self.replicas.iter().find(|(id, _)| membership.get_node(id).is_none());
+        let mut sync = self.lock_sync();
+        if let Some((&id, node)) = missing {
+            if !sync.attaching {
+                sync.attaching = true;
+                let group = self.clone();
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = group.raft.add_learner(id, node, false).await {
+                        tracing::warn!("could not add DR replica {id} as a learner: {e}");
+                    }
+                    group.lock_sync().attaching = false;
+                });
+            }
+        }
+        let last = metrics.last_log_index;
+        for id in self.replicas.keys() {
+            let matched = metrics.replication.as_ref().and_then(|r| r.get(id).copied().flatten());
+            let caught_up = matched.map(|m| m.index) >= last;
+            let at = sync.caught_up_at.entry(*id).or_insert(now);
+            if caught_up {
+                *at = now;
+            }
+        }
+    }
+
+    /// On a replica: notes when it last had applied everything a leader
+    /// had committed, and exports how far behind its copy may be.
+    fn note_replica_sync(&self, metrics: &Metrics) {
+        if !self.is_replica(metrics) {
+            return;
+        }
+        let applied = metrics.last_applied.map_or(0, |id| id.index);
+        let mut sync = self.lock_sync();
+        let Some((commit, at)) = sync.leader_commit else { return };
+        if applied >= commit {
+            sync.synced_at = Some(at);
+        }
+        let stale_ms = sync.synced_at.map(|synced| synced.elapsed().as_millis() as f64);
+        drop(sync);
+        metrics::gauge!("surge_dr_lag_entries").set(commit.saturating_sub(applied) as f64);
+        if let Some(stale_ms) = stale_ms {
+            metrics::gauge!("surge_dr_lag_ms").set(stale_ms);
+        }
+    }
+
+    fn is_replica(&self, metrics: &Metrics) -> bool {
+        metrics.state == openraft::ServerState::Learner
+    }
+
+    /// On a DR replica: its copy holds every write the primary committed up
+    /// to at most this many milliseconds ago; `None` on a voter, or before
+    /// the replica has heard from a leader.
+    pub fn stale_ms_max(&self) -> Option<u64> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if !self.is_replica(&metrics) {
+            return None;
+        }
+        self.note_replica_sync(&metrics);
+        self.lock_sync().synced_at.map(|synced| synced.elapsed().as_millis() as u64)
     }
 
     /// This replica's view of the group, for `surge ctl status`.
@@ -486,6 +596,23 @@ impl Group {
             }
             _ => (None, BTreeMap::new()),
         };
+        let replica_lag = match &metrics.replication {
+            Some(replication) if metrics.state.is_leader() => {
+                let sync = self.lock_sync();
+                metrics
+                    .membership_config
+                    .membership()
+                    .learner_ids()
+                    .map(|id| {
+                        let matched = replication.get(&id).copied().flatten().map_or(0, |log_id| log_id.index);
+                        let entries = last_log_index.saturating_sub(matched);
+                        let since = sync.caught_up_at.get(&id).map_or(0, |at| at.elapsed().as_millis() as u64);
+                        (id, ReplicaLag { entries, ms: if entries == 0 { 0 } else { since } })
+                    })
+                    .collect()
+            }
+            _ => BTreeMap::new(),
+        };
         GroupStatus {
             group: self.id,
             role: format!("{:?}", metrics.state).to_ascii_lowercase(),
@@ -496,6 +623,8 @@ impl Group {
             snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
             commit_index,
             follower_lag,
+            replica_lag,
+            stale_ms_max: self.stale_ms_max(),
             millis_since_quorum_ack: metrics.millis_since_quorum_ack,
             cut_off: self.cut_off(&metrics),
         }

@@ -26,8 +26,8 @@ pub use drill::{DrillError, DrillEvent, DrillReport};
 pub use group::{Group, GroupConfig};
 pub use leadership::{LeaderMoved, TransferError};
 pub use node::{Node, NodeConfig, TlsFiles};
-pub use status::{GroupStatus, NodeStatus};
-pub use topology::{NodeSpec, Topology, TopologyError};
+pub use status::{GroupStatus, NodeStatus, ReplicaLag};
+pub use topology::{NodeSpec, Role, Topology, TopologyError};
 
 /// Why a command got no outcome from the state machine. None of these says
 /// the command did not apply except `Overloaded` and `NotLeader`: after a

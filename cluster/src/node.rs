@@ -248,6 +248,11 @@ impl Node {
         self.group.read_linearizable(read).await
     }
 
+    /// Whether this node is a DR replica (see [`crate::Role::Replica`]).
+    pub fn is_replica(&self) -> bool {
+        self.topology.node(self.id()).is_some_and(|spec| spec.role == crate::Role::Replica)
+    }
+
     /// A read of this replica's applied state, without a quorum round.
     pub fn read_local<T>(&self, read: impl FnOnce(&GroupState) -> T) -> T {
         self.group.read_local(read)

@@ -17,6 +17,17 @@ pub struct NodeStatus {
     pub groups: Vec<GroupStatus>,
 }
 
+/// How far a DR replica's copy is behind the leader's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReplicaLag {
+    /// Entries in the leader's log the replica has not stored.
+    pub entries: u64,
+    /// Milliseconds since the replica last had every entry of the leader's
+    /// log: the writes of that long may be missing from the DR copy.
+    pub ms: u64,
+}
+
 /// One group as one of its replicas sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -42,6 +53,14 @@ pub struct GroupStatus {
     /// On the leader: how many entries each other voter is behind the
     /// leader's log (an unreachable voter's lag grows with every write).
     pub follower_lag: BTreeMap<u64, u64>,
+    /// On the leader: how far each DR replica is behind (see [`ReplicaLag`]).
+    #[serde(default)]
+    pub replica_lag: BTreeMap<u64, ReplicaLag>,
+    /// On a DR replica: its copy holds every write the primary committed
+    /// up to at most this many milliseconds ago (`None` until it has heard
+    /// from a leader). Reads served from the copy say so.
+    #[serde(default)]
+    pub stale_ms_max: Option<u64>,
     /// On the leader: milliseconds since a quorum last acknowledged it.
     pub millis_since_quorum_ack: Option<u64>,
     /// On the leader: whether it has gone without a quorum's

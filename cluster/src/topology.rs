@@ -9,6 +9,11 @@
 //! domain (by default a node in the DR region) fixes it: 2 + 2 + 1 = 5
 //! voters, and losing either zone leaves 3 of 5. The tiebreaker carries no
 //! shopper traffic; it only votes and stores the log.
+//!
+//! A node may instead be a **replica** in the DR region: it follows every
+//! group's log as a Raft learner, off the commit path (no commit waits for
+//! it, so a slow or unreachable DR region never slows checkout), serves
+//! reads from its copy and forwards writes to the primary.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,9 +34,25 @@ pub struct NodeSpec {
     pub api: String,
     /// Address of the node's peer (Raft) transport.
     pub peer: String,
+    /// Voter (the default) or DR replica.
+    #[serde(default)]
+    pub role: Role,
 }
 
-/// The nodes of a cluster. Every one of them is a voter of every group.
+/// What a node is to every group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Votes and stores the log; a commit needs a majority of voters.
+    #[default]
+    Voter,
+    /// Follows the log asynchronously as a Raft learner, in a region other
+    /// than the primary: the DR copy.
+    Replica,
+}
+
+/// The nodes of a cluster: the voters of every group, and the DR replicas
+/// that follow them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
@@ -56,6 +77,9 @@ pub enum TopologyError {
     /// No node of the primary region.
     #[error("no node is in the primary region {0:?}")]
     NoPrimary(String),
+    /// A replica in the primary region would be no disaster-recovery copy.
+    #[error("replica {0} is in the primary region; DR replicas belong in another region")]
+    ReplicaInPrimary(u64),
     /// Losing this zone would leave no majority.
     #[error("losing zone {zone:?} leaves {left} of {voters} voters: no majority (add a tiebreaker in a third failure domain)")]
     ZoneLossLosesQuorum {
@@ -79,6 +103,7 @@ impl Topology {
                 zone: "a".into(),
                 api: api.into(),
                 peer: peer.into(),
+                role: Role::Voter,
             }],
         }
     }
@@ -96,8 +121,11 @@ impl Topology {
                 return Err(TopologyError::BadId(node.id));
             }
         }
-        if !self.nodes.iter().any(|n| n.region == self.primary_region) {
+        if !self.voters().any(|n| n.region == self.primary_region) {
             return Err(TopologyError::NoPrimary(self.primary_region.clone()));
+        }
+        if let Some(replica) = self.replica_specs().find(|n| n.region == self.primary_region) {
+            return Err(TopologyError::ReplicaInPrimary(replica.id));
         }
         if self.nodes.len() == 1 {
             // No peers: nothing to reach, nothing to survive.
@@ -111,9 +139,9 @@ impl Topology {
                 }
             }
         }
-        let voters = self.nodes.len();
+        let voters = self.voters().count();
         for zone in self.primary_zones() {
-            let left = self.nodes.iter().filter(|n| !(n.region == self.primary_region && n.zone == zone)).count();
+            let left = self.voters().filter(|n| !(n.region == self.primary_region && n.zone == zone)).count();
             if left <= voters / 2 {
                 return Err(TopologyError::ZoneLossLosesQuorum { zone, left, voters });
             }
@@ -123,7 +151,16 @@ impl Topology {
 
     /// The zones of the primary region, sorted.
     pub fn primary_zones(&self) -> BTreeSet<String> {
-        self.nodes.iter().filter(|n| n.region == self.primary_region).map(|n| n.zone.clone()).collect()
+        self.voters().filter(|n| n.region == self.primary_region).map(|n| n.zone.clone()).collect()
+    }
+
+    /// The voters, in the order the config names them.
+    pub fn voters(&self) -> impl Iterator<Item = &NodeSpec> {
+        self.nodes.iter().filter(|n| n.role == Role::Voter)
+    }
+
+    fn replica_specs(&self) -> impl Iterator<Item = &NodeSpec> {
+        self.nodes.iter().filter(|n| n.role == Role::Replica)
     }
 
     /// A node by id.
@@ -136,10 +173,15 @@ impl Topology {
         self.nodes.iter().filter(|n| n.region == region && n.zone == zone).collect()
     }
 
-    /// The Raft membership every group starts with: all nodes as voters,
-    /// reached at their peer address.
+    /// The Raft membership every group starts with: the voters, reached at
+    /// their peer address.
     pub fn members(&self) -> BTreeMap<u64, BasicNode> {
-        self.nodes.iter().map(|n| (n.id, BasicNode::new(&n.peer))).collect()
+        self.voters().map(|n| (n.id, BasicNode::new(&n.peer))).collect()
+    }
+
+    /// The DR replicas, which every group's leader adds as learners.
+    pub fn replicas(&self) -> BTreeMap<u64, BasicNode> {
+        self.replica_specs().map(|n| (n.id, BasicNode::new(&n.peer))).collect()
     }
 
     /// The node that initialises a new cluster's groups: the lowest id of
@@ -157,7 +199,7 @@ impl Topology {
     /// it lead, briefly (see `Group::tend_holds`). (A tiebreaker placed in a
     /// third zone of the primary region may lead.)
     pub fn may_lead(&self, id: u64) -> bool {
-        self.node(id).is_some_and(|node| node.region == self.primary_region)
+        self.node(id).is_some_and(|node| node.region == self.primary_region && node.role == Role::Voter)
     }
 }
 
@@ -186,7 +228,35 @@ mod tests {
             zone: zone.into(),
             api: format!("127.0.0.1:{}", 8000 + id),
             peer: format!("127.0.0.1:{}", 9000 + id),
+            role: Role::Voter,
         }
+    }
+
+    fn replica(id: u64, region: &str) -> NodeSpec {
+        NodeSpec { role: Role::Replica, ..node(id, region, "d") }
+    }
+
+    #[test]
+    fn dr_replicas_follow_without_voting_or_leading() {
+        let mut nodes = vec![
+            node(1, "primary", "a"),
+            node(2, "primary", "a"),
+            node(3, "primary", "b"),
+            node(4, "primary", "b"),
+            node(5, "dr", "t"),
+            replica(6, "dr"),
+        ];
+        let shape = topology(nodes.clone());
+        assert_eq!(shape.validate(), Ok(()));
+        assert_eq!(shape.members().keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(shape.replicas().keys().copied().collect::<Vec<_>>(), vec![6]);
+        assert!(!shape.may_lead(6));
+        // A replica does not count towards surviving a zone's loss.
+        nodes[4] = replica(5, "dr");
+        assert!(matches!(topology(nodes.clone()).validate(), Err(TopologyError::ZoneLossLosesQuorum { .. })));
+        nodes[4] = node(5, "dr", "t");
+        nodes[5] = replica(6, "primary");
+        assert_eq!(topology(nodes).validate(), Err(TopologyError::ReplicaInPrimary(6)));
     }
 
     fn topology(nodes: Vec<NodeSpec>) -> Topology {

@@ -665,13 +665,25 @@ impl Trio {
 
     /// Like [`Trio::start`]; `tiebreaker` never campaigns unless stranded.
     async fn with_tiebreaker(tiebreaker: Option<u64>) -> Trio {
+        Trio::open(tiebreaker, false).await
+    }
+
+    /// The three voters and node 4 as a DR replica, which the leader adds
+    /// as a learner.
+    async fn with_replica() -> Trio {
+        Trio::open(None, true).await
+    }
+
+    async fn open(tiebreaker: Option<u64>, replica: bool) -> Trio {
         let pki = Pki::new();
         let mut listeners = BTreeMap::new();
         let mut members = BTreeMap::new();
+        let mut replicas = BTreeMap::new();
         let mut peers = BTreeMap::new();
-        for id in 1..=3u64 {
+        for id in 1..=(if replica { 4 } else { 3 }) {
             let (listener, addr) = listen().await;
-            members.insert(id, BasicNode::new(addr.to_string()));
+            let nodes = if id == 4 { &mut replicas } else { &mut members };
+            nodes.insert(id, BasicNode::new(addr.to_string()));
             peers.insert(id, addr.to_string());
             listeners.insert(id, listener);
         }
@@ -684,7 +696,8 @@ impl Trio {
                 node_id: id,
                 election_timeout_min_ms: 500,
                 election_timeout_max_ms: 1_000,
-                may_lead: tiebreaker != Some(id),
+                may_lead: tiebreaker != Some(id) && !replicas.contains_key(&id),
+                replicas: replicas.clone(),
                 ..GroupConfig::default()
             };
             let clients = PeerClients::new(tls.client.clone(), fast_client());
@@ -715,6 +728,71 @@ impl Trio {
             let _ = group.raft().shutdown().await;
         }
     }
+}
+
+/// A DR replica follows the log as a learner, off the commit path: writes
+/// commit while it is cut off, the leader reports how far behind it is,
+/// and once it is back it catches up to exactly the voters' state (no gap,
+/// no duplicate). Its own writes go to the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dr_replica_follows_off_the_commit_path_and_catches_up_exactly() {
+    bounded(90, async {
+        let trio = Trio::with_replica().await;
+        let leader = trio.leader();
+        let (voter, replica) = (&trio.groups[&leader], &trio.groups[&4]);
+        let learner = replica
+            .raft()
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.membership_config.membership().learner_ids().any(|id| id == 4), "replica added")
+            .await;
+        assert!(learner.is_ok(), "the leader did not add the DR replica as a learner: {learner:?}");
+        assert!(!replica.is_leader());
+
+        let response = replica.propose(vec![Command::CreateSale(sale("from-dr"))]).await.unwrap();
+        assert!(matches!(response.outcomes[..], [Outcome::Sku(_)]), "{response:?}");
+        let replicated = wait_for(10, || replica.read_local(|s| s.sku_view("from-dr").is_some())).await;
+        assert!(replicated, "the replica's copy never showed the write it forwarded");
+        assert!(replica.stale_ms_max().is_some(), "a replica in touch with the leader declares its staleness");
+
+        // Cut off, with a follower voter too: the two voters left are a
+        // majority of the three, and commit without it (were it a voter,
+        // two of four would be stuck).
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        trio.isolations[&follower].isolate_for(Duration::from_secs(30));
+        trio.isolations[&4].isolate_for(Duration::from_secs(30));
+        for n in 0..20 {
+            let started = Instant::now();
+            voter.propose(vec![restock("from-dr", 1)]).await.unwrap();
+            assert!(started.elapsed() < Duration::from_secs(2), "write {n} waited {:?}", started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lag = voter.status().replica_lag[&4];
+        assert!(lag.entries >= 20 && lag.ms >= 200, "{lag:?}");
+        assert!(replica.stale_ms_max().is_some_and(|ms| ms >= 200), "{:?}", replica.stale_ms_max());
+
+        // Back: it catches up to the voters' state exactly.
+        trio.isolations[&follower].lift();
+        trio.isolations[&4].lift();
+        let caught_up = wait_for(20, || replica.read_local(Clone::clone) == voter.read_local(Clone::clone)).await;
+        assert!(caught_up, "the replica's copy differs from the leader's after the heal");
+        let total = replica.read_local(|s| s.sku_view("from-dr").map(|v| v.stock.total));
+        assert_eq!(total, Some(sale("from-dr").stock + 20), "every restock once, none twice");
+        assert!(wait_for(5, || voter.status().replica_lag[&4].entries == 0).await);
+        trio.shutdown().await;
+    })
+    .await;
+}
+
+/// Polls `check` every 50 ms for up to `secs` seconds.
+async fn wait_for(secs: u64, mut check: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
 }
 
 /// The follower side of forwarding through `Group`: a write and a

@@ -199,6 +199,7 @@ impl Config {
                 log_kept_behind_snapshot: self.raft.log_kept_behind_snapshot,
                 // Leaders stay in the primary region (see `Topology::may_lead`).
                 may_lead: self.topology().may_lead(self.node_id),
+                replicas: self.topology().replicas(),
             },
             actors: self.actors.clone(),
             expiry_tick_ms: self.expiry_tick_ms,
@@ -251,6 +252,18 @@ mod tests {
         let tuned = parse("[actors]\nqueue_max = 100\n", &[("SURGE_ACTORS__BATCH_MAX", "64")]).unwrap();
         assert_eq!((tuned.actors.queue_max, tuned.actors.batch_max), (100, 64));
         assert_eq!(tuned.node_config().actors.batch_max, 64);
+    }
+
+    #[test]
+    fn the_local_cluster_example_is_a_valid_topology_with_a_dr_replica() {
+        let example = include_str!("../../deploy/local-cluster/cluster.toml");
+        let replica = parse(example, &[("SURGE_NODE_ID", "6")]).unwrap();
+        let topology = replica.topology();
+        assert_eq!(topology.members().len(), 5);
+        assert_eq!(topology.replicas().keys().copied().collect::<Vec<_>>(), vec![6]);
+        let config = replica.node_config();
+        assert!(!config.group.may_lead);
+        assert_eq!(config.group.replicas.len(), 1);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The default topology on one machine: zones `a` and `b` of region
-//! `primary` with two nodes each, and the tiebreaker voter in region `dr`.
+//! `primary` with two nodes each, the tiebreaker voter in region `dr`, and
+//! the DR replica (node 6) in region `dr`, zone `d`.
 //!
 //! Every node is a whole Surge node: its own thread and actix system, its own
 //! redb files, a mutual-TLS peer transport and an HTTP API, all on real
@@ -11,13 +12,20 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use cluster::{NodeSpec, Topology};
+use cluster::{NodeSpec, Role, Topology};
 
 use crate::config::{Config, TlsConfig};
 use crate::server::{self, Server};
 
-/// (region, zone) of nodes 1 to 5.
-const SHAPE: [(&str, &str); 5] = [("primary", "a"), ("primary", "a"), ("primary", "b"), ("primary", "b"), ("dr", "t")];
+/// (region, zone, role) of nodes 1 to 6.
+const SHAPE: [(&str, &str, Role); 6] = [
+    ("primary", "a", Role::Voter),
+    ("primary", "a", Role::Voter),
+    ("primary", "b", Role::Voter),
+    ("primary", "b", Role::Voter),
+    ("dr", "t", Role::Voter),
+    ("dr", "d", Role::Replica),
+];
 
 /// A running local cluster.
 pub struct LocalCluster {
@@ -27,7 +35,7 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Generates a development CA and node certificates in `dir`, then
-    /// starts five nodes whose data lives under `dir`, each configured like
+    /// starts six nodes whose data lives under `dir`, each configured like
     /// `template` (tokens, hold time, tuning). Returns once every node has a
     /// leader, so the cluster takes writes.
     pub async fn start(dir: &Path, template: &Config) -> anyhow::Result<LocalCluster> {
@@ -35,13 +43,14 @@ impl LocalCluster {
         let ids: Vec<u64> = (1..=SHAPE.len() as u64).collect();
         crate::certs::generate(&certs, &ids)?;
         let mut topology = Topology { primary_region: "primary".into(), nodes: Vec::new() };
-        for (id, (region, zone)) in ids.iter().zip(SHAPE) {
+        for (id, (region, zone, role)) in ids.iter().zip(SHAPE) {
             topology.nodes.push(NodeSpec {
                 id: *id,
                 region: region.into(),
                 zone: zone.into(),
                 api: format!("127.0.0.1:{}", free_port()?),
                 peer: format!("127.0.0.1:{}", free_port()?),
+                role,
             });
         }
         let mut nodes = Vec::new();
@@ -50,7 +59,7 @@ impl LocalCluster {
                 node_id: spec.id,
                 data_dir: dir.join(format!("node-{}", spec.id)),
                 listen: spec.api.clone(),
-                // Five nodes share this machine's cores: one HTTP worker
+                // Six nodes share this machine's cores: one HTTP worker
                 // each keeps the threads few (measured: p99 at half the
                 // peak rate 14 ms with one, 26 ms with two; docs/benchmarks.md).
                 workers: 1,
@@ -70,6 +79,11 @@ impl LocalCluster {
         let cluster = LocalCluster { nodes };
         cluster.wait_ready(Duration::from_secs(60)).await?;
         Ok(cluster)
+    }
+
+    /// Base URL of the DR replica.
+    pub fn replica(&self) -> Option<String> {
+        self.nodes.iter().find(|(spec, _)| spec.role == Role::Replica).map(|(_, server)| server.url.clone())
     }
 
     /// Base URLs of the nodes in `zones`.

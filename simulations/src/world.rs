@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use cluster::{ActorLimits, Group, GroupConfig, Node, NodeConfig, NodeSpec, Topology};
+use cluster::{ActorLimits, Group, GroupConfig, Node, NodeConfig, NodeSpec, Role, Topology};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -109,6 +109,7 @@ impl World {
                     zone: zone.into(),
                     api: format!("sim-{id}:80"),
                     peer: format!("sim-{id}:90"),
+                    role: Role::Voter,
                 })
                 .collect(),
         };
