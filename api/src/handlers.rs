@@ -99,14 +99,47 @@ pub async fn restock(
     Ok(HttpResponse::Ok().json(expect_sku(outcome)?))
 }
 
+/// The header on a read a DR replica served from its own copy: the copy
+/// holds every write the primary committed up to at most this many
+/// milliseconds ago.
+pub const STALE_MS_HEADER: &str = "Surge-Stale-Ms";
+
+/// A shopper's read. A voter answers linearizably. A DR replica answers
+/// from its own copy, so reads go on when the primary region is far away
+/// or gone, and says how stale the copy may be; one that has not yet heard
+/// from a leader reads through the leader instead.
+async fn shopper_read<T>(
+    node: &cluster::Node,
+    read: impl FnOnce(&domain::GroupState) -> T,
+) -> Result<(T, Option<u64>)> {
+    if node.is_replica() {
+        if let Some(stale_ms) = node.group().stale_ms_max() {
+            return Ok((node.read_local(read), Some(stale_ms)));
+        }
+    }
+    Ok((node.read(read).await?, None))
+}
+
+/// 200 with `body`, marked with its staleness when a DR replica served it.
+fn read_answer(body: impl serde::Serialize, stale_ms: Option<u64>) -> HttpResponse {
+    let mut response = HttpResponse::Ok();
+    if let Some(stale_ms) = stale_ms {
+        response.insert_header((STALE_MS_HEADER, stale_ms.to_string()));
+    }
+    response.json(body)
+}
+
 #[utoipa::path(get, path = "/v1/skus/{sku}", tag = "shopper",
-    responses((status = 200, body = Sku), (status = 404, body = Problem)))]
-/// A SKU's sale and current stock (a linearizable read).
+    responses((status = 200, body = Sku, headers(("Surge-Stale-Ms" = u64,
+        description = "Only from a DR replica, which serves the read from its own copy: the copy holds every write committed up to at most this many milliseconds ago."))),
+        (status = 404, body = Problem)))]
+/// A SKU's sale and current stock: a linearizable read, or on a DR
+/// replica a read of its copy marked with how stale it may be.
 pub async fn get_sku(state: web::Data<AppState>, sku: web::Path<String>) -> Result<HttpResponse> {
     let sku = sku_path(&sku)?;
-    let view = state.node.read(|s| s.sku_view(sku)).await?;
+    let (view, stale_ms) = shopper_read(&state.node, |s| s.sku_view(sku)).await?;
     let view = view.ok_or_else(|| Rejection::UnknownSku { sku: sku.to_string() })?;
-    Ok(HttpResponse::Ok().json(Sku::from(view)))
+    Ok(read_answer(Sku::from(view), stale_ms))
 }
 
 #[utoipa::path(post, path = "/v1/sessions", tag = "shopper", request_body = CreateSession,
@@ -240,12 +273,15 @@ pub async fn cancel(shopper: Shopper, state: web::Data<AppState>, id: web::Path<
 }
 
 #[utoipa::path(get, path = "/v1/orders/{id}", tag = "shopper", security(("session" = [])),
-    responses((status = 200, body = OrderBody), (status = 404, body = Problem)))]
-/// One of the session's orders.
+    responses((status = 200, body = OrderBody, headers(("Surge-Stale-Ms" = u64,
+        description = "Only from a DR replica, which serves the read from its own copy: the copy holds every write committed up to at most this many milliseconds ago."))),
+        (status = 404, body = Problem)))]
+/// One of the session's orders: a linearizable read, or on a DR replica a
+/// read of its copy marked with how stale it may be.
 pub async fn get_order(shopper: Shopper, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
     let order = order_path(&id)?;
-    let order = state.node.read(|s| s.order(shopper.session, order)).await??;
-    Ok(HttpResponse::Ok().json(OrderBody::from(order)))
+    let (order, stale_ms) = shopper_read(&state.node, |s| s.order(shopper.session, order)).await?;
+    Ok(read_answer(OrderBody::from(order?), stale_ms))
 }
 
 #[utoipa::path(get, path = "/v1/cluster", tag = "operator", security(("operator" = [])),

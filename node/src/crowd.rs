@@ -230,6 +230,8 @@ pub struct Reply {
     pub replayed: bool,
     /// The `Retry-After` header, in seconds.
     pub retry_after_s: Option<u64>,
+    /// The `Surge-Stale-Ms` header of a read a DR replica served from its copy.
+    pub stale_ms: Option<u64>,
 }
 
 impl Reply {
@@ -332,10 +334,11 @@ impl Http {
                     .get("idempotent-replayed")
                     .and_then(|value| value.to_str().ok())
                     .is_some_and(|value| value.eq_ignore_ascii_case("true"));
-                let retry_after_s = headers
-                    .get("retry-after")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.trim().parse().ok());
+                let number = |name: &str| {
+                    headers.get(name).and_then(|value| value.to_str().ok()).and_then(|value| value.trim().parse().ok())
+                };
+                let retry_after_s = number("retry-after");
+                let stale_ms = number("surge-stale-ms");
                 match response.body().limit(RESPONSE_BODY_BYTES_MAX).await {
                     Err(error) => Err(format!("read response body: {error}")),
                     Ok(bytes) => {
@@ -345,7 +348,7 @@ impl Http {
                             serde_json::from_slice(&bytes)
                                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
                         };
-                        Ok(Reply { status, body, replayed, retry_after_s })
+                        Ok(Reply { status, body, replayed, retry_after_s, stale_ms })
                     }
                 }
             }
@@ -658,7 +661,7 @@ async fn watch_stock(crowd: &Crowd, done: &Cell<bool>) -> Watch {
 }
 
 /// A SKU's stock as one `GET /v1/skus/{sku}` showed it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StockRead {
     pub sku: String,
     pub total: u64,

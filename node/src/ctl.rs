@@ -241,6 +241,20 @@ fn render_status(status: &Value) -> anyhow::Result<String> {
                             group.follower_lag.iter().map(|(id, behind)| format!("node {id}: {behind}")).collect();
                         notes.push(format!("group {} follower lag (entries) {}", group.group, lag.join(", ")));
                     }
+                    if !group.replica_lag.is_empty() {
+                        let lag: Vec<String> = group
+                            .replica_lag
+                            .iter()
+                            .map(|(id, lag)| format!("node {id}: {} entries, {} ms", lag.entries, lag.ms))
+                            .collect();
+                        notes.push(format!("group {} DR replication lag {}", group.group, lag.join(", ")));
+                    }
+                    if let Some(ms) = group.stale_ms_max {
+                        notes.push(format!(
+                            "group {} on DR replica {}: copy at most {ms} ms stale",
+                            group.group, node["id"]
+                        ));
+                    }
                 }
             }
         }

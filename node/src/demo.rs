@@ -118,7 +118,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Nodes::Single(server)
     } else {
         let cluster = LocalCluster::start(data.path(), &config).await.context("start the demo cluster")?;
-        println!("Surge demo: five nodes up (data in {}, removed on exit)", data.path().display());
+        println!("Surge demo: six nodes up (data in {}, removed on exit)", data.path().display());
         for (spec, server) in &cluster.nodes {
             println!("  node {} region {:<8} zone {}  {}", spec.id, spec.region, spec.zone, server.url);
         }
@@ -145,6 +145,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             at: Duration::from_secs(args.duration).mul_f64(DRILL_AT),
             isolate_for: Duration::from_secs(drill_seconds),
         }),
+        replica: nodes.replica(),
     };
     println!(
         "Flash sale: {} units of {HOT_SKU} (limit {} per shopper) plus {} ordinary SKUs; \
@@ -204,11 +205,20 @@ enum Nodes {
 
 impl Nodes {
     /// Where shoppers go: the single node, or every node of zones a and b
-    /// (the tiebreaker takes no shopper traffic).
+    /// (the tiebreaker takes no shopper traffic; the DR replica's copy is
+    /// read after the sale).
     fn shopper_endpoints(&self) -> Vec<String> {
         match self {
             Nodes::Single(server) => vec![server.url.clone()],
             Nodes::Cluster(cluster) => cluster.endpoints(&["a", "b"]),
+        }
+    }
+
+    /// The DR replica's endpoint, if the demo runs one.
+    fn replica(&self) -> Option<String> {
+        match self {
+            Nodes::Single(_) => None,
+            Nodes::Cluster(cluster) => cluster.replica(),
         }
     }
 
@@ -236,6 +246,8 @@ struct Setup {
     hot_stock: u64,
     hold_ms: u64,
     drill: Option<DrillPlan>,
+    /// The DR replica's endpoint, whose copy is checked after the sale.
+    replica: Option<String>,
 }
 
 /// What the client thread found.
@@ -249,6 +261,55 @@ struct Findings {
     audit: Audit,
     /// The zone-loss drill's final report, or why there is none.
     drill: Option<Result<DrillReport, String>>,
+    /// How the DR replica's copy compared with the primary's, if there is one.
+    dr_copy: Option<DrCopy>,
+}
+
+/// The DR replica's copy of every SKU against the primary's final stock.
+#[derive(Debug, Serialize)]
+struct DrCopy {
+    /// How long after the primary's final reads the copy matched them on
+    /// every SKU; `None` if it did not within [`DR_COPY_WAIT`].
+    matched_after_ms: Option<u64>,
+    /// The staleness the replica declared on its last read.
+    stale_ms: Option<u64>,
+    /// The SKUs that still differed, when the wait ran out.
+    differences: Vec<String>,
+}
+
+/// How long the DR copy may take to match the primary after the sale.
+const DR_COPY_WAIT: Duration = Duration::from_secs(15);
+
+/// Reads every SKU from the DR replica until its copy matches `primary`
+/// (replication is asynchronous, so it may trail for a moment).
+async fn compare_dr_copy(replica: &str, primary: &[StockRead]) -> DrCopy {
+    let http = Http::new(replica, Default::default());
+    let started = Instant::now();
+    loop {
+        let mut differences = Vec::new();
+        let mut stale_ms = None;
+        for want in primary {
+            match http.call(&Req::get(format!("/v1/skus/{}", want.sku))).await {
+                Ok(reply) if reply.status == 200 => {
+                    stale_ms = reply.stale_ms.or(stale_ms);
+                    match StockRead::from_reply(&reply) {
+                        Some(copy) if copy == *want => {}
+                        Some(copy) => differences.push(format!("{}: DR has {copy:?}", want.sku)),
+                        None => differences.push(format!("{}: unreadable {}", want.sku, reply.body)),
+                    }
+                }
+                Ok(reply) => differences.push(format!("{}: {}", want.sku, reply.describe())),
+                Err(error) => differences.push(format!("{}: {error}", want.sku)),
+            }
+        }
+        if differences.is_empty() {
+            return DrCopy { matched_after_ms: Some(started.elapsed().as_millis() as u64), stale_ms, differences };
+        }
+        if started.elapsed() > DR_COPY_WAIT {
+            return DrCopy { matched_after_ms: None, stale_ms, differences };
+        }
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Creates the sales, runs the crowd, waits for the holds to expire and
@@ -283,7 +344,11 @@ async fn drive(setup: Setup) -> anyhow::Result<Findings> {
         stock
             .push(read_stock(&operator, sku).await.with_context(|| format!("read the stock of {sku} after the sale"))?);
     }
-    Ok(Findings { crowd, holds_released, expiry_wait, stock, audit, drill })
+    let dr_copy = match &setup.replica {
+        Some(replica) => Some(compare_dr_copy(replica, &stock).await),
+        None => None,
+    };
+    Ok(Findings { crowd, holds_released, expiry_wait, stock, audit, drill, dr_copy })
 }
 
 /// Waits until `plan.at`, then has a node outside the leader's zone run the
@@ -494,7 +559,8 @@ struct SkuSummary {
 #[derive(Debug, Serialize)]
 struct Summary {
     pass: bool,
-    /// `cluster` (five nodes, two zones and a tiebreaker) or `single`.
+    /// `cluster` (five voters in two zones and a tiebreaker, and a DR
+    /// replica) or `single`.
     topology: &'static str,
     /// The endpoints shoppers used.
     endpoints: Vec<String>,
@@ -537,6 +603,8 @@ struct Summary {
     zone_loss_unavailable_ms: Option<u64>,
     /// The zone-loss drill's report (cluster only).
     zone_loss_drill: Option<DrillReport>,
+    /// The DR replica's copy after the sale (cluster only).
+    dr_copy: Option<DrCopy>,
     requests_by_status: BTreeMap<u16, u64>,
     crowd: crowd::Counters,
     watch: crowd::Watch,
@@ -553,7 +621,7 @@ struct Summary {
 
 impl Summary {
     fn new(args: &DemoArgs, seed: u64, hold_ms: u64, endpoints: &[String], findings: Findings) -> Summary {
-        let Findings { crowd, holds_released, expiry_wait, stock, audit, drill } = findings;
+        let Findings { crowd, holds_released, expiry_wait, stock, audit, drill, dr_copy } = findings;
         let latency = crowd.stats.latency();
         let crowd_seconds = crowd.wall.as_secs_f64();
         let requests = crowd.stats.requests();
@@ -663,6 +731,20 @@ impl Summary {
         if let Some(drill) = &drill {
             checks.push(drill_check(drill));
         }
+        if let Some(copy) = &dr_copy {
+            checks.push(Check {
+                name: "DR copy",
+                pass: copy.matched_after_ms.is_some() && copy.stale_ms.is_some(),
+                detail: match copy.matched_after_ms {
+                    Some(ms) => format!(
+                        "the DR replica's copy matched the primary on every SKU {ms} ms after the final reads \
+                         (it declared itself at most {} ms stale)",
+                        copy.stale_ms.map_or("?".into(), |ms| ms.to_string())
+                    ),
+                    None => format!("after {DR_COPY_WAIT:?}: {}", copy.differences.join("; ")),
+                },
+            });
+        }
         let audit_notes = audit
             .lost
             .iter()
@@ -704,6 +786,7 @@ impl Summary {
             failovers: crowd.stats.failovers,
             zone_loss_unavailable_ms: drill.as_ref().and_then(|d| d.as_ref().ok()).map(|r| r.checkout_unavailable_ms),
             zone_loss_drill: drill.and_then(Result::ok),
+            dr_copy,
             requests_by_status: crowd.stats.by_status.clone(),
             crowd: crowd.counters,
             watch: crowd.watch,
@@ -908,7 +991,7 @@ mod tests {
 
     fn order(http_status: u16, status: &str, qty: u32) -> Result<Reply, String> {
         let body = json!({ "order_id": 7, "status": status, "items": [{ "sku": HOT_SKU, "qty": qty }] });
-        Ok(Reply { status: http_status, body, replayed: false, retry_after_s: None })
+        Ok(Reply { status: http_status, body, replayed: false, retry_after_s: None, stale_ms: None })
     }
 
     /// (what the shopper was told, what the node says now) -> (lost, odd, unreadable)
@@ -939,7 +1022,7 @@ mod tests {
         // Unreadable: no proof either way.
         check(acked(Paid, true, false), Err("timed out".into()), (0, 0, 1));
         check(acked(Paid, true, false), order(500, "", 0), (0, 0, 1));
-        let garbled = Reply { status: 200, body: Value::Null, replayed: false, retry_after_s: None };
+        let garbled = Reply { status: 200, body: Value::Null, replayed: false, retry_after_s: None, stale_ms: None };
         check(acked(Paid, true, false), Ok(garbled), (0, 0, 1));
     }
 

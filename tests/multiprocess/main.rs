@@ -1,6 +1,7 @@
 //! Multi-process tests: real `surge` processes on loopback, driven through
 //! the public API and killed for real. One test binary, a module per feature.
 
+mod dr_replication;
 mod kill_restart;
 mod public_tls;
 mod support;

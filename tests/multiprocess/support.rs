@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -125,4 +125,124 @@ pub fn bearer(token: &str) -> (&'static str, String) {
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// (region, zone, role) of each node of a test cluster, ids from 1.
+pub type Shape = [(&'static str, &'static str, &'static str)];
+
+/// Ids 1, 2 in zone a, 3, 4 in zone b, 5 the tiebreaker in region dr.
+pub const FIVE_VOTERS: [(&str, &str, &str); 5] = [
+    ("primary", "a", "voter"),
+    ("primary", "a", "voter"),
+    ("primary", "b", "voter"),
+    ("primary", "b", "voter"),
+    ("dr", "t", "voter"),
+];
+
+/// Real `surge` processes on loopback with mutual TLS, one per node of a
+/// [`Shape`].
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Option<Surge>>,
+    /// Base URL of each node's API, node 1 first.
+    pub api: Vec<String>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    /// Writes certificates and configs for `shape` and starts every node.
+    pub fn start(shape: &Shape) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let status = Command::new(env!("CARGO_BIN_EXE_surge"))
+            .args(["certs", "--out"])
+            .arg(&certs)
+            .args(["--nodes", &(1..=shape.len()).map(|id| id.to_string()).collect::<Vec<_>>().join(",")])
+            .status()
+            .unwrap();
+        assert!(status.success(), "surge certs failed");
+        let ports: Vec<(u16, u16)> = shape.iter().map(|_| (free_port(), free_port())).collect();
+        let mut topology = String::from("[cluster]\nprimary_region = \"primary\"\n");
+        for (i, ((region, zone, role), (api, peer))) in shape.iter().zip(&ports).enumerate() {
+            topology += &format!(
+                "[[cluster.nodes]]\nid = {}\nregion = \"{region}\"\nzone = \"{zone}\"\napi = \"127.0.0.1:{api}\"\npeer = \"127.0.0.1:{peer}\"\nrole = \"{role}\"\n",
+                i + 1
+            );
+        }
+        for (i, (api, _)) in ports.iter().enumerate() {
+            let id = i + 1;
+            let config = format!(
+                "node_id = {id}\ndata_dir = {:?}\nlisten = \"127.0.0.1:{api}\"\noperator_token = \"{OPERATOR}\"\nhold_ms = 600000\n\
+                 [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
+                 [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{topology}",
+                dir.path().join(format!("data-{id}")),
+                certs.join("ca.pem"),
+                certs.join(format!("node-{id}.pem")),
+                certs.join(format!("node-{id}-key.pem")),
+            );
+            std::fs::write(dir.path().join(format!("node-{id}.toml")), config).unwrap();
+        }
+        let api = ports.iter().map(|(api, _)| format!("http://127.0.0.1:{api}")).collect();
+        let mut cluster = Cluster { dir, nodes: Vec::new(), api };
+        // All at once: a node elects nobody until enough of its peers run.
+        let launching: Vec<_> = (1..=shape.len()).map(|id| cluster.launch(id)).collect();
+        cluster.nodes = launching.into_iter().map(|node| Some(node.wait_listening())).collect();
+        cluster
+    }
+
+    fn launch(&self, id: usize) -> Launching {
+        Surge::spawn(&self.dir.path().join(format!("node-{id}.toml")))
+    }
+
+    /// Waits (bounded) until every node answers /readyz.
+    pub async fn ready(&self, client: &awc::Client) {
+        for url in &self.api {
+            ready(client, url, Duration::from_secs(30)).await;
+        }
+    }
+
+    /// SIGKILL node `id`.
+    pub fn kill(&mut self, id: usize) {
+        self.nodes[id - 1].take().unwrap().kill();
+    }
+
+    /// Starts node `id` again on its data directory.
+    pub fn restart(&mut self, id: usize) {
+        self.nodes[id - 1] = Some(self.launch(id).wait_listening());
+    }
+
+    /// The directory holding the configs and data.
+    pub fn config(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A GET whose answer is definite: a 503 (an election under way) or no
+/// answer says nothing either way, so it is asked again, for up to 10 s.
+pub async fn get(client: &awc::Client, url: &str, headers: &[(&str, String)]) -> (u16, serde_json::Value) {
+    let started = Instant::now();
+    loop {
+        match call(client, "GET", url, headers, None).await {
+            Ok((503, _)) | Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                actix_rt::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(answer) => return answer,
+            Err(error) => panic!("GET {url}: no answer within 10 s: {error}"),
+        }
+    }
+}
+
+/// Waits (bounded) until `url` answers /readyz with 200.
+pub async fn ready(client: &awc::Client, url: &str, within: Duration) {
+    let started = Instant::now();
+    loop {
+        if let Ok((200, _)) = call(client, "GET", &format!("{url}/readyz"), &[], None).await {
+            return;
+        }
+        assert!(started.elapsed() < within, "{url} not ready within {within:?}");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -7,7 +7,6 @@
 //! acknowledged order checked at the end.
 
 use std::cell::RefCell;
-use std::path::Path;
 use std::process::Command;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -146,109 +145,11 @@ async fn shopper(endpoints: Vec<String>, n: usize, history: Rc<RefCell<History>>
     }
 }
 
-/// A five-node cluster: ids 1, 2 in zone a, 3, 4 in zone b, 5 the tiebreaker.
-struct Cluster {
-    dir: tempfile::TempDir,
-    nodes: Vec<Option<Surge>>,
-    api: Vec<String>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        let status = Command::new(env!("CARGO_BIN_EXE_surge"))
-            .args(["certs", "--out"])
-            .arg(&certs)
-            .args(["--nodes", "1,2,3,4,5"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "surge certs failed");
-        let zones = [("primary", "a"), ("primary", "a"), ("primary", "b"), ("primary", "b"), ("dr", "t")];
-        let ports: Vec<(u16, u16)> = (0..5).map(|_| (free_port(), free_port())).collect();
-        let mut topology = String::from("[cluster]\nprimary_region = \"primary\"\n");
-        for (i, ((region, zone), (api, peer))) in zones.iter().zip(&ports).enumerate() {
-            topology += &format!(
-                "[[cluster.nodes]]\nid = {}\nregion = \"{region}\"\nzone = \"{zone}\"\napi = \"127.0.0.1:{api}\"\npeer = \"127.0.0.1:{peer}\"\n",
-                i + 1
-            );
-        }
-        for (i, (api, _)) in ports.iter().enumerate() {
-            let id = i + 1;
-            let config = format!(
-                "node_id = {id}\ndata_dir = {:?}\nlisten = \"127.0.0.1:{api}\"\noperator_token = \"{OPERATOR}\"\nhold_ms = 600000\n\
-                 [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                 [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{topology}",
-                dir.path().join(format!("data-{id}")),
-                certs.join("ca.pem"),
-                certs.join(format!("node-{id}.pem")),
-                certs.join(format!("node-{id}-key.pem")),
-            );
-            std::fs::write(dir.path().join(format!("node-{id}.toml")), config).unwrap();
-        }
-        let api = ports.iter().map(|(api, _)| format!("http://127.0.0.1:{api}")).collect();
-        let mut cluster = Cluster { dir, nodes: Vec::new(), api };
-        // All at once: a node elects nobody until enough of its peers run.
-        let launching: Vec<_> = (1..=5).map(|id| cluster.launch(id)).collect();
-        cluster.nodes = launching.into_iter().map(|node| Some(node.wait_listening())).collect();
-        cluster
-    }
-
-    fn launch(&self, id: usize) -> Launching {
-        Surge::spawn(&self.dir.path().join(format!("node-{id}.toml")))
-    }
-
-    fn kill(&mut self, id: usize) {
-        self.nodes[id - 1].take().unwrap().kill();
-    }
-
-    fn restart(&mut self, id: usize) {
-        self.nodes[id - 1] = Some(self.launch(id).wait_listening());
-    }
-
-    fn config(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-/// A GET whose answer is definite: a 503 (an election under way) or no
-/// answer says nothing either way, so it is asked again, for up to 10 s.
-async fn get(client: &awc::Client, url: &str, headers: &[(&str, String)]) -> (u16, serde_json::Value) {
-    let started = Instant::now();
-    loop {
-        match call(client, "GET", url, headers, None).await {
-            Ok((503, _)) | Err(_) if started.elapsed() < Duration::from_secs(10) => {
-                actix_rt::time::sleep(Duration::from_millis(100)).await
-            }
-            Ok(answer) => return answer,
-            Err(error) => panic!("GET {url}: no answer within 10 s: {error}"),
-        }
-    }
-}
-
-/// Waits (bounded) until `url` answers /readyz with 200.
-async fn ready(client: &awc::Client, url: &str, within: Duration) {
-    let started = Instant::now();
-    loop {
-        if let Ok((200, _)) = call(client, "GET", &format!("{url}/readyz"), &[], None).await {
-            return;
-        }
-        assert!(started.elapsed() < within, "{url} not ready within {within:?}");
-        actix_rt::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[actix_rt::test]
 async fn checkout_survives_losing_a_zone_and_the_history_is_linearizable() {
-    let mut cluster = Cluster::start();
+    let mut cluster = Cluster::start(&FIVE_VOTERS);
     let client = client();
-    for url in &cluster.api {
-        ready(&client, url, Duration::from_secs(30)).await;
-    }
+    cluster.ready(&client).await;
     let _ = cluster.config();
 
     // The sale is created through a zone b node: whichever node leads, the
@@ -361,14 +262,23 @@ async fn checkout_survives_losing_a_zone_and_the_history_is_linearizable() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("ask a node outside it"));
 
-    // `surge ctl status` shows all five nodes, one leader among them.
-    let status = ctl(&["status"]);
-    let table = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    // `surge ctl status` shows all five nodes, one leader among them, in
+    // the primary region. The tiebreaker may have had to lead for a moment
+    // (when it alone held entries the survivors lacked); then it hands
+    // leadership back within a few leases.
+    let started = Instant::now();
+    let table = loop {
+        let status = ctl(&["status"]);
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let table = String::from_utf8_lossy(&status.stdout).into_owned();
+        let leaders: Vec<&str> = table.lines().filter(|line| line.contains(" leader ")).collect();
+        if leaders.len() == 1 && leaders[0].starts_with("primary") {
+            break table;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no single leader in the primary region: {table}");
+        actix_rt::time::sleep(Duration::from_millis(200)).await;
+    };
     let leaders: Vec<&str> = table.lines().filter(|line| line.contains(" leader ")).collect();
-    assert_eq!(leaders.len(), 1, "{table}");
-    // Through a kill, a restart and a drill, the tiebreaker never led.
-    assert!(leaders[0].starts_with("primary"), "the leader left the primary region: {table}");
     assert_eq!(table.lines().filter(|line| line.contains("127.0.0.1:")).count(), 5, "{table}");
 
     // Leadership moves on the operator's word: to another primary node, and
