@@ -14,7 +14,7 @@ use crate::world::World;
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Cut `nodes` off from every other node, both ways: one node, a
-    /// whole zone, the tiebreaker.
+    /// whole zone, the tiebreaker, the DR region.
     Isolate { nodes: Vec<u64> },
     /// Cut one direction only: `from` cannot reach `to`.
     OneWay { from: u64, to: u64 },
@@ -49,7 +49,7 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
         if at + 500 >= until_ms {
             break;
         }
-        let for_ms = world.draw(|rng| rng.gen_range(500..8_000)).min(until_ms - at);
+        let mut for_ms = world.draw(|rng| rng.gen_range(500..8_000)).min(until_ms - at);
         let fault = world.draw(|rng| match rng.gen_range(0..13) {
             0 => Fault::Isolate { nodes: vec![ids[rng.gen_range(0..ids.len())]] },
             1 => Fault::Isolate { nodes: world.zone("a") },
@@ -65,6 +65,11 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             10 => Fault::Crash { nodes: ids.clone() },
             11 => Fault::DiskFails { node: ids[rng.gen_range(0..ids.len())] },
             7 => Fault::ClockJump { node: ids[rng.gen_range(0..ids.len())], delta_ms: rng.gen_range(-3_000..3_000) },
+            12 => {
+                // The DR region cut off for long: the primary must not notice.
+                for_ms = rng.gen_range(5_000..30_000).min(until_ms - at);
+                Fault::Isolate { nodes: world.zone("d") }
+            }
             _ => Fault::Storm {
                 weather: Weather {
                     delay_ms: (1, rng.gen_range(5..150)),

@@ -1,7 +1,7 @@
-//! The simulated world: the default topology's five nodes (zones a and b of
-//! the primary region, two each, and the tiebreaker in the DR region), each
-//! a real `cluster::Node` (actors, openraft group, redb storage) on a
-//! simulated disk, clock and network, all on this one thread.
+//! The simulated world: the default topology's six nodes (zones a and b of
+//! the primary region, two each, the tiebreaker in the DR region, and the
+//! DR replica), each a real `cluster::Node` (actors, openraft group, redb
+//! storage) on a simulated disk, clock and network, all on this one thread.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -16,9 +16,15 @@ use crate::disk::Disk;
 use crate::net::{Net, SimForwarder, SimNetwork};
 use crate::trace::Trace;
 
-/// (id, region, zone) of every node.
-const SHAPE: [(u64, &str, &str); 5] =
-    [(1, "primary", "a"), (2, "primary", "a"), (3, "primary", "b"), (4, "primary", "b"), (5, "dr", "t")];
+/// (id, region, zone, role) of every node.
+const SHAPE: [(u64, &str, &str, Role); 6] = [
+    (1, "primary", "a", Role::Voter),
+    (2, "primary", "a", Role::Voter),
+    (3, "primary", "b", Role::Voter),
+    (4, "primary", "b", Role::Voter),
+    (5, "dr", "t", Role::Voter),
+    (6, "dr", "d", Role::Replica),
+];
 
 /// The nodes' configuration for this run: production defaults, except that
 /// each rare path is switched on with a chance of one in four (in the
@@ -103,19 +109,19 @@ impl World {
             primary_region: "primary".into(),
             nodes: SHAPE
                 .iter()
-                .map(|&(id, region, zone)| NodeSpec {
+                .map(|&(id, region, zone, role)| NodeSpec {
                     id,
                     region: region.into(),
                     zone: zone.into(),
                     api: format!("sim-{id}:80"),
                     peer: format!("sim-{id}:90"),
-                    role: Role::Voter,
+                    role,
                 })
                 .collect(),
         };
         let machines = SHAPE
             .iter()
-            .map(|&(id, _, _)| {
+            .map(|&(id, ..)| {
                 (
                     id,
                     Machine {
@@ -159,7 +165,7 @@ impl World {
 
     /// Every node id.
     pub fn ids(&self) -> Vec<u64> {
-        SHAPE.iter().map(|&(id, _, _)| id).collect()
+        SHAPE.iter().map(|&(id, ..)| id).collect()
     }
 
     /// The nodes of zone `zone`.
@@ -228,7 +234,12 @@ impl World {
             .set_cache_size(4 << 20)
             .create_with_backend(disk.incarnation())
             .map_err(|e| format!("node {id}: open its database: {e}"))?;
-        let config = GroupConfig { node_id: id, may_lead: self.topology.may_lead(id), ..self.config.group.clone() };
+        let config = GroupConfig {
+            node_id: id,
+            may_lead: self.topology.may_lead(id),
+            replicas: self.topology.replicas(),
+            ..self.config.group.clone()
+        };
         let bootstrap = first && self.topology.bootstrapper() == Some(id);
         let network = SimNetwork { id, net: self.net.clone() };
         let group =
