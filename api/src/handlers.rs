@@ -358,9 +358,10 @@ pub async fn start_zone_loss_drill(
 
 #[utoipa::path(get, path = "/v1/admin/drills", tag = "operator", security(("operator" = [])),
     responses((status = 200, body = Vec<DrillReport>)))]
-/// The drills this node coordinated (the latest 64), oldest first.
+/// Every drill on record in the cluster (the latest 100), oldest first: any
+/// node lists them, and the node running a drill shows its progress.
 pub async fn list_drills(_: Operator, state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.node.drills().list())
+    HttpResponse::Ok().json(state.node.drill_reports())
 }
 
 #[utoipa::path(get, path = "/v1/admin/drills/{id}", tag = "operator", security(("operator" = [])),
@@ -368,7 +369,7 @@ pub async fn list_drills(_: Operator, state: web::Data<AppState>) -> HttpRespons
 /// One drill's report, while it runs and after.
 pub async fn get_drill(_: Operator, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
     let id: u64 = id.parse().map_err(|_| ApiError::Malformed(format!("drill id {id:?} is not a number")))?;
-    let report = state.node.drills().get(id).ok_or(ApiError::NotFound)?;
+    let report = state.node.drill_report(id).ok_or(ApiError::NotFound)?;
     Ok(HttpResponse::Ok().json(report))
 }
 

@@ -20,7 +20,7 @@
 //! Isolation lifts by itself on every isolated node at its deadline: a
 //! coordinator that dies mid-drill cannot leave a zone cut off.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -212,9 +212,11 @@ pub(crate) fn plan_zone_loss(
     if inside.is_empty() {
         return Err(DrillError::UnknownZone(zone.to_string()));
     }
-    let voters = topology.nodes.len();
-    if outside.len() * 2 <= voters {
-        return Err(DrillError::LosesQuorum { zone: zone.to_string(), left: outside.len(), voters });
+    // Only voters count towards the quorum; a DR replica does not.
+    let voters = topology.voters().count();
+    let left = topology.voters().filter(|n| n.zone != zone).count();
+    if left * 2 <= voters {
+        return Err(DrillError::LosesQuorum { zone: zone.to_string(), left, voters });
     }
     let coordinator = node.id();
     if inside.contains(&coordinator) {
@@ -248,6 +250,7 @@ pub(crate) fn plan_zone_loss(
 /// Runs a planned zone-loss drill to the end and records its findings.
 pub(crate) async fn run_zone_loss(node: Node, id: u64, zone_nodes: Vec<u64>, isolate_for: Duration) {
     let drills = node.drills().clone();
+    record(&node, id).await;
     let log = Timeline { drills: drills.clone(), id, started: Instant::now() };
     let outcome = zone_loss(&node, &log, id, &zone_nodes, isolate_for).await;
     let now_ms = node.clock_ms();
@@ -261,7 +264,48 @@ pub(crate) async fn run_zone_loss(node: Node, id: u64, zone_nodes: Vec<u64>, iso
             }
         }
     });
+    record(&node, id).await;
     tracing::info!(drill = id, "zone-loss drill finished");
+}
+
+/// Writes drill `id`'s report as it stands into the replicated state, so
+/// every node lists it and it outlives this node. Retried for a while: a
+/// drill's own cut can leave the group briefly without a leader.
+async fn record(node: &Node, id: u64) {
+    let Some(report) = node.drills().get(id) else { return };
+    let record = match serde_json::to_string(&report) {
+        Ok(record) => record,
+        Err(error) => return tracing::error!(drill = id, %error, "cannot encode the drill report"),
+    };
+    let command = Command::RecordDrill { id, coordinator: report.coordinator, record };
+    let started = Instant::now();
+    loop {
+        match node.operator(command.clone()).await {
+            Ok(Outcome::DrillRecorded) => return,
+            Ok(other) => return tracing::error!(drill = id, ?other, "the drill record was refused"),
+            Err(error) if started.elapsed() > RECORD_MAX => {
+                return tracing::warn!(drill = id, %error, "could not record the drill; it stays on this node only");
+            }
+            Err(_) => tokio::time::sleep(PROBE_EVERY).await,
+        }
+    }
+}
+
+/// How long recording a drill report is retried.
+const RECORD_MAX: Duration = Duration::from_secs(10);
+
+/// Every drill report: those in the replicated state, each replaced by this
+/// node's own copy where it has one (a running drill's is fresher), oldest
+/// first.
+pub(crate) fn reports(node: &Node) -> Vec<DrillReport> {
+    let recorded: Vec<DrillReport> =
+        node.read_local(|state| state.drill_records().filter_map(|record| serde_json::from_str(record).ok()).collect());
+    let mut reports: BTreeMap<(u64, u64), DrillReport> =
+        recorded.into_iter().map(|report| ((report.id, report.coordinator), report)).collect();
+    for report in node.drills().list() {
+        reports.insert((report.id, report.coordinator), report);
+    }
+    reports.into_values().collect()
 }
 
 /// Writes timeline events into a drill's report.

@@ -163,8 +163,21 @@ impl Node {
     }
 
     /// The drills this node coordinated, newest last.
-    pub fn drills(&self) -> &Drills {
+    pub(crate) fn drills(&self) -> &Drills {
         &self.drills
+    }
+
+    /// Every drill on record in the cluster, oldest first: a drill's report
+    /// is written into the replicated state when it starts and when it
+    /// ends, so any node lists it, and the node running one shows its
+    /// progress as it goes.
+    pub fn drill_reports(&self) -> Vec<DrillReport> {
+        drill::reports(self)
+    }
+
+    /// One drill on record, by id.
+    pub fn drill_report(&self, id: u64) -> Option<DrillReport> {
+        self.drill_reports().into_iter().find(|report| report.id == id)
     }
 
     /// Starts a zone-loss drill coordinated by this node (see

@@ -27,6 +27,10 @@ pub const PRICE_MINOR_MAX: u64 = 1_000_000_000_000;
 pub const CHECKOUTS_PER_SESSION_MAX: usize = 256;
 /// Most sales one group holds.
 pub const SALES_MAX: usize = 100_000;
+/// Drill records kept; the oldest goes first.
+pub const DRILLS_KEPT: usize = 100;
+/// Largest drill record, in bytes.
+pub const DRILL_RECORD_BYTES_MAX: usize = 64 * 1024;
 
 /// Checks a SKU code: 1 to [`SKU_LEN_MAX`] bytes of `[A-Za-z0-9._-]`, so it is
 /// safe in a URL path segment and a metric label.

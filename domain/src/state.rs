@@ -34,6 +34,9 @@ pub struct GroupState {
     next_session: SessionId,
     /// The id the next order gets.
     next_order: OrderId,
+    /// Drill records by `(id, coordinator)`: ids are start times, so the
+    /// first is the oldest.
+    drills: BTreeMap<(u64, u64), String>,
 }
 
 /// A SKU's sale, stock, and how much of it each shopper holds or bought.
@@ -90,6 +93,7 @@ impl GroupState {
             }
             Command::Pay { session, order } => self.pay(*session, *order),
             Command::Cancel { session, order } => self.cancel(*session, *order),
+            Command::RecordDrill { id, coordinator, record } => self.record_drill(*id, *coordinator, record),
         };
         result.unwrap_or_else(Outcome::Rejected)
     }
@@ -118,6 +122,17 @@ impl GroupState {
         let view = state.view();
         self.skus.insert(sale.sku.clone(), state);
         Ok(Outcome::Sku(view))
+    }
+
+    fn record_drill(&mut self, id: u64, coordinator: u64, record: &str) -> Result<Outcome, Rejection> {
+        if record.len() > DRILL_RECORD_BYTES_MAX {
+            return Err(Rejection::Invalid(format!("a drill record must be at most {DRILL_RECORD_BYTES_MAX} bytes")));
+        }
+        self.drills.insert((id, coordinator), record.to_string());
+        if self.drills.len() > DRILLS_KEPT {
+            self.drills.pop_first();
+        }
+        Ok(Outcome::DrillRecorded)
     }
 
     fn restock(&mut self, sku: &str, units: u64) -> Result<Outcome, Rejection> {
@@ -393,6 +408,11 @@ impl GroupState {
         self.deadlines.first().map(|&(pay_by_ms, _)| pay_by_ms)
     }
 
+    /// The drill records kept, oldest first.
+    pub fn drill_records(&self) -> impl Iterator<Item = &str> + '_ {
+        self.drills.values().map(String::as_str)
+    }
+
     /// Every order ever placed, by id: what the simulator's checkers audit.
     pub fn orders(&self) -> impl Iterator<Item = &Order> + '_ {
         self.orders.values()
@@ -434,6 +454,7 @@ impl GroupState {
             }
         }
         assert_eq!(pending, self.deadlines, "expiry queue differs from the pending orders");
+        assert!(self.drills.len() <= DRILLS_KEPT, "{} drill records kept", self.drills.len());
         for (code, sku) in &self.skus {
             let stock = &sku.stock;
             stock.assert_conserved();

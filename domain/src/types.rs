@@ -154,6 +154,12 @@ pub enum Command {
     Pay { session: SessionId, order: OrderId },
     /// Shopper: give up an unpaid order; held units return to stock.
     Cancel { session: SessionId, order: OrderId },
+    /// Operator tooling: keep a drill's record (its report, opaque here) in
+    /// the replicated state, so every node can show it and the node that
+    /// ran the drill can restart without losing it. A record with the same
+    /// `(id, coordinator)` replaces the earlier one; past
+    /// [`crate::DRILLS_KEPT`] records the oldest goes.
+    RecordDrill { id: u64, coordinator: u64, record: String },
 }
 
 impl Command {
@@ -180,6 +186,7 @@ impl Command {
             Command::Checkout { .. } => "checkout",
             Command::Pay { .. } => "pay",
             Command::Cancel { .. } => "cancel",
+            Command::RecordDrill { .. } => "record_drill",
         }
     }
 }
@@ -196,6 +203,8 @@ pub enum Outcome {
     /// `Checkout`, `Pay` or `Cancel` succeeded. `replayed` is true when the
     /// command had already been applied (a retry) and nothing changed now.
     Order { order: Order, replayed: bool },
+    /// `RecordDrill` succeeded.
+    DrillRecorded,
     /// The command changed nothing, for this reason.
     Rejected(Rejection),
 }

@@ -300,3 +300,27 @@ fn leader_time_never_goes_backwards() {
     state.apply(&Request { stamped_at_ms: now, commands: vec![] });
     assert_eq!(state.clock_ms(), now + 10_000);
 }
+
+#[test]
+fn drill_records_are_kept_bounded_and_replaced_by_their_later_version() {
+    let (mut state, now) = opened();
+    let record = |id: u64, record: String| Request {
+        stamped_at_ms: now,
+        commands: vec![Command::RecordDrill { id, coordinator: 3, record }],
+    };
+    state.apply(&Request { stamped_at_ms: now, commands: vec![] });
+    let before = state.clone();
+    let too_big = state.apply(&record(1, "x".repeat(DRILL_RECORD_BYTES_MAX + 1)));
+    assert!(matches!(too_big.outcomes[..], [Outcome::Rejected(Rejection::Invalid(_))]), "{too_big:?}");
+    assert_eq!(state, before, "a refused record changes nothing");
+
+    assert_eq!(state.apply(&record(1, "running".into())).outcomes, vec![Outcome::DrillRecorded]);
+    state.apply(&record(1, "completed".into()));
+    assert_eq!(state.drill_records().collect::<Vec<_>>(), vec!["completed"]);
+    for id in 2..=(DRILLS_KEPT as u64 + 1) {
+        state.apply(&record(id, format!("drill {id}")));
+    }
+    let kept: Vec<&str> = state.drill_records().collect();
+    assert_eq!(kept.len(), DRILLS_KEPT);
+    assert_eq!((kept[0], kept[DRILLS_KEPT - 1]), ("drill 2", "drill 101"), "the oldest goes first");
+}

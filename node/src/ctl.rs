@@ -55,7 +55,7 @@ enum CtlCommand {
         #[arg(long)]
         to: u64,
     },
-    /// The drills the endpoint's node coordinated.
+    /// Every drill on record in the cluster (any node lists them all).
     Drills {
         /// Print the raw JSON instead of a summary.
         #[arg(long)]
@@ -117,7 +117,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&drills)?);
             } else if drills.is_empty() {
-                println!("no drills coordinated by this node");
+                println!("no drills on record");
             } else {
                 drills.iter().for_each(|report| println!("{}", one_line(report)));
             }

@@ -254,6 +254,19 @@ async fn checkout_survives_losing_a_zone_and_the_history_is_linearizable() {
     assert_eq!((report["orders_lost"].clone(), report["oversold_units"].as_u64()), (json!([]), Some(0)), "{report}");
     assert!(report["orders_acknowledged"].as_u64().unwrap() > 0, "{report}");
     assert!(report["caught_up_ms"].is_u64(), "zone a did not catch up after the drill: {report}");
+    // The record is in the replicated state: a node that did not run the
+    // drill, one of those it cut off, lists the same final report.
+    let started = Instant::now();
+    loop {
+        let (status, elsewhere) =
+            get(&client, &format!("{}/v1/admin/drills", cluster.api[0]), &[bearer(OPERATOR)]).await;
+        assert_eq!(status, 200, "{elsewhere}");
+        if elsewhere.get(0) == Some(report) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "node 1 lists {elsewhere}, not {report}");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
     // A node inside the zone refuses to coordinate its own loss.
     let refused = Command::new(env!("CARGO_BIN_EXE_surge"))
         .args(["ctl", "--endpoint", &cluster.api[0], "--token", OPERATOR, "drill", "zone-loss", "--zone", "a"])
