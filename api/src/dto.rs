@@ -173,8 +173,12 @@ impl From<Order> for OrderBody {
 pub struct ClusterStatus {
     /// The node that answered.
     pub node_id: u64,
-    /// The region that takes writes.
+    /// The region that takes writes (a switchover moves it).
     pub primary_region: String,
+    /// How many switchovers the cluster has made.
+    pub epoch: u64,
+    /// Whether a switchover refuses writes right now.
+    pub frozen: bool,
     /// Every node of the topology, each asked over the peer transport.
     pub nodes: Vec<NodeView>,
     /// Live SKU actors on the answering node.
@@ -207,6 +211,14 @@ pub struct NodeView {
 pub struct MoveLeader {
     /// The node that should lead (in the primary region).
     pub node: u64,
+}
+
+/// `POST /v1/admin/switchover`: move writes to another region.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Switchover {
+    /// The region to take writes, e.g. `dr`.
+    pub to: String,
 }
 
 /// `POST /v1/admin/drills/zone-loss`: cut every node of a zone off from the

@@ -313,7 +313,9 @@ pub async fn cluster_status(_: Operator, state: web::Data<AppState>) -> Result<H
     let (sku_actors, session_actors) = node.live_actors();
     Ok(HttpResponse::Ok().json(ClusterStatus {
         node_id: node.id(),
-        primary_region: node.topology().primary_region.clone(),
+        primary_region: node.primary_region(),
+        epoch: node.read_local(domain::GroupState::epoch),
+        frozen: node.read_local(domain::GroupState::is_frozen),
         nodes,
         sku_actors,
         session_actors,
@@ -351,6 +353,27 @@ pub async fn start_zone_loss_drill(
 ) -> Result<HttpResponse> {
     let isolate_for = std::time::Duration::from_millis(body.isolate_for_ms);
     let report = state.node.start_zone_loss_drill(&body.zone, isolate_for, "operator").await?;
+    Ok(HttpResponse::Accepted()
+        .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
+        .json(report))
+}
+
+#[utoipa::path(post, path = "/v1/admin/switchover", tag = "operator", request_body = Switchover,
+    security(("operator" = [])),
+    responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 409, body = Problem, description = "not the leader, the region takes writes already, or it could not survive losing a zone"),
+        (status = 422, body = Problem)))]
+/// Starts a planned switchover of writes to another region. Ask the
+/// group's leader. Writes are refused (503, retried) until the target
+/// region has every entry; then its nodes and this leader become the
+/// voters, every other node follows as a learner, and the region takes
+/// writes in a new epoch. Answers at once; the report fills in as it runs.
+pub async fn start_switchover(
+    _: Operator,
+    state: web::Data<AppState>,
+    body: web::Json<Switchover>,
+) -> Result<HttpResponse> {
+    let report = state.node.start_switchover(&body.to, "operator").await?;
     Ok(HttpResponse::Accepted()
         .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
         .json(report))

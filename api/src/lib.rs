@@ -67,6 +67,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route("/admin/leader", web::post().to(handlers::move_leader))
                     .route("/admin/drills", web::get().to(handlers::list_drills))
                     .route("/admin/drills/zone-loss", web::post().to(handlers::start_zone_loss_drill))
+                    .route("/admin/switchover", web::post().to(handlers::start_switchover))
                     .route("/admin/drills/{id}", web::get().to(handlers::get_drill)),
             )
             .default_service(web::to(handlers::not_found)),

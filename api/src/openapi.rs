@@ -15,11 +15,13 @@ use crate::handlers;
         handlers::create_sale, handlers::restock, handlers::get_sku, handlers::create_session,
         handlers::get_cart, handlers::put_cart_item, handlers::delete_cart_item, handlers::checkout,
         handlers::pay, handlers::cancel, handlers::get_order, handlers::cluster_status,
-        handlers::start_zone_loss_drill, handlers::list_drills, handlers::get_drill, handlers::move_leader,
+        handlers::start_zone_loss_drill, handlers::start_switchover, handlers::list_drills, handlers::get_drill,
+        handlers::move_leader,
     ),
     components(schemas(CreateSale, Restock, Sku, CreateSession, SessionCreated, SetCartItem, Item, Cart,
-        Checkout, Pay, OrderBody, ClusterStatus, NodeView, OrderCounts, ZoneLossDrill, MoveLeader, Problem, cluster::LeaderMoved,
-        cluster::DrillReport, cluster::DrillEvent, cluster::NodeStatus, cluster::GroupStatus)),
+        Checkout, Pay, OrderBody, ClusterStatus, NodeView, OrderCounts, ZoneLossDrill, Switchover, MoveLeader, Problem,
+        cluster::LeaderMoved, cluster::DrillReport, cluster::DrillEvent, cluster::NodeStatus, cluster::GroupStatus,
+        cluster::ReplicaLag)),
     modifiers(&BearerSchemes),
 )]
 pub struct ApiDoc;

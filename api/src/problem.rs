@@ -72,6 +72,8 @@ impl ApiError {
                 R::CartFull => (StatusCode::CONFLICT, "cart-full", "Cart full"),
                 R::TooManyCheckouts => (StatusCode::CONFLICT, "too-many-checkouts", "Too many checkouts"),
                 R::OrderFinal { .. } => (StatusCode::CONFLICT, "order-final", "Order is final"),
+                R::Frozen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "switchover", "A switchover is under way"),
+                R::StaleEpoch { .. } => (StatusCode::CONFLICT, "stale-epoch", "Switchover step out of turn"),
             },
             ApiError::Malformed(_) | ApiError::BadHeader(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Request body too large"),
@@ -84,14 +86,21 @@ impl ApiError {
             ApiError::Transfer(TransferError::NoLeader | TransferError::Failed(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable")
             }
-            ApiError::Drill(DrillError::UnknownZone(_) | DrillError::BadDuration { .. }) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request")
-            }
+            ApiError::Drill(
+                DrillError::UnknownZone(_) | DrillError::UnknownRegion(_) | DrillError::BadDuration { .. },
+            ) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request"),
             ApiError::Drill(DrillError::CoordinatorInZone { .. }) => {
                 (StatusCode::CONFLICT, "coordinator-in-zone", "Ask a node outside the zone")
             }
             ApiError::Drill(DrillError::LosesQuorum { .. }) => {
                 (StatusCode::CONFLICT, "drill-loses-quorum", "The drill would stop checkout")
+            }
+            ApiError::Drill(DrillError::NotLeader { .. }) => (StatusCode::CONFLICT, "not-leader", "Ask the leader"),
+            ApiError::Drill(DrillError::AlreadyPrimary(_)) => {
+                (StatusCode::CONFLICT, "already-primary", "The region takes writes already")
+            }
+            ApiError::Drill(DrillError::RegionLosesQuorum { .. }) => {
+                (StatusCode::CONFLICT, "region-loses-quorum", "The region could not survive losing a zone")
             }
             ApiError::Drill(DrillError::AlreadyRunning(_) | DrillError::AlreadyIsolated(_)) => {
                 (StatusCode::CONFLICT, "drill-running", "A drill is running")
@@ -125,7 +134,9 @@ impl ResponseError for ApiError {
         response.content_type("application/problem+json");
         match self {
             // Backpressure: tell the client when to come back.
-            ApiError::Unavailable(_) | ApiError::Transfer(TransferError::NoLeader | TransferError::Failed(_)) => {
+            ApiError::Unavailable(_)
+            | ApiError::Rejected(Rejection::Frozen { .. })
+            | ApiError::Transfer(TransferError::NoLeader | TransferError::Failed(_)) => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
             ApiError::Unauthorized(_) | ApiError::Rejected(Rejection::UnknownSession) => {

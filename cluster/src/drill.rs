@@ -38,7 +38,7 @@ pub const ISOLATE_FOR_MIN: Duration = Duration::from_secs(1);
 pub const ISOLATE_FOR_MAX: Duration = Duration::from_secs(600);
 /// How long the drill waits, before and after the isolation, for checkout
 /// to work and for every node to catch up, before it gives up.
-const SETTLE_MAX: Duration = Duration::from_secs(30);
+pub(crate) const SETTLE_MAX: Duration = Duration::from_secs(30);
 /// Drill reports a node keeps (the oldest go first).
 const REPORTS_KEPT: usize = 64;
 /// Units on the probe's sale: more than a drill can use at one checkout
@@ -56,12 +56,19 @@ const PROBE_HOLD_MS: u64 = 2_000;
 pub struct DrillReport {
     /// Unique per coordinator: the coordinator's clock at the start, in ms.
     pub id: u64,
-    /// `zone-loss`.
+    /// `zone-loss` or `switchover`.
     pub kind: String,
-    /// The zone cut off.
+    /// The zone cut off (zone-loss).
     pub zone: String,
-    /// The nodes of that zone.
+    /// The nodes of that zone; for a switchover, the voters afterwards.
     pub nodes: Vec<u64>,
+    /// A switchover's target region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// How long a switchover refused writes, from the freeze to the
+    /// promotion.
+    #[serde(default)]
+    pub frozen_ms: Option<u64>,
     /// The node that ran the drill and its probe.
     pub coordinator: u64,
     /// Who asked for it (the operator endpoint says `operator`).
@@ -97,6 +104,35 @@ pub struct DrillReport {
     /// From the end of the isolation until every node had applied what the
     /// leader had committed then; absent if that did not happen in time.
     pub caught_up_ms: Option<u64>,
+}
+
+impl DrillReport {
+    /// A drill of `kind` starting now, nothing measured yet.
+    pub(crate) fn started(kind: &str, coordinator: u64, requested_by: &str, now_ms: u64) -> DrillReport {
+        DrillReport {
+            id: now_ms,
+            kind: kind.into(),
+            zone: String::new(),
+            nodes: Vec::new(),
+            region: None,
+            frozen_ms: None,
+            coordinator,
+            requested_by: requested_by.to_string(),
+            state: "running".into(),
+            failure: None,
+            started_at_ms: now_ms,
+            finished_at_ms: None,
+            isolated_for_ms: 0,
+            timeline: Vec::new(),
+            checkout_unavailable_ms: 0,
+            checkout_unavailable_total_ms: 0,
+            probe_attempts: 0,
+            orders_acknowledged: 0,
+            orders_lost: Vec::new(),
+            oversold_units: 0,
+            caught_up_ms: None,
+        }
+    }
 }
 
 /// One line of a drill's timeline.
@@ -146,6 +182,29 @@ pub enum DrillError {
     /// This node already runs a drill.
     #[error("drill {0} is still running on this node")]
     AlreadyRunning(u64),
+    /// No node is in the region a switchover should move writes to.
+    #[error("no node is in region {0:?}")]
+    UnknownRegion(String),
+    /// The region takes writes already.
+    #[error("region {0:?} takes writes already")]
+    AlreadyPrimary(String),
+    /// A switchover changes the group's membership, which only its leader
+    /// can do.
+    #[error("only the leader can run a switchover: ask node {leader:?}")]
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<u64>,
+    },
+    /// The region's voters could not survive losing one of its zones.
+    #[error("with voters {voters:?}, losing zone {zone:?} of region {region:?} leaves no majority")]
+    RegionLosesQuorum {
+        /// The target region.
+        region: String,
+        /// Its fatal zone.
+        zone: String,
+        /// The voters it would have.
+        voters: Vec<u64>,
+    },
     /// A node is cut off already (another coordinator's drill): cutting
     /// more could lose the majority.
     #[error("node {0} is isolated by a drill already")]
@@ -170,7 +229,7 @@ impl Drills {
     }
 
     /// Adds `report` unless a drill is still running.
-    fn begin(&self, report: DrillReport) -> Result<(), DrillError> {
+    pub(crate) fn begin(&self, report: DrillReport) -> Result<(), DrillError> {
         let mut reports = self.lock();
         if let Some(running) = reports.iter().find(|r| r.state == "running") {
             return Err(DrillError::AlreadyRunning(running.id));
@@ -223,25 +282,10 @@ pub(crate) fn plan_zone_loss(
         return Err(DrillError::CoordinatorInZone { coordinator, zone: zone.to_string(), outside });
     }
     let report = DrillReport {
-        id: now_ms,
-        kind: "zone-loss".into(),
         zone: zone.to_string(),
         nodes: inside.clone(),
-        coordinator,
-        requested_by: requested_by.to_string(),
-        state: "running".into(),
-        failure: None,
-        started_at_ms: now_ms,
-        finished_at_ms: None,
         isolated_for_ms: u64::try_from(isolate_for.as_millis()).unwrap_or(u64::MAX),
-        timeline: Vec::new(),
-        checkout_unavailable_ms: 0,
-        checkout_unavailable_total_ms: 0,
-        probe_attempts: 0,
-        orders_acknowledged: 0,
-        orders_lost: Vec::new(),
-        oversold_units: 0,
-        caught_up_ms: None,
+        ..DrillReport::started("zone-loss", coordinator, requested_by, now_ms)
     };
     node.drills().begin(report.clone())?;
     Ok((report, inside))
@@ -249,12 +293,16 @@ pub(crate) fn plan_zone_loss(
 
 /// Runs a planned zone-loss drill to the end and records its findings.
 pub(crate) async fn run_zone_loss(node: Node, id: u64, zone_nodes: Vec<u64>, isolate_for: Duration) {
-    let drills = node.drills().clone();
     record(&node, id).await;
-    let log = Timeline { drills: drills.clone(), id, started: Instant::now() };
+    let log = Timeline::new(&node, id);
     let outcome = zone_loss(&node, &log, id, &zone_nodes, isolate_for).await;
+    finish(&node, id, outcome).await;
+}
+
+/// Closes drill `id`'s report as completed or failed, and records it.
+pub(crate) async fn finish(node: &Node, id: u64, outcome: Result<(), String>) {
     let now_ms = node.clock_ms();
-    drills.update(id, |report| {
+    node.drills().update(id, |report| {
         report.finished_at_ms = Some(now_ms);
         match outcome {
             Ok(()) => report.state = "completed".into(),
@@ -264,14 +312,14 @@ pub(crate) async fn run_zone_loss(node: Node, id: u64, zone_nodes: Vec<u64>, iso
             }
         }
     });
-    record(&node, id).await;
-    tracing::info!(drill = id, "zone-loss drill finished");
+    record(node, id).await;
+    tracing::info!(drill = id, "drill finished");
 }
 
 /// Writes drill `id`'s report as it stands into the replicated state, so
 /// every node lists it and it outlives this node. Retried for a while: a
 /// drill's own cut can leave the group briefly without a leader.
-async fn record(node: &Node, id: u64) {
+pub(crate) async fn record(node: &Node, id: u64) {
     let Some(report) = node.drills().get(id) else { return };
     let record = match serde_json::to_string(&report) {
         Ok(record) => record,
@@ -309,14 +357,19 @@ pub(crate) fn reports(node: &Node) -> Vec<DrillReport> {
 }
 
 /// Writes timeline events into a drill's report.
-struct Timeline {
+pub(crate) struct Timeline {
     drills: Drills,
     id: u64,
     started: Instant,
 }
 
 impl Timeline {
-    fn note(&self, what: impl Into<String>) {
+    /// Drill `id`'s timeline, starting now.
+    pub(crate) fn new(node: &Node, id: u64) -> Timeline {
+        Timeline { drills: node.drills().clone(), id, started: Instant::now() }
+    }
+
+    pub(crate) fn note(&self, what: impl Into<String>) {
         let what = what.into();
         tracing::info!(drill = self.id, "{what}");
         let at_ms = self.since(self.started);
@@ -327,7 +380,7 @@ impl Timeline {
         u64::try_from(earlier.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn update(&self, change: impl FnOnce(&mut DrillReport)) {
+    pub(crate) fn update(&self, change: impl FnOnce(&mut DrillReport)) {
         self.drills.update(self.id, change);
     }
 }
@@ -369,44 +422,16 @@ async fn zone_loss(
     let watch_until = heals_at + node.group().lease() * 3;
 
     // Probe through the isolation and until checkout works again after it.
-    let mut acknowledged = Vec::new();
-    let mut attempts = 0u64;
-    let mut failing_since: Option<Instant> = None;
-    let (mut worst, mut total) = (Duration::ZERO, Duration::ZERO);
+    let mut outages = Outages::default();
     let mut healed_noted = false;
     loop {
-        let attempt_started = Instant::now();
-        let result = probe.checkout().await;
-        attempts += 1;
-        match result {
-            Ok(order) => {
-                acknowledged.push(order);
-                if let Some(since) = failing_since.take() {
-                    let window = since.elapsed();
-                    worst = worst.max(window);
-                    total += window;
-                    log.note(format!("checkout available again after {} ms", window.as_millis()));
-                }
-            }
-            Err(error) => {
-                if failing_since.is_none() {
-                    failing_since = Some(attempt_started);
-                    log.note(format!("probe checkout failed: {error}"));
-                }
-            }
-        }
+        outages.probe(&mut probe, log).await;
         let now = Instant::now();
         if now >= heals_at && !healed_noted {
             healed_noted = true;
             log.note("isolation lifted");
         }
-        log.update(|report| {
-            report.probe_attempts = attempts;
-            report.orders_acknowledged = acknowledged.len() as u64;
-            report.checkout_unavailable_ms = worst.as_millis() as u64;
-            report.checkout_unavailable_total_ms = total.as_millis() as u64;
-        });
-        if now >= watch_until && failing_since.is_none() {
+        if now >= watch_until && !outages.failing() {
             break;
         }
         if now >= heals_at + SETTLE_MAX {
@@ -423,9 +448,68 @@ async fn zone_loss(
         None => log.note(format!("not every node caught up within {} s", SETTLE_MAX.as_secs())),
     }
 
-    // Nothing acknowledged is gone, nothing is oversold.
+    audit(node, log, &outages.acknowledged).await?;
+    log.update(|report| report.caught_up_ms = caught_up);
+    Ok(())
+}
+
+/// A drill's probe checkouts and the outages they saw: each from the start
+/// of a failed probe checkout to the end of the next successful one.
+#[derive(Default)]
+pub(crate) struct Outages {
+    /// Orders the probe got acknowledged.
+    pub(crate) acknowledged: Vec<OrderId>,
+    attempts: u64,
+    failing_since: Option<Instant>,
+    worst: Duration,
+    total: Duration,
+}
+
+impl Outages {
+    /// One probe checkout, noted in the timeline when checkout fails or
+    /// comes back, and in the report's counts.
+    pub(crate) async fn probe(&mut self, probe: &mut Probe<'_>, log: &Timeline) {
+        let started = Instant::now();
+        let result = probe.checkout().await;
+        self.attempts += 1;
+        match result {
+            Ok(order) => {
+                self.acknowledged.push(order);
+                if let Some(since) = self.failing_since.take() {
+                    let window = since.elapsed();
+                    self.worst = self.worst.max(window);
+                    self.total += window;
+                    log.note(format!("checkout available again after {} ms", window.as_millis()));
+                }
+            }
+            Err(error) => {
+                if self.failing_since.is_none() {
+                    self.failing_since = Some(started);
+                    log.note(format!("probe checkout failed: {error}"));
+                }
+            }
+        }
+        let (attempts, acknowledged) = (self.attempts, self.acknowledged.len() as u64);
+        let (worst, total) = (self.worst.as_millis() as u64, self.total.as_millis() as u64);
+        log.update(|report| {
+            report.probe_attempts = attempts;
+            report.orders_acknowledged = acknowledged;
+            report.checkout_unavailable_ms = worst;
+            report.checkout_unavailable_total_ms = total;
+        });
+    }
+
+    /// Whether the last probe checkout failed.
+    pub(crate) fn failing(&self) -> bool {
+        self.failing_since.is_some()
+    }
+}
+
+/// Reads every acknowledged probe order back and adds up oversold units,
+/// into the report.
+pub(crate) async fn audit(node: &Node, log: &Timeline, acknowledged: &[OrderId]) -> Result<(), String> {
     let mut lost = Vec::new();
-    for &order in &acknowledged {
+    for &order in acknowledged {
         let found = read_retrying(node, move |state| state.order_by_id(order).is_some()).await?;
         if !found {
             lost.push(order);
@@ -443,7 +527,6 @@ async fn zone_loss(
     log.update(|report| {
         report.orders_lost = lost;
         report.oversold_units = oversold;
-        report.caught_up_ms = caught_up;
     });
     Ok(())
 }
@@ -494,7 +577,7 @@ async fn read_retrying<T>(node: &Node, read: impl Fn(&domain::GroupState) -> T +
 }
 
 /// The drill's synthetic shopper.
-struct Probe<'a> {
+pub(crate) struct Probe<'a> {
     node: &'a Node,
     id: u64,
     sku: String,
@@ -509,12 +592,12 @@ struct Probe<'a> {
 
 impl<'a> Probe<'a> {
     /// Creates the probe's sale (retrying while the cluster elects).
-    async fn open(node: &'a Node, id: u64) -> Result<Probe<'a>, String> {
+    pub(crate) async fn open(node: &'a Node, id: u64) -> Result<Probe<'a>, String> {
         let sku = format!("drill-{id}");
         let now_ms = node.clock_ms();
         let sale = Sale {
             sku: sku.clone(),
-            name: format!("zone-loss drill {id} probe"),
+            name: format!("drill {id} probe"),
             price_minor: 0,
             stock: PROBE_STOCK,
             starts_at_ms: now_ms.saturating_sub(60_000),
@@ -535,7 +618,7 @@ impl<'a> Probe<'a> {
     }
 
     /// One checkout of one unit; `Err` says why no order was acknowledged.
-    async fn checkout(&mut self) -> Result<OrderId, String> {
+    pub(crate) async fn checkout(&mut self) -> Result<OrderId, String> {
         let (session, used) = match self.session {
             Some(open) => open,
             None => {

@@ -47,7 +47,11 @@ pub struct GroupConfig {
     /// Whether this node ever campaigns to lead. A tiebreaker in another
     /// region only votes: a leader there would put a cross-region round trip
     /// into every commit. It still stores the log and counts for the quorum.
+    /// This holds until a switchover moves writes to another region.
     pub may_lead: bool,
+    /// This node's region. Once a switchover has moved writes, a node may
+    /// lead exactly when it is in the region that takes them.
+    pub region: Option<String>,
     /// The DR replicas: the leader adds each as a learner, so it follows
     /// the log without being waited for.
     pub replicas: BTreeMap<u64, BasicNode>,
@@ -63,6 +67,7 @@ impl Default for GroupConfig {
             snapshot_every_entries: 20_000,
             log_kept_behind_snapshot: 2_000,
             may_lead: true,
+            region: None,
             replicas: BTreeMap::new(),
         }
     }
@@ -101,8 +106,11 @@ pub struct Group {
     /// come. openraft 0.9 has no way to make a leader step down; it does
     /// when the partition heals and it hears the new term.
     lease: Duration,
-    /// Whether this node may campaign when nothing is being transferred.
+    /// Whether this node may campaign when nothing is being transferred,
+    /// until a switchover moves writes (see [`Group::may_lead`]).
     may_lead: bool,
+    /// This node's region.
+    region: Option<String>,
     /// What keeps this node from campaigning or heartbeating now; see
     /// [`Group::apply_holds`].
     holds: Arc<Mutex<Holds>>,
@@ -216,6 +224,7 @@ impl Group {
             forwarder: None,
             lease,
             may_lead: config.may_lead,
+            region: config.region.clone(),
             holds: Arc::default(),
             recovered_log,
             replicas: Arc::new(config.replicas.clone()),
@@ -423,6 +432,24 @@ impl Group {
         self.raft.append_entries(rpc).await
     }
 
+    /// Whether this node may lead now: the configured answer until a
+    /// switchover has moved writes, then whether it is in the region that
+    /// takes them. A node that may not lead and finds itself leading hands
+    /// leadership to a voter that has its whole log ([`Group::tend_holds`]);
+    /// after a switchover that is how leadership moves to the new region.
+    pub fn may_lead(&self) -> bool {
+        self.state.read(|state| match state.primary_region() {
+            Some(primary) => self.region.as_deref() == Some(primary),
+            None => self.may_lead,
+        })
+    }
+
+    /// Whether this node follows the group as a learner (a DR replica, or
+    /// an old primary node after a switchover).
+    pub fn is_learner(&self) -> bool {
+        self.raft.metrics().borrow().state == openraft::ServerState::Learner
+    }
+
     /// Campaign now, whatever the election timer says.
     pub async fn campaign(&self) -> Result<(), ProposeError> {
         self.raft.trigger().elect().await.map_err(|e| ProposeError::Unavailable(e.to_string()))
@@ -461,7 +488,7 @@ impl Group {
         let stranded = holds.heard_from_leader.is_some_and(|heard| now.duration_since(heard) > self.lease * 3);
         let runtime = self.raft.runtime_config();
         runtime.heartbeat(!abdicating);
-        runtime.elect(!abdicating && !held && (self.may_lead || stranded));
+        runtime.elect(!abdicating && !held && (self.may_lead() || stranded));
     }
 
     /// Keeps the holds applied as they expire, and has a tiebreaker that had to lead give leadership
@@ -476,7 +503,7 @@ impl Group {
             if metrics.running_state.is_err() {
                 return;
             }
-            let hand_back = !self.may_lead
+            let hand_back = !self.may_lead()
                 && metrics.state.is_leader()
                 && !self.is_abdicating()
                 && metrics.replication.as_ref().is_some_and(|replication| {

@@ -41,8 +41,9 @@ pub enum TransferError {
     /// No such node in the topology.
     #[error("node {0} is not in the cluster")]
     UnknownNode(u64),
-    /// The target never campaigns (a tiebreaker outside the primary region).
-    #[error("node {0} is a tiebreaker outside the primary region and never leads")]
+    /// The target never campaigns: it is not a voter in the region that
+    /// takes writes (a tiebreaker, a DR replica).
+    #[error("node {0} is not a voter in the region that takes writes: it never leads")]
     MayNotLead(u64),
     /// No leader to move leadership from.
     #[error("the group has no leader now; try again")]
@@ -70,7 +71,7 @@ pub(crate) async fn transfer(
     if topology.node(to).is_none() {
         return Err(TransferError::UnknownNode(to));
     }
-    if !topology.may_lead(to) {
+    if !node.may_lead(to) {
         return Err(TransferError::MayNotLead(to));
     }
     if busy.swap(true, Ordering::SeqCst) {

@@ -17,6 +17,7 @@ pub mod leadership;
 pub mod network;
 mod node;
 pub mod status;
+pub mod switchover;
 pub mod topology;
 pub mod transport;
 

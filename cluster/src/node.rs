@@ -204,6 +204,15 @@ impl Node {
         Ok(report)
     }
 
+    /// Starts a planned switchover of writes to `region` (see
+    /// [`crate::switchover`]) and returns its first report; it runs on in
+    /// the background. Only the leader can run one.
+    pub async fn start_switchover(&self, region: &str, requested_by: &str) -> Result<DrillReport, DrillError> {
+        let (report, voters) = crate::switchover::plan(self, region, requested_by)?;
+        actix::spawn(crate::switchover::run(self.clone(), report.id, region.to_string(), voters));
+        Ok(report)
+    }
+
     /// Moves the group's leadership to node `to` (see [`crate::leadership`]).
     pub async fn transfer_leadership(&self, to: u64) -> Result<LeaderMoved, TransferError> {
         leadership::transfer(self, to, self.group.lease(), &self.transferring).await
@@ -261,9 +270,26 @@ impl Node {
         self.group.read_linearizable(read).await
     }
 
-    /// Whether this node is a DR replica (see [`crate::Role::Replica`]).
+    /// Whether this node follows the group without voting: a DR replica
+    /// (see [`crate::Role::Replica`]), or an old primary node after a
+    /// switchover.
     pub fn is_replica(&self) -> bool {
-        self.topology.node(self.id()).is_some_and(|spec| spec.role == crate::Role::Replica)
+        self.group.is_learner()
+    }
+
+    /// The region that takes writes: the configured primary region until a
+    /// switchover moves them.
+    pub fn primary_region(&self) -> String {
+        self.read_local(|state| state.primary_region().map(str::to_owned))
+            .unwrap_or_else(|| self.topology.primary_region.clone())
+    }
+
+    /// Whether node `id` may lead: a voter of the group, in the region that
+    /// takes writes.
+    pub fn may_lead(&self, id: u64) -> bool {
+        let voter = self.group.raft().metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
+        let region = self.primary_region();
+        voter && self.topology.node(id).is_some_and(|spec| spec.region == region)
     }
 
     /// A read of this replica's applied state, without a quorum round.

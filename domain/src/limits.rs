@@ -27,6 +27,8 @@ pub const PRICE_MINOR_MAX: u64 = 1_000_000_000_000;
 pub const CHECKOUTS_PER_SESSION_MAX: usize = 256;
 /// Most sales one group holds.
 pub const SALES_MAX: usize = 100_000;
+/// Longest region name, in bytes.
+pub const REGION_LEN_MAX: usize = 64;
 /// Drill records kept; the oldest goes first.
 pub const DRILLS_KEPT: usize = 100;
 /// Largest drill record, in bytes.

@@ -37,6 +37,13 @@ pub struct GroupState {
     /// Drill records by `(id, coordinator)`: ids are start times, so the
     /// first is the oldest.
     drills: BTreeMap<(u64, u64), String>,
+    /// Raised by every switchover; see [`GroupState::epoch`].
+    epoch: u64,
+    /// The epoch a switchover under way announced: writes are refused.
+    frozen: Option<u64>,
+    /// The region that takes writes, once a switchover has moved them
+    /// (until then, the configured primary region).
+    primary_region: Option<String>,
 }
 
 /// A SKU's sale, stock, and how much of it each shopper holds or bought.
@@ -82,6 +89,11 @@ impl GroupState {
     }
 
     fn apply_command(&mut self, command: &Command) -> Outcome {
+        if let Some(epoch) = self.frozen {
+            if command.is_write() {
+                return Outcome::Rejected(Rejection::Frozen { epoch });
+            }
+        }
         let result = match command {
             Command::CreateSale(sale) => self.create_sale(sale),
             Command::Restock { sku, units } => self.restock(sku, *units),
@@ -94,6 +106,9 @@ impl GroupState {
             Command::Pay { session, order } => self.pay(*session, *order),
             Command::Cancel { session, order } => self.cancel(*session, *order),
             Command::RecordDrill { id, coordinator, record } => self.record_drill(*id, *coordinator, record),
+            Command::Freeze { epoch } => self.freeze(*epoch),
+            Command::Promote { region, epoch } => self.promote(region, *epoch),
+            Command::Thaw { epoch } => self.thaw(*epoch),
         };
         result.unwrap_or_else(Outcome::Rejected)
     }
@@ -122,6 +137,39 @@ impl GroupState {
         let view = state.view();
         self.skus.insert(sale.sku.clone(), state);
         Ok(Outcome::Sku(view))
+    }
+
+    fn freeze(&mut self, epoch: u64) -> Result<Outcome, Rejection> {
+        if self.frozen.is_some() || epoch <= self.epoch {
+            return Err(self.stale_epoch(epoch));
+        }
+        self.frozen = Some(epoch);
+        Ok(Outcome::Epoch { epoch: self.epoch, frozen: true })
+    }
+
+    fn promote(&mut self, region: &str, epoch: u64) -> Result<Outcome, Rejection> {
+        if self.frozen != Some(epoch) {
+            return Err(self.stale_epoch(epoch));
+        }
+        if region.is_empty() || region.len() > REGION_LEN_MAX {
+            return Err(Rejection::Invalid(format!("region must be 1 to {REGION_LEN_MAX} bytes")));
+        }
+        self.epoch = epoch;
+        self.frozen = None;
+        self.primary_region = Some(region.to_string());
+        Ok(Outcome::Epoch { epoch, frozen: false })
+    }
+
+    fn thaw(&mut self, epoch: u64) -> Result<Outcome, Rejection> {
+        if self.frozen != Some(epoch) {
+            return Err(self.stale_epoch(epoch));
+        }
+        self.frozen = None;
+        Ok(Outcome::Epoch { epoch: self.epoch, frozen: false })
+    }
+
+    fn stale_epoch(&self, epoch: u64) -> Rejection {
+        Rejection::StaleEpoch { epoch, current: self.epoch, frozen: self.frozen.is_some() }
     }
 
     fn record_drill(&mut self, id: u64, coordinator: u64, record: &str) -> Result<Outcome, Rejection> {
@@ -406,6 +454,21 @@ impl GroupState {
     /// machine next needs time to pass for holds to expire.
     pub fn next_deadline_ms(&self) -> Option<u64> {
         self.deadlines.first().map(|&(pay_by_ms, _)| pay_by_ms)
+    }
+
+    /// How many switchovers the cluster has made: the epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether a switchover has writes refused right now.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// The region a switchover moved writes to; `None` before any.
+    pub fn primary_region(&self) -> Option<&str> {
+        self.primary_region.as_deref()
     }
 
     /// The drill records kept, oldest first.

@@ -160,6 +160,16 @@ pub enum Command {
     /// `(id, coordinator)` replaces the earlier one; past
     /// [`crate::DRILLS_KEPT`] records the oldest goes.
     RecordDrill { id: u64, coordinator: u64, record: String },
+    /// Switchover, step 1: refuse every write from now on (503, retried)
+    /// while the DR copy catches up. `epoch` is the next epoch, above the
+    /// current one.
+    Freeze { epoch: u64 },
+    /// Switchover, last step: `region` takes writes from now on, in
+    /// `epoch`, which the freeze announced; writes flow again.
+    Promote { region: String, epoch: u64 },
+    /// A switchover that could not finish: writes flow again, in the old
+    /// epoch and region.
+    Thaw { epoch: u64 },
 }
 
 impl Command {
@@ -175,6 +185,16 @@ impl Command {
         }
     }
 
+    /// Whether the command changes the sale (stock, sessions, carts,
+    /// orders): what a switchover's freeze refuses. Records and switchover
+    /// steps are not.
+    pub fn is_write(&self) -> bool {
+        !matches!(
+            self,
+            Command::RecordDrill { .. } | Command::Freeze { .. } | Command::Promote { .. } | Command::Thaw { .. }
+        )
+    }
+
     /// A short name for metrics and traces.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -187,6 +207,9 @@ impl Command {
             Command::Pay { .. } => "pay",
             Command::Cancel { .. } => "cancel",
             Command::RecordDrill { .. } => "record_drill",
+            Command::Freeze { .. } => "freeze",
+            Command::Promote { .. } => "promote",
+            Command::Thaw { .. } => "thaw",
         }
     }
 }
@@ -205,6 +228,9 @@ pub enum Outcome {
     Order { order: Order, replayed: bool },
     /// `RecordDrill` succeeded.
     DrillRecorded,
+    /// `Freeze`, `Promote` or `Thaw` succeeded: the epoch and whether writes
+    /// are refused now.
+    Epoch { epoch: u64, frozen: bool },
     /// The command changed nothing, for this reason.
     Rejected(Rejection),
 }
@@ -263,6 +289,12 @@ pub enum Rejection {
     /// Restocking would take the total past [`crate::SALE_STOCK_MAX`].
     #[error("stock would exceed the maximum")]
     StockOverflow,
+    /// A switchover is under way: no write is taken until it ends.
+    #[error("a switchover to epoch {epoch} is under way; retry shortly")]
+    Frozen { epoch: u64 },
+    /// A switchover step out of turn: its epoch is not the one expected.
+    #[error("epoch {epoch} does not follow: the cluster is in epoch {current}{}", if *.frozen { " (frozen)" } else { "" })]
+    StaleEpoch { epoch: u64, current: u64, frozen: bool },
 }
 
 impl Rejection {

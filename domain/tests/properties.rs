@@ -324,3 +324,33 @@ fn drill_records_are_kept_bounded_and_replaced_by_their_later_version() {
     assert_eq!(kept.len(), DRILLS_KEPT);
     assert_eq!((kept[0], kept[DRILLS_KEPT - 1]), ("drill 2", "drill 101"), "the oldest goes first");
 }
+
+#[test]
+fn a_switchover_freezes_writes_then_promotes_a_region_in_a_new_epoch() {
+    let (mut state, now) = opened();
+    let apply = |state: &mut GroupState, command: Command| {
+        state.apply(&Request { stamped_at_ms: now, commands: vec![command] }).outcomes.remove(0)
+    };
+    let open = Command::OpenSession { shopper: "ann".into(), token_hash: token(1) };
+    assert_eq!(apply(&mut state, Command::Freeze { epoch: 1 }), Outcome::Epoch { epoch: 0, frozen: true });
+    assert!(state.is_frozen());
+    let before = state.clone();
+    assert_eq!(apply(&mut state, open.clone()), Outcome::Rejected(Rejection::Frozen { epoch: 1 }));
+    let restock = Command::Restock { sku: "hot".into(), units: 1 };
+    assert_eq!(apply(&mut state, restock), Outcome::Rejected(Rejection::Frozen { epoch: 1 }));
+    assert_eq!(state, before, "a frozen group takes no write");
+    // Out of turn: a second freeze, or a promotion to another epoch.
+    assert!(matches!(apply(&mut state, Command::Freeze { epoch: 2 }), Outcome::Rejected(Rejection::StaleEpoch { .. })));
+    let wrong = Command::Promote { region: "dr".into(), epoch: 2 };
+    assert!(matches!(apply(&mut state, wrong), Outcome::Rejected(Rejection::StaleEpoch { .. })));
+
+    let promote = Command::Promote { region: "dr".into(), epoch: 1 };
+    assert_eq!(apply(&mut state, promote), Outcome::Epoch { epoch: 1, frozen: false });
+    assert_eq!((state.epoch(), state.primary_region(), state.is_frozen()), (1, Some("dr"), false));
+    assert!(matches!(apply(&mut state, open), Outcome::SessionOpened { .. }));
+    // An epoch is never reused; an abandoned switchover thaws in the old one.
+    assert!(matches!(apply(&mut state, Command::Freeze { epoch: 1 }), Outcome::Rejected(Rejection::StaleEpoch { .. })));
+    apply(&mut state, Command::Freeze { epoch: 2 });
+    assert_eq!(apply(&mut state, Command::Thaw { epoch: 2 }), Outcome::Epoch { epoch: 1, frozen: false });
+    assert_eq!((state.epoch(), state.primary_region()), (1, Some("dr")));
+}

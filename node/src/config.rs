@@ -199,6 +199,7 @@ impl Config {
                 log_kept_behind_snapshot: self.raft.log_kept_behind_snapshot,
                 // Leaders stay in the primary region (see `Topology::may_lead`).
                 may_lead: self.topology().may_lead(self.node_id),
+                region: self.topology().node(self.node_id).map(|spec| spec.region.clone()),
                 replicas: self.topology().replicas(),
             },
             actors: self.actors.clone(),

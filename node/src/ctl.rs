@@ -55,6 +55,19 @@ enum CtlCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Move writes to another region (planned switchover; failback is a
+    /// switchover back). Asks the group's leader, whichever node that is:
+    /// writes pause until the region has every entry, its nodes become the
+    /// voters, and the old primary's nodes follow as learners. Exits
+    /// non-zero if it failed or lost an order.
+    Switchover {
+        /// The region to take writes, e.g. `dr`.
+        #[arg(long)]
+        to: String,
+        /// Print the final report as JSON too.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every drill on record in the cluster (any node lists them all).
     Drills {
         /// Print the raw JSON instead of a summary.
@@ -93,7 +106,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
     };
     let client = awc::Client::builder().connector(connector).timeout(CALL_TIMEOUT).finish();
-    let api = Api { client, args: &args };
+    let api = Api { client, args: &args, endpoint: args.endpoint.trim_end_matches('/').to_string() };
     match &args.command {
         CtlCommand::Status { json } => {
             let status = api.get("/v1/cluster").await?;
@@ -123,6 +136,16 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        CtlCommand::Switchover { to, json } => {
+            let leader = api.at(&leader_endpoint(&api).await?);
+            let report: DrillReport =
+                serde_json::from_value(leader.post("/v1/admin/switchover", json!({ "to": to })).await?)?;
+            println!(
+                "switchover {}: writes move to region {to}, coordinated by node {} (the leader); voters after it: {:?}",
+                report.id, report.coordinator, report.nodes
+            );
+            verdict(&leader, report.id, *json, "the switchover").await
+        }
         CtlCommand::Drill { drill: Drill::ZoneLoss { zone, seconds, json } } => {
             let body = json!({ "zone": zone, "isolate_for_ms": seconds.saturating_mul(1000) });
             let report: DrillReport = serde_json::from_value(api.post("/v1/admin/drills/zone-loss", body).await?)?;
@@ -130,17 +153,23 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 "drill {}: zone {} (nodes {:?}) cut off for {} s, coordinated by node {}",
                 report.id, report.zone, report.nodes, seconds, report.coordinator
             );
-            let report = follow(&api, report.id).await?;
-            print!("{}", render_report(&report));
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            }
-            if report.state != "completed" || !report.orders_lost.is_empty() || report.oversold_units > 0 {
-                bail!("the zone-loss drill did not pass");
-            }
-            Ok(())
+            verdict(&api, report.id, *json, "the zone-loss drill").await
         }
     }
+}
+
+/// Follows drill `id` to its end, prints its report (and its JSON when
+/// asked), and fails unless it completed with nothing lost or oversold.
+async fn verdict(api: &Api<'_>, id: u64, json: bool, what: &str) -> anyhow::Result<()> {
+    let report = follow(api, id).await?;
+    print!("{}", render_report(&report));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    if report.state != "completed" || !report.orders_lost.is_empty() || report.oversold_units > 0 {
+        bail!("{what} did not pass");
+    }
+    Ok(())
 }
 
 /// Prints a running drill's timeline as it grows, and returns its final report.
@@ -159,12 +188,32 @@ async fn follow(api: &Api<'_>, id: u64) -> anyhow::Result<DrillReport> {
     }
 }
 
+/// The base URL of the group leader's API, from the endpoint's view of the
+/// cluster, with the endpoint's scheme.
+async fn leader_endpoint(api: &Api<'_>) -> anyhow::Result<String> {
+    let status = api.get("/v1/cluster").await?;
+    let nodes = status["nodes"].as_array().context("no nodes in the answer")?;
+    let leader = nodes
+        .iter()
+        .find(|node| node["status"]["groups"][0]["role"] == "leader")
+        .context("no node says it leads; try again in a moment")?;
+    let scheme = api.endpoint.split_once("://").map_or("http", |(scheme, _)| scheme);
+    Ok(format!("{scheme}://{}", leader["api"].as_str().context("the leader has no API address")?))
+}
+
 struct Api<'a> {
     client: awc::Client,
     args: &'a CtlArgs,
+    /// Base URL the calls go to: the endpoint, or a node found through it.
+    endpoint: String,
 }
 
 impl Api<'_> {
+    /// The same client and token, against another node.
+    fn at(&self, endpoint: &str) -> Api<'_> {
+        Api { client: self.client.clone(), args: self.args, endpoint: endpoint.trim_end_matches('/').to_string() }
+    }
+
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.send(self.client.get(self.url(path)), None).await
     }
@@ -174,7 +223,7 @@ impl Api<'_> {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.args.endpoint.trim_end_matches('/'))
+        format!("{}{path}", self.endpoint)
     }
 
     async fn send(&self, request: awc::ClientRequest, body: Option<Value>) -> anyhow::Result<Value> {
@@ -184,7 +233,7 @@ impl Api<'_> {
             None => request.send().await,
         };
         let mut response = sent.map_err(|e| anyhow::anyhow!("{e}")).with_context(|| {
-            format!("no answer from {} (is a node listening there? --endpoint / SURGE_ENDPOINT)", self.args.endpoint)
+            format!("no answer from {} (is a node listening there? --endpoint / SURGE_ENDPOINT)", self.endpoint)
         })?;
         let bytes = response.body().limit(4 << 20).await.context("read the answer")?;
         let value: Value = serde_json::from_slice(&bytes).context("the answer is not JSON")?;
@@ -293,19 +342,27 @@ fn render_report(report: &DrillReport) -> String {
     ));
     out.push_str(&format!("  acknowledged orders lost  {} {:?}\n", report.orders_lost.len(), report.orders_lost));
     out.push_str(&format!("  units oversold            {}\n", report.oversold_units));
+    if let Some(region) = &report.region {
+        let copied = report.caught_up_ms.map_or("never".into(), |ms| format!("{ms} ms after the freeze"));
+        out.push_str(&format!("  region {region} had every entry {copied}\n"));
+        let frozen = report.frozen_ms.map_or("not promoted".into(), |ms| format!("{ms} ms"));
+        out.push_str(&format!("  writes refused for        {frozen}\n"));
+        return out;
+    }
     let caught_up = report.caught_up_ms.map_or("not within the wait".into(), |ms| format!("{ms} ms after the heal"));
     out.push_str(&format!("  every node caught up      {caught_up}\n"));
     out
 }
 
 fn one_line(report: &DrillReport) -> String {
+    let what = match &report.region {
+        Some(region) => format!("to region {region}, voters {:?}", report.nodes),
+        None => format!("zone {} nodes {:?} for {} ms", report.zone, report.nodes, report.isolated_for_ms),
+    };
     format!(
-        "{} {} zone {} nodes {:?} for {} ms by {}: {}; unavailable {} ms, {} acknowledged, {} lost, {} oversold",
+        "{} {} {what} by {}: {}; unavailable {} ms, {} acknowledged, {} lost, {} oversold",
         report.id,
         report.kind,
-        report.zone,
-        report.nodes,
-        report.isolated_for_ms,
         report.requested_by,
         report.state,
         report.checkout_unavailable_ms,

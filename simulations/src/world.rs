@@ -237,6 +237,7 @@ impl World {
         let config = GroupConfig {
             node_id: id,
             may_lead: self.topology.may_lead(id),
+            region: self.topology.node(id).map(|spec| spec.region.clone()),
             replicas: self.topology.replicas(),
             ..self.config.group.clone()
         };

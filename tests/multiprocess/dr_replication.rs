@@ -14,7 +14,7 @@ const SKU: &str = "dr-hot";
 const STOCK: u64 = 100;
 
 /// The five voters of [`FIVE_VOTERS`] and node 6, the DR replica.
-const WITH_REPLICA: [(&str, &str, &str); 6] =
+pub const WITH_REPLICA: [(&str, &str, &str); 6] =
     [FIVE_VOTERS[0], FIVE_VOTERS[1], FIVE_VOTERS[2], FIVE_VOTERS[3], FIVE_VOTERS[4], ("dr", "d", "replica")];
 
 /// A GET that also returns the `Surge-Stale-Ms` header.

@@ -5,4 +5,5 @@ mod dr_replication;
 mod kill_restart;
 mod public_tls;
 mod support;
+mod switchover;
 mod zone_loss;

@@ -1,0 +1,191 @@
+//! **Planned switchover**: the region that takes writes moves, with nothing
+//! acknowledged lost.
+//!
+//! 1. Every write is refused from a `Freeze` entry on (503, retried with
+//!    the same key): no order is acknowledged that the new region could
+//!    miss.
+//! 2. The leader waits until every voter-to-be, the DR replicas among them,
+//!    has stored the log up to the freeze: the DR copy has everything.
+//! 3. The membership changes (joint consensus): the target region's nodes
+//!    and this leader vote, every other node follows as a learner. That is
+//!    the fence: the old primary's nodes can commit nothing, and they now
+//!    receive the log, which is replication reversed.
+//! 4. `Promote` names the new region and epoch and lets writes flow. This
+//!    leader is no longer in the region that leads, so it hands leadership
+//!    to a voter there that has its whole log (`Group::tend_holds`).
+//!
+//! A probe shopper checks out on this node throughout; the report says how
+//! long checkout was unavailable. Failback is a switchover back.
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+
+use domain::{Command, Outcome};
+use tokio::time::Instant;
+
+use crate::drill::{self, DrillError, DrillReport, Outages, Probe, Timeline, PROBE_EVERY, SETTLE_MAX};
+use crate::node::Node;
+
+/// Checks that this node may move writes to `region`, records the
+/// switchover as running, and returns its first report and the voters the
+/// group will have.
+pub(crate) fn plan(node: &Node, region: &str, requested_by: &str) -> Result<(DrillReport, BTreeSet<u64>), DrillError> {
+    let topology = node.topology();
+    let in_region: Vec<_> = topology.nodes.iter().filter(|n| n.region == region).collect();
+    if in_region.is_empty() {
+        return Err(DrillError::UnknownRegion(region.to_string()));
+    }
+    if node.primary_region() == region {
+        return Err(DrillError::AlreadyPrimary(region.to_string()));
+    }
+    let status = node.group().status();
+    if status.role != "leader" {
+        return Err(DrillError::NotLeader { leader: status.leader });
+    }
+    // The region's nodes, and this leader as the tiebreaker outside it.
+    let coordinator = node.id();
+    let voters: BTreeSet<u64> = in_region.iter().map(|n| n.id).chain([coordinator]).collect();
+    for zone in in_region.iter().map(|n| n.zone.as_str()).collect::<BTreeSet<_>>() {
+        let left = in_region.iter().filter(|n| n.zone != zone).count() + 1;
+        if left * 2 <= voters.len() {
+            return Err(DrillError::RegionLosesQuorum {
+                region: region.to_string(),
+                zone: zone.to_string(),
+                voters: voters.iter().copied().collect(),
+            });
+        }
+    }
+    let report = DrillReport {
+        nodes: voters.iter().copied().collect(),
+        region: Some(region.to_string()),
+        ..DrillReport::started("switchover", coordinator, requested_by, node.clock_ms())
+    };
+    node.drills().begin(report.clone())?;
+    Ok((report, voters))
+}
+
+/// Runs a planned switchover to the end and records its report.
+pub(crate) async fn run(node: Node, id: u64, region: String, voters: BTreeSet<u64>) {
+    drill::record(&node, id).await;
+    let log = Timeline::new(&node, id);
+    let outcome = switchover(&node, &log, id, &region, &voters).await;
+    drill::finish(&node, id, outcome).await;
+}
+
+async fn switchover(node: &Node, log: &Timeline, id: u64, region: &str, voters: &BTreeSet<u64>) -> Result<(), String> {
+    let mut probe = Probe::open(node, id).await?;
+    let mut outages = Outages::default();
+    let baseline = Instant::now();
+    while outages.acknowledged.is_empty() {
+        if baseline.elapsed() > SETTLE_MAX {
+            return Err("checkout did not work before the switchover; nothing was changed".into());
+        }
+        outages.probe(&mut probe, log).await;
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+    log.note("baseline probe checkout acknowledged");
+
+    // The steps and the probe run side by side; the probe stops once the
+    // steps are over and a checkout has worked since.
+    let done: Cell<Option<Result<(), String>>> = Cell::new(None);
+    let steps = async {
+        let outcome = steps(node, log, region, voters).await;
+        done.set(Some(outcome));
+    };
+    let probing = async {
+        loop {
+            outages.probe(&mut probe, log).await;
+            let finished = done.take();
+            let over = finished.is_some();
+            done.set(finished);
+            if over && !outages.failing() {
+                return Ok(());
+            }
+            if baseline.elapsed() > SETTLE_MAX * 3 {
+                return Err(format!("checkout still failing {} s into the switchover", SETTLE_MAX.as_secs() * 3));
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    };
+    let ((), probed) = futures::join!(steps, probing);
+    done.take().unwrap_or_else(|| Err("the switchover steps did not finish".into()))?;
+    probed?;
+    drill::audit(node, log, &outages.acknowledged).await
+}
+
+/// Freeze, wait for the copy, change the voters, promote.
+async fn steps(node: &Node, log: &Timeline, region: &str, voters: &BTreeSet<u64>) -> Result<(), String> {
+    let epoch = node.read_local(domain::GroupState::epoch) + 1;
+    match node.operator(Command::Freeze { epoch }).await {
+        Ok(Outcome::Epoch { .. }) => {}
+        Ok(other) => return Err(format!("the freeze was refused: {other:?}")),
+        Err(error) => return Err(format!("the freeze did not commit: {error}")),
+    }
+    let frozen_at = Instant::now();
+    let freeze_index = node.group().raft().metrics().borrow().last_log_index.unwrap_or(0);
+    log.note(format!("writes refused from log index {freeze_index}, for epoch {epoch}"));
+
+    if let Err(why) = wait_for_copy(node, voters, freeze_index).await {
+        thaw(node, log, epoch).await;
+        return Err(why);
+    }
+    let copied_ms = frozen_at.elapsed().as_millis() as u64;
+    log.note(format!("nodes {voters:?} hold every entry up to the freeze ({copied_ms} ms after it)"));
+    log.update(|report| report.caught_up_ms = Some(copied_ms));
+
+    if let Err(error) = node.group().raft().change_membership(voters.clone(), true).await {
+        thaw(node, log, epoch).await;
+        return Err(format!("the membership change failed: {error}"));
+    }
+    log.note(format!("voters now {voters:?}; every other node follows as a learner"));
+
+    let promote = Command::Promote { region: region.to_string(), epoch };
+    loop {
+        match node.operator(promote.clone()).await {
+            Ok(Outcome::Epoch { .. }) => break,
+            Ok(other) => return Err(format!("the promotion was refused: {other:?}")),
+            Err(error) if frozen_at.elapsed() > SETTLE_MAX => {
+                return Err(format!("the promotion did not commit; writes stay frozen: {error}"));
+            }
+            Err(_) => tokio::time::sleep(PROBE_EVERY).await,
+        }
+    }
+    let frozen_ms = frozen_at.elapsed().as_millis() as u64;
+    log.note(format!("region {region} takes writes in epoch {epoch}, {frozen_ms} ms after the freeze"));
+    log.update(|report| report.frozen_ms = Some(frozen_ms));
+    Ok(())
+}
+
+/// Waits (bounded) until every node of `voters` has stored the log up to
+/// `index`, as this leader's replication progress says.
+async fn wait_for_copy(node: &Node, voters: &BTreeSet<u64>, index: u64) -> Result<(), String> {
+    let deadline = Instant::now() + SETTLE_MAX;
+    loop {
+        let metrics = node.group().raft().metrics().borrow().clone();
+        let Some(replication) = metrics.replication.filter(|_| metrics.state.is_leader()) else {
+            return Err("this node lost the leadership before the copy was complete".into());
+        };
+        let behind: Vec<u64> = voters
+            .iter()
+            .copied()
+            .filter(|id| *id != metrics.id)
+            .filter(|id| replication.get(id).copied().flatten().map_or(0, |log_id| log_id.index) < index)
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("nodes {behind:?} did not receive the log up to the freeze within {SETTLE_MAX:?}"));
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// Lets writes flow again in the old epoch after a switchover that could
+/// not finish.
+async fn thaw(node: &Node, log: &Timeline, epoch: u64) {
+    match node.operator(Command::Thaw { epoch }).await {
+        Ok(_) => log.note("switchover abandoned; writes flow again in the old region"),
+        Err(error) => log.note(format!("switchover abandoned, but the thaw did not commit: {error}")),
+    }
+}
