@@ -28,6 +28,25 @@ fn cut_off_error() -> ProposeError {
     ProposeError::Unavailable("this node lost contact with a quorum of the group; retry with the same key".into())
 }
 
+/// Turns an append-entries call whose entries do not start right after its
+/// `prev_log_id` into a heartbeat.
+///
+/// A leader's replication stream can read its log just after a purge
+/// removed the entries it asked for; openraft 0.9 then sends the entries
+/// after the purge as if they followed `prev_log_id` (it checks only in
+/// debug builds). A follower whose commit index covers `prev_log_id` would
+/// append them and get a hole in its log (found by the simulator: the node
+/// stopped on the next read of the missing entries). As a heartbeat, the
+/// call confirms `prev_log_id`, and the leader sends a snapshot next.
+pub(crate) fn drop_unmoored_entries(rpc: &mut openraft::raft::AppendEntriesRequest<TypeConfig>) {
+    let first = rpc.entries.first().map(|entry| entry.log_id.index);
+    let expected = rpc.prev_log_id.map_or(0, |prev| prev.index + 1);
+    if first.is_some_and(|first| first != expected) {
+        tracing::warn!(?first, expected, "append-entries with a gap after prev_log_id; taken as a heartbeat");
+        rpc.entries.clear();
+    }
+}
+
 /// How a group's Raft instance is tuned.
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
@@ -422,8 +441,9 @@ impl Group {
     /// through here.
     pub async fn append_entries(
         &self,
-        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+        mut rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
     ) -> Result<openraft::raft::AppendEntriesResponse<u64>, RaftError<u64>> {
+        drop_unmoored_entries(&mut rpc);
         let now = Instant::now();
         self.lock_holds().heard_from_leader = Some(now);
         if let Some(commit) = rpc.leader_commit {
@@ -660,5 +680,35 @@ impl Group {
     /// The group's Raft instance, for status and shutdown.
     pub fn raft(&self) -> &Raft<TypeConfig> {
         &self.raft
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::raft::AppendEntriesRequest;
+    use openraft::testing::{blank_ent, log_id};
+    use openraft::Vote;
+
+    use super::*;
+
+    fn request(prev: u64, entries: std::ops::RangeInclusive<u64>) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: Some(log_id(1, 1, prev)),
+            entries: entries.map(|index| blank_ent::<TypeConfig>(1, 1, index)).collect(),
+            leader_commit: Some(log_id(1, 1, prev)),
+        }
+    }
+
+    #[test]
+    fn entries_that_do_not_follow_prev_log_id_are_dropped() {
+        let mut gap = request(143, 256..=299);
+        drop_unmoored_entries(&mut gap);
+        assert!(gap.entries.is_empty(), "a gap after prev_log_id makes a heartbeat");
+        assert_eq!(gap.prev_log_id.map(|id| id.index), Some(143));
+
+        let mut fine = request(143, 144..=150);
+        drop_unmoored_entries(&mut fine);
+        assert_eq!(fine.entries.len(), 7);
     }
 }
