@@ -228,6 +228,11 @@ impl Drills {
         self.lock().iter().find(|report| report.id == id).cloned()
     }
 
+    /// Whether a drill of `kind` runs on this node.
+    pub(crate) fn running(&self, kind: &str) -> bool {
+        self.lock().iter().any(|report| report.state == "running" && report.kind == kind)
+    }
+
     /// Adds `report` unless a drill is still running.
     pub(crate) fn begin(&self, report: DrillReport) -> Result<(), DrillError> {
         let mut reports = self.lock();

@@ -126,7 +126,10 @@ impl Node {
         let tick = Duration::from_millis(config.expiry_tick_ms.max(10));
         actix::spawn(expire_holds(group.clone(), clock.clone(), tick));
         let topology = Arc::new(config.topology.clone());
-        Node { group, router, topology, clock, drills: Drills::default(), transferring: Arc::default(), peers }
+        let node =
+            Node { group, router, topology, clock, drills: Drills::default(), transferring: Arc::default(), peers };
+        actix::spawn(crate::switchover::finish_stalled(node.clone(), tick));
+        node
     }
 
     /// This node's Raft id.
@@ -341,12 +344,12 @@ async fn open_clustered(
     Ok((group, Peers { forwarder, handler, _server: Arc::new(server) }))
 }
 
-/// While this node leads, proposes an empty entry whenever a payment
-/// deadline has passed, so expired holds return to stock without waiting for
-/// the next shopper.
 /// Longest wait for an expiry tick's entry to commit.
 const EXPIRY_PROPOSAL_MAX: Duration = Duration::from_secs(5);
 
+/// While this node leads, proposes an empty entry whenever a payment
+/// deadline has passed, so expired holds return to stock without waiting for
+/// the next shopper.
 async fn expire_holds(group: Group, clock: Arc<dyn Clock>, tick: Duration) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

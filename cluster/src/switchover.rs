@@ -16,11 +16,17 @@
 //!
 //! A probe shopper checks out on this node throughout; the report says how
 //! long checkout was unavailable. Failback is a switchover back.
+//!
+//! A coordinator that dies between the freeze and the promotion would leave
+//! writes refused for good; [`finish_stalled`] has whichever node leads
+//! then finish the switchover (the voters are the target region's already)
+//! or abandon it.
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
+use std::time::Duration;
 
-use domain::{Command, Outcome};
+use domain::{Command, GroupState, Outcome};
 use tokio::time::Instant;
 
 use crate::drill::{self, DrillError, DrillReport, Outages, Probe, Timeline, PROBE_EVERY, SETTLE_MAX};
@@ -96,9 +102,11 @@ async fn switchover(node: &Node, log: &Timeline, id: u64, region: &str, voters: 
         loop {
             outages.probe(&mut probe, log).await;
             let finished = done.take();
-            let over = finished.is_some();
+            let (over, failed) = (finished.is_some(), matches!(finished, Some(Err(_))));
             done.set(finished);
-            if over && !outages.failing() {
+            // A switchover that failed has thawed (or left a freeze for the
+            // next leader to finish): nothing more to measure.
+            if failed || (over && !outages.failing()) {
                 return Ok(());
             }
             if baseline.elapsed() > SETTLE_MAX * 3 {
@@ -126,6 +134,7 @@ async fn steps(node: &Node, log: &Timeline, region: &str, voters: &BTreeSet<u64>
     log.note(format!("writes refused from log index {freeze_index}, for epoch {epoch}"));
 
     if let Err(why) = wait_for_copy(node, voters, freeze_index).await {
+        log.note(format!("no switchover: {why}"));
         thaw(node, log, epoch).await;
         return Err(why);
     }
@@ -143,6 +152,8 @@ async fn steps(node: &Node, log: &Timeline, region: &str, voters: &BTreeSet<u64>
     loop {
         match node.operator(promote.clone()).await {
             Ok(Outcome::Epoch { .. }) => break,
+            // Another leader finished this switchover while this node could not.
+            Ok(_) if node.read_local(|s| s.epoch() == epoch && s.primary_region() == Some(region)) => break,
             Ok(other) => return Err(format!("the promotion was refused: {other:?}")),
             Err(error) if frozen_at.elapsed() > SETTLE_MAX => {
                 return Err(format!("the promotion did not commit; writes stay frozen: {error}"));
@@ -184,8 +195,81 @@ async fn wait_for_copy(node: &Node, voters: &BTreeSet<u64>, index: u64) -> Resul
 /// Lets writes flow again in the old epoch after a switchover that could
 /// not finish.
 async fn thaw(node: &Node, log: &Timeline, epoch: u64) {
-    match node.operator(Command::Thaw { epoch }).await {
-        Ok(_) => log.note("switchover abandoned; writes flow again in the old region"),
-        Err(error) => log.note(format!("switchover abandoned, but the thaw did not commit: {error}")),
+    let started = Instant::now();
+    loop {
+        match node.operator(Command::Thaw { epoch }).await {
+            Ok(_) => return log.note("switchover abandoned; writes flow again in the old region"),
+            Err(error) if started.elapsed() > SETTLE_MAX => {
+                return log.note(format!("switchover abandoned, but the thaw did not commit: {error}"));
+            }
+            Err(_) => tokio::time::sleep(PROBE_EVERY).await,
+        }
     }
+}
+
+/// How long a freeze may stand before a leader that is not running the
+/// switchover finishes it. A coordinator runs every step as the leader, so
+/// another node leads only once the coordinator died, was cut off or was
+/// deposed; a deposed one finishes through the new leader by itself, and
+/// whichever finishing entry comes second is refused as out of turn.
+const STALLED_AFTER: Duration = Duration::from_secs(5);
+
+/// Longest wait for the entry that finishes a stalled switchover.
+const FINISH_MAX: Duration = Duration::from_secs(5);
+
+/// While this node leads and the group stays frozen with no switchover of
+/// its own under way for [`STALLED_AFTER`], finishes the switchover the
+/// freeze began: if every voter but one (the old leader, kept as the
+/// tiebreaker) is in another region, the membership change happened and
+/// that region is promoted; otherwise the freeze is thawed. Ends when Raft
+/// stops.
+pub(crate) async fn finish_stalled(node: Node, tick: Duration) {
+    let mut frozen_since: Option<(u64, Instant)> = None;
+    loop {
+        tokio::time::sleep(tick).await;
+        if node.group().raft().metrics().borrow().running_state.is_err() {
+            return;
+        }
+        let Some(epoch) = node.read_local(GroupState::frozen_epoch) else {
+            frozen_since = None;
+            continue;
+        };
+        // Counted from when this node first saw the freeze, leading or not:
+        // while no node of the old region can lead, leadership passes
+        // between stranded voters and no one leads for long.
+        let since = match frozen_since {
+            Some((seen, since)) if seen == epoch => since,
+            _ => {
+                frozen_since = Some((epoch, Instant::now()));
+                continue;
+            }
+        };
+        if since.elapsed() < STALLED_AFTER || !node.group().is_leader() || node.drills().running("switchover") {
+            continue;
+        }
+        let command = match promoted_region(&node) {
+            Some(region) => Command::Promote { region, epoch },
+            None => Command::Thaw { epoch },
+        };
+        tracing::warn!(epoch, ?command, "a switchover stalled with writes frozen; finishing it");
+        match tokio::time::timeout(FINISH_MAX, node.operator(command)).await {
+            Ok(Ok(outcome)) => tracing::warn!(?outcome, "stalled switchover finished"),
+            Ok(Err(error)) => tracing::warn!(%error, "finishing a stalled switchover failed; retrying"),
+            Err(_) => tracing::warn!("finishing a stalled switchover got no outcome in time; retrying"),
+        }
+        frozen_since = None;
+    }
+}
+
+/// The region other than the one taking writes that holds every voter but
+/// at most one, if there is one: a switchover's membership change made it so.
+fn promoted_region(node: &Node) -> Option<String> {
+    let voters: Vec<u64> = node.group().raft().metrics().borrow().membership_config.membership().voter_ids().collect();
+    let current = node.primary_region();
+    let topology = node.topology();
+    let regions: BTreeSet<&str> = topology.nodes.iter().map(|n| n.region.as_str()).collect();
+    regions.into_iter().filter(|region| *region != current).find_map(|region| {
+        let inside = voters.iter().filter(|id| topology.node(**id).is_some_and(|n| n.region == region)).count();
+        (inside > 0 && inside + 1 >= voters.len()).then(|| region.to_string())
+    })
 }

@@ -435,6 +435,12 @@ impl GroupState {
         self.sessions.get(&session)?.checkouts.get(key).map(|checkout| checkout.decided.clone())
     }
 
+    /// How many idempotency keys a session has decided (placed an order or
+    /// refused): it can hold no more orders than that.
+    pub fn checkout_keys(&self, session: SessionId) -> usize {
+        self.sessions.get(&session).map_or(0, |s| s.checkouts.len())
+    }
+
     /// A session's cart.
     pub fn cart(&self, session: SessionId) -> Result<Cart, Rejection> {
         self.sessions.get(&session).map(Session::cart_view).ok_or(Rejection::UnknownSession)
@@ -464,6 +470,11 @@ impl GroupState {
     /// Whether a switchover has writes refused right now.
     pub fn is_frozen(&self) -> bool {
         self.frozen.is_some()
+    }
+
+    /// The epoch a switchover under way announced, while it refuses writes.
+    pub fn frozen_epoch(&self) -> Option<u64> {
+        self.frozen
     }
 
     /// The region a switchover moved writes to; `None` before any.

@@ -28,6 +28,10 @@ pub enum Fault {
     /// The node's disk fails every write and sync; Raft stops the node,
     /// which restarts from its disk when the fault ends.
     DiskFails { node: u64 },
+    /// Not a fault but an operator: a planned switchover of writes to the
+    /// DR region, and the failback when it ends, each asked of whichever
+    /// node leads then, amid whatever else goes wrong.
+    Switchover,
 }
 
 /// A fault, when it starts and how long it lasts.
@@ -50,7 +54,7 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             break;
         }
         let mut for_ms = world.draw(|rng| rng.gen_range(500..8_000)).min(until_ms - at);
-        let fault = world.draw(|rng| match rng.gen_range(0..13) {
+        let fault = world.draw(|rng| match rng.gen_range(0..14) {
             0 => Fault::Isolate { nodes: vec![ids[rng.gen_range(0..ids.len())]] },
             1 => Fault::Isolate { nodes: world.zone("a") },
             2 => Fault::Isolate { nodes: world.zone("b") },
@@ -65,6 +69,7 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             10 => Fault::Crash { nodes: ids.clone() },
             11 => Fault::DiskFails { node: ids[rng.gen_range(0..ids.len())] },
             7 => Fault::ClockJump { node: ids[rng.gen_range(0..ids.len())], delta_ms: rng.gen_range(-3_000..3_000) },
+            13 => Fault::Switchover,
             12 => {
                 // The DR region cut off for long: the primary must not notice.
                 for_ms = rng.gen_range(5_000..30_000).min(until_ms - at);
@@ -111,6 +116,7 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
         Fault::ClockJump { node, delta_ms } => world.jump_clock(*node, *delta_ms),
         Fault::Storm { weather } => world.net.set_weather(*weather),
         Fault::DiskFails { node } => world.set_disk_failing(*node, true),
+        Fault::Switchover => switch(&world, "dr"),
         _ => {}
     }
     tokio::time::sleep(Duration::from_millis(for_ms)).await;
@@ -137,8 +143,30 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
                 }
             }
         }
+        Fault::Switchover => switch(&world, "primary"),
         _ => {}
     }
     world.reap().await;
     world.trace.event(format!("healed {fault:?}"));
+}
+
+/// Asks the node that leads now, if any, to move writes to `region`. A
+/// refusal (no leader, the region takes writes already, a switchover still
+/// running) is part of the run, not a failure.
+fn switch(world: &World, region: &str) {
+    let leader = world.ids().into_iter().filter_map(|id| world.node(id)).find(|node| node.group().is_leader());
+    let Some(leader) = leader else {
+        world.trace.event(format!("switchover to {region} not started: no leader"));
+        return;
+    };
+    let trace = world.trace.clone();
+    let region = region.to_string();
+    actix_rt::spawn(async move {
+        match leader.start_switchover(&region, "simulator").await {
+            Ok(report) => {
+                trace.event(format!("switchover {} to {region} started by node {}", report.id, report.coordinator))
+            }
+            Err(error) => trace.event(format!("switchover to {region} not started: {error}")),
+        }
+    });
 }

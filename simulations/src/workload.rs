@@ -133,8 +133,12 @@ where
     let started = Instant::now();
     while started.elapsed() < GIVE_UP {
         if let Some(node) = world.node(endpoints[at]) {
-            if let Ok(Ok(outcome)) = tokio::time::timeout(ATTEMPT_MAX, op(node)).await {
-                return Some(outcome);
+            match tokio::time::timeout(ATTEMPT_MAX, op(node)).await {
+                // A switchover refuses writes for a moment: the API's 503,
+                // retried with the same key.
+                Ok(Ok(Outcome::Rejected(Rejection::Frozen { .. }))) => {}
+                Ok(Ok(outcome)) => return Some(outcome),
+                _ => {}
             }
         }
         at = (at + 1) % endpoints.len();
