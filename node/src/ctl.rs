@@ -248,9 +248,11 @@ impl Api<'_> {
 /// `GET /v1/cluster` as a table, one row per node and group.
 fn render_status(status: &Value) -> anyhow::Result<String> {
     let mut out = format!(
-        "cluster as node {} sees it (primary region: {})\n",
+        "cluster as node {} sees it (primary region: {}, epoch {}{})\n",
         status["node_id"],
-        status["primary_region"].as_str().unwrap_or("?")
+        status["primary_region"].as_str().unwrap_or("?"),
+        status["epoch"],
+        if status["frozen"] == true { ", writes frozen by a switchover" } else { "" }
     );
     let header = ["REGION", "ZONE", "NODE", "API", "GROUP", "ROLE", "LEADER", "TERM", "COMMIT", "APPLIED", "LOG"];
     let mut rows = vec![header.map(String::from).to_vec()];
