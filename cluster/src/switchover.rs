@@ -48,6 +48,10 @@ pub(crate) fn plan(node: &Node, region: &str, requested_by: &str) -> Result<(Dri
     if status.role != "leader" {
         return Err(DrillError::NotLeader { leader: status.leader });
     }
+    if !node.group().may_lead() {
+        // A leader outside the region that takes writes is handing over.
+        return Err(DrillError::NotLeader { leader: None });
+    }
     // The region's nodes, and this leader as the tiebreaker outside it.
     let coordinator = node.id();
     let voters: BTreeSet<u64> = in_region.iter().map(|n| n.id).chain([coordinator]).collect();
@@ -164,7 +168,24 @@ async fn steps(node: &Node, log: &Timeline, region: &str, voters: &BTreeSet<u64>
     let frozen_ms = frozen_at.elapsed().as_millis() as u64;
     log.note(format!("region {region} takes writes in epoch {epoch}, {frozen_ms} ms after the freeze"));
     log.update(|report| report.frozen_ms = Some(frozen_ms));
-    Ok(())
+
+    // This node may not lead any more: it hands leadership to a voter of the
+    // region that has its whole log (`Group::tend_holds`). The switchover is
+    // over once one leads.
+    let promoted = Instant::now();
+    loop {
+        let leader = node.group().raft().metrics().borrow().current_leader;
+        let region_of = |id: u64| node.topology().node(id).map(|spec| spec.region.as_str());
+        if let Some(leader) = leader.filter(|id| region_of(*id) == Some(region)) {
+            let ms = promoted.elapsed().as_millis();
+            log.note(format!("node {leader} of region {region} leads, {ms} ms after the promotion"));
+            return Ok(());
+        }
+        if promoted.elapsed() > SETTLE_MAX {
+            return Err(format!("no node of region {region} leads {} s after the promotion", SETTLE_MAX.as_secs()));
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
 }
 
 /// Waits (bounded) until every node of `voters` has stored the log up to

@@ -8,8 +8,10 @@
 //! Shoppers use the endpoints of both zones and fail over between them. At
 //! 30 % of the sale the demo asks a node to run the zone-loss drill on the
 //! zone that holds the leader (the worst case): that zone is cut off from
-//! the others for a while, then comes back and catches up. `--single` runs
-//! one node instead, without the drill.
+//! the others for a while, then comes back and catches up. Once it has, the
+//! demo moves writes to the DR region (a planned switchover) and back (the
+//! failback), still mid-sale unless the sale is short. `--single` runs one
+//! node instead, without drills.
 //!
 //! The demo is also an honest end-to-end check. The crowd keeps a ledger of
 //! every order the API acknowledged; when the crowd has gone and every hold
@@ -78,13 +80,17 @@ pub struct DemoArgs {
     /// that abandoned holds visibly expire).
     #[arg(long, value_name = "MS")]
     pub hold_ms: Option<u64>,
-    /// Run one node instead of the five-node, two-zone topology (no drill).
+    /// Run one node instead of the default topology (no drills).
     #[arg(long)]
     pub single: bool,
     /// How long the zone-loss drill cuts the zone off (default: a quarter of
     /// the sale, 1 to 10 s).
     #[arg(long, value_name = "SECONDS")]
     pub drill_seconds: Option<u64>,
+    /// Skip the switchover to the DR region and the failback that follow
+    /// the zone-loss drill.
+    #[arg(long)]
+    pub no_switchover: bool,
     /// Address for the single node's HTTP API (default: a free port on
     /// 127.0.0.1). With the cluster, every node takes a free port.
     #[arg(long, value_name = "ADDR")]
@@ -145,6 +151,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             at: Duration::from_secs(args.duration).mul_f64(DRILL_AT),
             isolate_for: Duration::from_secs(drill_seconds),
         }),
+        switchover: !args.single && !args.no_switchover,
         replica: nodes.replica(),
     };
     println!(
@@ -246,6 +253,8 @@ struct Setup {
     hot_stock: u64,
     hold_ms: u64,
     drill: Option<DrillPlan>,
+    /// Whether a switchover and a failback follow the zone-loss drill.
+    switchover: bool,
     /// The DR replica's endpoint, whose copy is checked after the sale.
     replica: Option<String>,
 }
@@ -261,6 +270,8 @@ struct Findings {
     audit: Audit,
     /// The zone-loss drill's final report, or why there is none.
     drill: Option<Result<DrillReport, String>>,
+    /// The switchover's and the failback's final reports, or why not.
+    switchovers: Vec<(&'static str, Result<DrillReport, String>)>,
     /// How the DR replica's copy compared with the primary's, if there is one.
     dr_copy: Option<DrCopy>,
 }
@@ -327,13 +338,26 @@ async fn drive(setup: Setup) -> anyhow::Result<Findings> {
             .progress_chars("=> "),
     );
     progress.enable_steady_tick(Duration::from_millis(200));
-    let drill = async {
-        match setup.drill {
+    let drills = async {
+        let drill = match setup.drill {
             Some(plan) => Some(zone_loss_drill(&operator, &setup.operator_token, plan).await),
             None => None,
+        };
+        let mut switchovers = Vec::new();
+        if setup.switchover {
+            for (name, region) in [("switchover", "dr"), ("failback", "primary")] {
+                let report = switchover(&operator, &setup.operator_token, region).await;
+                let failed = report.is_err();
+                switchovers.push((name, report));
+                if failed {
+                    break;
+                }
+            }
         }
+        (drill, switchovers)
     };
-    let (crowd, drill) = futures::join!(crowd::run(&setup.endpoints, setup.plan.clone(), progress), drill);
+    let (crowd, (drill, switchovers)) =
+        futures::join!(crowd::run(&setup.endpoints, setup.plan.clone(), progress), drills);
 
     let waited = Instant::now();
     let holds_released = wait_for_expiry(&operator, &skus, Duration::from_millis(setup.hold_ms) + EXPIRY_SLACK).await;
@@ -348,7 +372,7 @@ async fn drive(setup: Setup) -> anyhow::Result<Findings> {
         Some(replica) => Some(compare_dr_copy(replica, &stock).await),
         None => None,
     };
-    Ok(Findings { crowd, holds_released, expiry_wait, stock, audit, drill, dr_copy })
+    Ok(Findings { crowd, holds_released, expiry_wait, stock, audit, drill, switchovers, dr_copy })
 }
 
 /// Waits until `plan.at`, then has a node outside the leader's zone run the
@@ -379,7 +403,31 @@ async fn zone_loss_drill(operator: &Http, token: &str, plan: DrillPlan) -> Resul
         return Err(format!("starting the drill: {}", started.describe()));
     }
     let id = started.u64_field("id").ok_or("the drill has no id")?;
-    let deadline = Instant::now() + plan.isolate_for + DRILL_SLACK;
+    follow_drill(&coordinator, token, id, plan.isolate_for + DRILL_SLACK).await
+}
+
+/// Has the group's leader move writes to `region`, and follows the
+/// switchover to its final report.
+async fn switchover(operator: &Http, token: &str, region: &str) -> Result<DrillReport, String> {
+    let status = operator.call(&Req::get("/v1/cluster").bearer(token)).await?;
+    let nodes = status.body["nodes"].as_array().cloned().unwrap_or_default();
+    let leader = nodes
+        .iter()
+        .find(|node| node["status"]["groups"][0]["role"] == "leader")
+        .and_then(|node| node["api"].as_str())
+        .map(|api| Http::unrecorded(&format!("http://{api}")))
+        .ok_or("no node says it leads")?;
+    let started = leader.call(&Req::post("/v1/admin/switchover", Some(json!({ "to": region }))).bearer(token)).await?;
+    if started.status != 202 {
+        return Err(format!("starting the switchover to {region}: {}", started.describe()));
+    }
+    let id = started.u64_field("id").ok_or("the switchover has no id")?;
+    follow_drill(&leader, token, id, DRILL_SLACK).await
+}
+
+/// Reads drill `id`'s report until it is no longer running, for up to `within`.
+async fn follow_drill(coordinator: &Http, token: &str, id: u64, within: Duration) -> Result<DrillReport, String> {
+    let deadline = Instant::now() + within;
     loop {
         actix_rt::time::sleep(DRILL_POLL).await;
         let reply = coordinator.call(&Req::get(format!("/v1/admin/drills/{id}")).bearer(token)).await?;
@@ -389,7 +437,7 @@ async fn zone_loss_drill(operator: &Http, token: &str, plan: DrillPlan) -> Resul
             return Ok(report);
         }
         if Instant::now() > deadline {
-            return Err(format!("drill {id} still running after {:?}", plan.isolate_for + DRILL_SLACK));
+            return Err(format!("drill {id} still running after {within:?}"));
         }
     }
 }
@@ -603,6 +651,13 @@ struct Summary {
     zone_loss_unavailable_ms: Option<u64>,
     /// The zone-loss drill's report (cluster only).
     zone_loss_drill: Option<DrillReport>,
+    /// How long checkout was unavailable during the switchover to the DR
+    /// region, and during the failback (cluster only).
+    switchover_unavailable_ms: Option<u64>,
+    /// See `switchover_unavailable_ms`.
+    failback_unavailable_ms: Option<u64>,
+    /// The switchover's and the failback's reports.
+    switchovers: Vec<DrillReport>,
     /// The DR replica's copy after the sale (cluster only).
     dr_copy: Option<DrCopy>,
     requests_by_status: BTreeMap<u16, u64>,
@@ -621,7 +676,7 @@ struct Summary {
 
 impl Summary {
     fn new(args: &DemoArgs, seed: u64, hold_ms: u64, endpoints: &[String], findings: Findings) -> Summary {
-        let Findings { crowd, holds_released, expiry_wait, stock, audit, drill, dr_copy } = findings;
+        let Findings { crowd, holds_released, expiry_wait, stock, audit, drill, switchovers, dr_copy } = findings;
         let latency = crowd.stats.latency();
         let crowd_seconds = crowd.wall.as_secs_f64();
         let requests = crowd.stats.requests();
@@ -729,17 +784,30 @@ impl Summary {
             },
         ];
         if let Some(drill) = &drill {
-            checks.push(drill_check(drill));
+            checks.push(drill_check("zone-loss drill", drill));
         }
+        for (name, report) in &switchovers {
+            checks.push(drill_check(name, report));
+        }
+        let unavailable = |name: &str| {
+            switchovers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, r)| r.as_ref().ok())
+                .map(|r| r.checkout_unavailable_ms)
+        };
         if let Some(copy) = &dr_copy {
             checks.push(Check {
                 name: "DR copy",
-                pass: copy.matched_after_ms.is_some() && copy.stale_ms.is_some(),
+                pass: copy.matched_after_ms.is_some(),
                 detail: match copy.matched_after_ms {
+                    // After a switchover and failback, the DR node that led may
+                    // stay on as a voter: then it reads linearizably, unmarked.
                     Some(ms) => format!(
-                        "the DR replica's copy matched the primary on every SKU {ms} ms after the final reads \
-                         (it declared itself at most {} ms stale)",
-                        copy.stale_ms.map_or("?".into(), |ms| ms.to_string())
+                        "the DR replica's copy matched the primary on every SKU {ms} ms after the final reads ({})",
+                        copy.stale_ms.map_or("it votes now, so it read linearizably".into(), |ms| format!(
+                            "it declared itself at most {ms} ms stale"
+                        ))
                     ),
                     None => format!("after {DR_COPY_WAIT:?}: {}", copy.differences.join("; ")),
                 },
@@ -786,6 +854,9 @@ impl Summary {
             failovers: crowd.stats.failovers,
             zone_loss_unavailable_ms: drill.as_ref().and_then(|d| d.as_ref().ok()).map(|r| r.checkout_unavailable_ms),
             zone_loss_drill: drill.and_then(Result::ok),
+            switchover_unavailable_ms: unavailable("switchover"),
+            failback_unavailable_ms: unavailable("failback"),
+            switchovers: switchovers.into_iter().filter_map(|(_, report)| report.ok()).collect(),
             dr_copy,
             requests_by_status: crowd.stats.by_status.clone(),
             crowd: crowd.counters,
@@ -887,6 +958,23 @@ impl Summary {
                 drill.checkout_unavailable_ms, drill.checkout_unavailable_total_ms
             );
         }
+        for report in &self.switchovers {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "Switchover {} to region {}, voters after it {:?}, coordinated by node {}",
+                report.id,
+                report.region.as_deref().unwrap_or("?"),
+                report.nodes,
+                report.coordinator
+            );
+            for event in &report.timeline {
+                let _ = writeln!(out, "  {:>7} ms  {}", event.at_ms, event.what);
+            }
+        }
+        if let (Some(there), Some(back)) = (self.switchover_unavailable_ms, self.failback_unavailable_ms) {
+            let _ = writeln!(out, "  switchover_unavailable_ms = {there}, failback_unavailable_ms = {back}");
+        }
         let _ = writeln!(out);
         let _ = writeln!(out, "Checks");
         for check in &self.checks {
@@ -909,32 +997,40 @@ impl Summary {
     }
 }
 
-/// The drill passes if it ran to the end, every node caught up, and no
-/// acknowledged probe order was lost or unit oversold.
-fn drill_check(drill: &Result<DrillReport, String>) -> Check {
-    let name = "zone-loss drill";
-    match drill {
-        Err(why) => Check { name, pass: false, detail: why.clone() },
-        Ok(report) => Check {
-            name,
-            pass: report.state == "completed"
-                && report.orders_lost.is_empty()
-                && report.oversold_units == 0
-                && report.caught_up_ms.is_some(),
-            detail: format!(
-                "zone {} cut off for {} ms: {}{}; checkout unavailable {} ms; {} probe orders, {} lost; \
-                 {} oversold; caught up {}",
-                report.zone,
-                report.isolated_for_ms,
-                report.state,
-                report.failure.as_ref().map_or(String::new(), |why| format!(" ({why})")),
-                report.checkout_unavailable_ms,
-                report.orders_acknowledged,
-                report.orders_lost.len(),
-                report.oversold_units,
-                report.caught_up_ms.map_or("never".into(), |ms| format!("{ms} ms after the heal")),
-            ),
-        },
+/// A drill passes if it ran to the end, every node caught up (for a
+/// switchover: the target region had every entry), and no acknowledged
+/// probe order was lost or unit oversold.
+fn drill_check(name: &'static str, drill: &Result<DrillReport, String>) -> Check {
+    let report = match drill {
+        Err(why) => return Check { name, pass: false, detail: why.clone() },
+        Ok(report) => report,
+    };
+    let state = format!("{}{}", report.state, report.failure.as_ref().map_or(String::new(), |why| format!(" ({why})")));
+    let what = match &report.region {
+        Some(region) => format!(
+            "to region {region}: {state}; writes refused {} ms",
+            report.frozen_ms.map_or("?".into(), |ms| ms.to_string())
+        ),
+        None => format!("zone {} cut off for {} ms: {state}", report.zone, report.isolated_for_ms),
+    };
+    let caught_up = match (&report.region, report.caught_up_ms) {
+        (_, None) => "; never caught up".to_string(),
+        (Some(_), Some(_)) => String::new(),
+        (None, Some(ms)) => format!("; caught up {ms} ms after the heal"),
+    };
+    Check {
+        name,
+        pass: report.state == "completed"
+            && report.orders_lost.is_empty()
+            && report.oversold_units == 0
+            && report.caught_up_ms.is_some(),
+        detail: format!(
+            "{what}; checkout unavailable {} ms; {} probe orders, {} lost; {} oversold{caught_up}",
+            report.checkout_unavailable_ms,
+            report.orders_acknowledged,
+            report.orders_lost.len(),
+            report.oversold_units,
+        ),
     }
 }
 
