@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # bench/all.sh — every figure in docs/benchmarks.md, in one run on this
 # machine, so they can be compared as ratios: Surge on one node; Surge on the
-# five-voter, two-zone cluster (every voter fsyncs every entry) at its peak and
-# paced to half the peak; Redis and PostgreSQL (bench/compare.sh); and how
-# long checkout is unavailable when the leader's zone is cut off (the demo's
-# zone-loss drill). Release build. Results go to target/bench/.
+# five-voter, two-zone cluster with its DR replica (every voter fsyncs every
+# entry) at its peak and paced to half the peak; Redis and PostgreSQL
+# (bench/compare.sh); and how long checkout is unavailable when the leader's
+# zone is cut off, and during a switchover and a failback (the demo's
+# drills). Release build. Results go to target/bench/.
 #
 # Usage: bench/all.sh [--seconds S] [--no-install]
 set -euo pipefail
@@ -36,6 +37,6 @@ echo "== five-voter cluster, paced to half its peak ($half/s)"
 echo "== references"
 bash bench/compare.sh "${compare_args[@]}" --seconds "$seconds" --json "$out/compare.json" \
     --surge-json "$out/single.json" --surge-json "$out/cluster-peak.json" --surge-json "$out/cluster-half.json"
-echo "== zone-loss drill during a sale (the leader's zone cut off for 5 s)"
-"$surge" demo --exit --duration 20 --drill-seconds 5 --summary-json "$out/demo.json" | grep -E "zone_loss|Demo|FAIL"
+echo "== zone-loss drill during a sale (the leader's zone cut off for 5 s), then a switchover and a failback"
+"$surge" demo --exit --duration 20 --drill-seconds 5 --summary-json "$out/demo.json" | grep -E "zone_loss|switchover_|Demo|FAIL"
 echo "zone_loss_unavailable_ms = $(field zone_loss_unavailable_ms "$out/demo.json")"
