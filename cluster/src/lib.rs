@@ -16,6 +16,7 @@ pub mod group;
 pub mod leadership;
 pub mod network;
 mod node;
+pub mod ports;
 pub mod status;
 pub mod switchover;
 pub mod topology;

@@ -54,8 +54,11 @@ fn fast_client() -> ClientLimits {
     ClientLimits { connect_timeout_ms: 1_000, backoff_min_ms: 20, backoff_max_ms: 200, ..ClientLimits::default() }
 }
 
+/// Below the ephemeral range, so a test that stops a server and listens
+/// again on its port cannot find it taken by a client's reconnect attempts.
 async fn listen() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = cluster::ports::loopback_ports(1).unwrap()[0];
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     (listener, addr)
 }

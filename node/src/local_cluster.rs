@@ -42,14 +42,17 @@ impl LocalCluster {
         let certs = dir.join("certs");
         let ids: Vec<u64> = (1..=SHAPE.len() as u64).collect();
         crate::certs::generate(&certs, &ids)?;
+        let mut ports =
+            cluster::ports::loopback_ports(2 * SHAPE.len()).context("find free loopback ports")?.into_iter();
+        let mut port = || ports.next().expect("two ports per node");
         let mut topology = Topology { primary_region: "primary".into(), nodes: Vec::new() };
         for (id, (region, zone, role)) in ids.iter().zip(SHAPE) {
             topology.nodes.push(NodeSpec {
                 id: *id,
                 region: region.into(),
                 zone: zone.into(),
-                api: format!("127.0.0.1:{}", free_port()?),
-                peer: format!("127.0.0.1:{}", free_port()?),
+                api: format!("127.0.0.1:{}", port()),
+                peer: format!("127.0.0.1:{}", port()),
                 role,
             });
         }
@@ -116,12 +119,4 @@ impl LocalCluster {
             server.stop().await;
         }
     }
-}
-
-/// A port nobody listens on right now. Another process could take it before
-/// the node binds it; on a developer's loopback that does not happen in
-/// practice, and the node then fails to start with a clear error.
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
-    Ok(listener.local_addr()?.port())
 }

@@ -148,10 +148,6 @@ pub struct Cluster {
     pub api: Vec<String>,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Cluster {
     /// Writes certificates and configs for `shape` and starts every node.
     pub fn start(shape: &Shape) -> Cluster {
@@ -164,7 +160,8 @@ impl Cluster {
             .status()
             .unwrap();
         assert!(status.success(), "surge certs failed");
-        let ports: Vec<(u16, u16)> = shape.iter().map(|_| (free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16)> =
+            cluster::ports::loopback_ports(2 * shape.len()).unwrap().chunks(2).map(|pair| (pair[0], pair[1])).collect();
         let mut topology = String::from("[cluster]\nprimary_region = \"primary\"\n");
         for (i, ((region, zone, role), (api, peer))) in shape.iter().zip(&ports).enumerate() {
             topology += &format!(
