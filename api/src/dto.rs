@@ -44,13 +44,19 @@ pub struct Sku {
     pub starts_at_ms: u64,
     pub ends_at_ms: u64,
     pub limit_per_shopper: u32,
-    /// Units a checkout can reserve now.
+    /// Units still on sale.
     pub available: u64,
+    /// Of `available`, units in escrow: with a DR region, a checkout holds
+    /// only these, once the DR copy has confirmed them.
+    pub escrowed: u64,
     /// Units reserved by orders pending payment.
     pub held: u64,
     /// Units of paid orders.
     pub sold: u64,
-    /// `available + held + sold`.
+    /// Units a failover took out of sale until failback settles them: the
+    /// lost primary region may have sold them.
+    pub unsettled: u64,
+    /// `available + held + sold + unsettled`.
     pub total: u64,
 }
 
@@ -64,9 +70,11 @@ impl From<SkuView> for Sku {
             starts_at_ms: sale.starts_at_ms,
             ends_at_ms: sale.ends_at_ms,
             limit_per_shopper: sale.limit_per_shopper,
-            available: stock.available,
+            available: stock.for_sale(),
+            escrowed: stock.escrowed,
             held: stock.held,
             sold: stock.sold,
+            unsettled: stock.unsettled,
             total: stock.total,
         }
     }

@@ -83,9 +83,15 @@ pub async fn render(state: web::Data<AppState>) -> HttpResponse {
         for view in group.sku_views() {
             let sku = view.sale.sku;
             let stock = view.stock;
-            for (kind, units) in
-                [("available", stock.available), ("held", stock.held), ("sold", stock.sold), ("total", stock.total)]
-            {
+            let kinds = [
+                ("available", stock.for_sale()),
+                ("escrowed", stock.escrowed),
+                ("held", stock.held),
+                ("sold", stock.sold),
+                ("unsettled", stock.unsettled),
+                ("total", stock.total),
+            ];
+            for (kind, units) in kinds {
                 metrics::gauge!("surge_stock_units", "sku" => sku.clone(), "kind" => kind).set(units as f64);
             }
         }

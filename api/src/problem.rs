@@ -73,6 +73,9 @@ impl ApiError {
                 R::TooManyCheckouts => (StatusCode::CONFLICT, "too-many-checkouts", "Too many checkouts"),
                 R::OrderFinal { .. } => (StatusCode::CONFLICT, "order-final", "Order is final"),
                 R::Frozen { .. } => (StatusCode::SERVICE_UNAVAILABLE, "switchover", "A switchover is under way"),
+                R::EscrowPending { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "escrow-pending", "Stock is on its way into escrow")
+                }
                 R::StaleEpoch { .. } => (StatusCode::CONFLICT, "stale-epoch", "Switchover step out of turn"),
             },
             ApiError::Malformed(_) | ApiError::BadHeader(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
@@ -135,7 +138,7 @@ impl ResponseError for ApiError {
         match self {
             // Backpressure: tell the client when to come back.
             ApiError::Unavailable(_)
-            | ApiError::Rejected(Rejection::Frozen { .. })
+            | ApiError::Rejected(Rejection::Frozen { .. } | Rejection::EscrowPending { .. })
             | ApiError::Transfer(TransferError::NoLeader | TransferError::Failed(_)) => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }

@@ -619,6 +619,12 @@ impl<'a> Probe<'a> {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
+        // With a DR copy, the new sale sells once the copy has confirmed its
+        // first escrow: wait for that, so the drill does not measure it as
+        // an outage. (Bounded: without the copy the probe sees the truth.)
+        while !node.read_local(|state| state.holdable(&sku) > 0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(Probe { node, id, sku, session: None, sessions_opened: 0, keys: 0, pending_key: None })
     }
 

@@ -17,6 +17,7 @@ use openraft::{BasicNode, Raft, SnapshotPolicy};
 use storage::{StateReader, TypeConfig};
 
 use crate::clock::Clock;
+use crate::escrow::Tender;
 use crate::status::{GroupStatus, ReplicaLag};
 use crate::ProposeError;
 
@@ -72,8 +73,13 @@ pub struct GroupConfig {
     /// lead exactly when it is in the region that takes them.
     pub region: Option<String>,
     /// The DR replicas: the leader adds each as a learner, so it follows
-    /// the log without being waited for.
+    /// the log without being waited for. With any, the leader keeps stock
+    /// in escrow for them to confirm (see [`crate::escrow`]).
     pub replicas: BTreeMap<u64, BasicNode>,
+    /// The smallest escrow block a SKU is granted, in units.
+    pub escrow_block_min: u64,
+    /// The largest escrow block a hot SKU grows to, in units.
+    pub escrow_block_max: u64,
 }
 
 impl Default for GroupConfig {
@@ -88,6 +94,8 @@ impl Default for GroupConfig {
             may_lead: true,
             region: None,
             replicas: BTreeMap::new(),
+            escrow_block_min: 16,
+            escrow_block_max: 1_024,
         }
     }
 }
@@ -145,6 +153,10 @@ pub struct Group {
     replicas: Arc<BTreeMap<u64, BasicNode>>,
     /// How current the DR copy is, from either side.
     sync: Arc<Mutex<ReplicaSync>>,
+    /// Keeps escrow ahead of need (leader) and confirms it (DR copy).
+    escrow: Tender,
+    /// How often the background tenders look at least.
+    tick: Duration,
 }
 
 /// How current a DR copy is. The leader knows when each replica last had
@@ -225,6 +237,7 @@ impl Group {
         let (mut log, state_machine) =
             storage::from_database::<TypeConfig>(database).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let state = state_machine.reader();
+        let durable_commits = log.durable_commits();
         let log_state = log.get_log_state().await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let recovered_log = log_state.last_log_id.map_or(0, |id| id.index);
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
@@ -248,14 +261,24 @@ impl Group {
             recovered_log,
             replicas: Arc::new(config.replicas.clone()),
             sync: Arc::default(),
+            escrow: Tender::new(
+                !config.replicas.is_empty(),
+                config.escrow_block_min,
+                config.escrow_block_max,
+                durable_commits,
+            ),
+            tick: Duration::from_millis(config.heartbeat_ms.max(10)),
         };
-        tokio::spawn(group.clone().tend_holds(Duration::from_millis(config.heartbeat_ms.max(10))));
+        tokio::spawn(group.clone().tend_holds(group.tick));
         Ok(group)
     }
 
-    /// Lets this group's writes and reads reach the leader from a follower.
+    /// Lets this group's writes and reads reach the leader from a follower,
+    /// and starts the escrow tender, which needs that: a DR copy confirms
+    /// escrow through the leader. (A group alone has no DR copy.)
     pub fn with_forwarder(mut self, forwarder: Arc<dyn Forwarder>) -> Group {
         self.forwarder = Some(forwarder);
+        tokio::spawn(self.escrow.clone().run(self.clone(), self.tick));
         self
     }
 
@@ -311,7 +334,10 @@ impl Group {
         };
         metrics::histogram!("surge_raft_commit_seconds").record(started.elapsed().as_secs_f64());
         match written {
-            Ok(reply) => Ok(reply.data),
+            Ok(reply) => {
+                self.escrow.note(&reply.data);
+                Ok(reply.data)
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                 Err(ProposeError::NotLeader { leader: forward.leader_id })
             }

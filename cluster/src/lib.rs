@@ -12,6 +12,7 @@
 pub mod actors;
 pub mod clock;
 pub mod drill;
+pub mod escrow;
 pub mod group;
 pub mod leadership;
 pub mod network;

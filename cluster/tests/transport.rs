@@ -786,6 +786,82 @@ async fn a_dr_replica_follows_off_the_commit_path_and_catches_up_exactly() {
     .await;
 }
 
+/// With a DR replica, the primary sells only units the replica confirmed
+/// it holds in escrow: cut off, the replica's copy could be promoted at any
+/// moment without selling a unit twice, and checkout pauses (a retryable
+/// refusal) once the confirmed escrow is spent, then resumes when the
+/// replica is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_sells_only_escrow_the_dr_copy_confirmed() {
+    bounded(90, async {
+        let trio = Trio::with_replica().await;
+        let leader = trio.leader();
+        let (voter, replica) = (&trio.groups[&leader], &trio.groups[&4]);
+        let big = Sale { stock: 1_000, ..sale("escrowed") };
+        voter.propose(vec![Command::CreateSale(big)]).await.unwrap();
+        let open = Command::OpenSession { shopper: "ann".into(), token_hash: format!("{:064x}", 7) };
+        let Outcome::SessionOpened { session } = voter.propose(vec![open]).await.unwrap().outcomes[0] else {
+            panic!("no session")
+        };
+        let mut key = 0;
+        let mut checkout = || {
+            key += 1;
+            Command::Checkout {
+                session,
+                idempotency_key: format!("k{key}"),
+                items: Some(vec![domain::Line { sku: "escrowed".into(), qty: 1 }]),
+                hold_ms: 3_600_000,
+            }
+        };
+        let confirmed =
+            wait_for(10, || voter.read_local(|s| s.escrow_confirmed() > 0 && s.holdable("escrowed") > 0)).await;
+        assert!(confirmed, "the replica never confirmed an escrow grant");
+        let first = voter.propose(vec![checkout()]).await.unwrap();
+        assert!(matches!(first.outcomes[..], [Outcome::Order { .. }]), "{first:?}");
+
+        trio.isolations[&4].isolate_for(Duration::from_secs(60));
+        let mut sold = 1;
+        let paused = loop {
+            match &voter.propose(vec![checkout()]).await.unwrap().outcomes[0] {
+                Outcome::Order { .. } => sold += 1,
+                Outcome::Rejected(domain::Rejection::EscrowPending { .. }) => break true,
+                other => panic!("checkout {sold}: {other:?}"),
+            }
+            if sold == 1_000 {
+                break false;
+            }
+        };
+        assert!(paused, "all 1,000 units sold with the DR copy cut off");
+        // Everything the primary holds, the copy knows as held or escrowed.
+        let primary = voter.read_local(|s| s.sku_view("escrowed").unwrap().stock);
+        let copy = replica.read_local(|s| s.sku_view("escrowed").unwrap().stock);
+        assert!(
+            primary.held + primary.sold <= copy.held + copy.sold + copy.escrowed,
+            "the primary holds units the DR copy does not know it may sell: {primary:?} vs {copy:?}"
+        );
+        // Promoted now, the copy would put on sale only units the primary
+        // cannot have sold.
+        let mut promoted = replica.read_local(Clone::clone);
+        let failover = promoted.fail_over("dr");
+        let on_sale = promoted.sku_view("escrowed").unwrap().stock.for_sale();
+        assert!(on_sale + primary.held + primary.sold <= 1_000, "{on_sale} on sale after {failover:?}");
+
+        trio.isolations[&4].lift();
+        let started = Instant::now();
+        loop {
+            match &voter.propose(vec![checkout()]).await.unwrap().outcomes[0] {
+                Outcome::Order { .. } => break,
+                Outcome::Rejected(domain::Rejection::EscrowPending { .. }) => {}
+                other => panic!("after the heal: {other:?}"),
+            }
+            assert!(started.elapsed() < 10 * SECOND, "checkout did not resume once the DR copy was back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        trio.shutdown().await;
+    })
+    .await;
+}
+
 /// Polls `check` every 50 ms for up to `secs` seconds.
 async fn wait_for(secs: u64, mut check: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + Duration::from_secs(secs);

@@ -31,6 +31,9 @@ pub const SALES_MAX: usize = 100_000;
 pub const REGION_LEN_MAX: usize = 64;
 /// Drill records kept; the oldest goes first.
 pub const DRILLS_KEPT: usize = 100;
+/// Session ids a failover skips: sessions the lost primary may have opened
+/// after the DR copy's last entry keep ids no new session reuses.
+pub const SESSIONS_SKIPPED_AT_FAILOVER: u64 = 1 << 32;
 /// Largest drill record, in bytes.
 pub const DRILL_RECORD_BYTES_MAX: usize = 64 * 1024;
 

@@ -2,7 +2,8 @@
 //!
 //! Each [`Mutation`] is a bug Surge must never have: skipping the stock
 //! check, applying a retried checkout twice, acknowledging a log append
-//! before it is fsynced, a deposed leader acknowledging writes. The code
+//! before it is fsynced, a deposed leader acknowledging writes, a leader
+//! selling escrow the DR copy never confirmed. The code
 //! paths that would have the bug ask [`active`] first. The simulator's
 //! mutation test switches them on one at a time and expects a failing seed
 //! within a bounded number of runs.
@@ -24,12 +25,20 @@ pub enum Mutation {
     AckBeforeFsync = 3,
     /// A leader cut off from its quorum answers writes from its own state.
     DeposedLeaderAcks = 4,
+    /// The leader confirms its own escrow grants instead of waiting for
+    /// the DR copy to confirm it has them.
+    ConfirmUnheardEscrow = 5,
 }
 
 impl Mutation {
     /// Every mutation, for the test that tries them all.
-    pub const ALL: [Mutation; 4] =
-        [Mutation::SkipStockCheck, Mutation::ApplyRetryTwice, Mutation::AckBeforeFsync, Mutation::DeposedLeaderAcks];
+    pub const ALL: [Mutation; 5] = [
+        Mutation::SkipStockCheck,
+        Mutation::ApplyRetryTwice,
+        Mutation::AckBeforeFsync,
+        Mutation::DeposedLeaderAcks,
+        Mutation::ConfirmUnheardEscrow,
+    ];
 
     /// Its name on the simulator's command line.
     pub fn name(self) -> &'static str {
@@ -38,6 +47,7 @@ impl Mutation {
             Mutation::ApplyRetryTwice => "apply-retry-twice",
             Mutation::AckBeforeFsync => "ack-before-fsync",
             Mutation::DeposedLeaderAcks => "deposed-leader-acks",
+            Mutation::ConfirmUnheardEscrow => "confirm-unheard-escrow",
         }
     }
 

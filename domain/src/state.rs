@@ -44,6 +44,13 @@ pub struct GroupState {
     /// The region that takes writes, once a switchover has moved them
     /// (until then, the configured primary region).
     primary_region: Option<String>,
+    /// The number of the latest escrow grant; 0 while escrow is off.
+    escrow_granted: u64,
+    /// Every grant up to this number is confirmed by the DR copy.
+    escrow_confirmed: u64,
+    /// Orders pending payment when this copy failed over: unpaid, their
+    /// units go to `unsettled`, not back on sale.
+    in_doubt: BTreeSet<OrderId>,
 }
 
 /// A SKU's sale, stock, and how much of it each shopper holds or bought.
@@ -54,6 +61,17 @@ struct SkuState {
     /// Units held or sold per shopper, for the per-shopper limit. A shopper
     /// appears only while the count is above zero.
     per_shopper: BTreeMap<String, u64>,
+    /// The SKU's escrowed units, by whether the DR copy confirmed them.
+    escrow: Escrow,
+}
+
+/// `stock.escrowed = ready + Σ unconfirmed`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Escrow {
+    /// Grants the DR copy has not confirmed: grant number → units.
+    unconfirmed: BTreeMap<u64, u64>,
+    /// Confirmed units not yet held: what checkouts may hold.
+    ready: u64,
 }
 
 /// A shopper's session: cart, orders, and idempotency keys.
@@ -109,6 +127,8 @@ impl GroupState {
             Command::Freeze { epoch } => self.freeze(*epoch),
             Command::Promote { region, epoch } => self.promote(region, *epoch),
             Command::Thaw { epoch } => self.thaw(*epoch),
+            Command::GrantEscrow { sku, units } => self.grant_escrow(sku, *units),
+            Command::ConfirmEscrow { through } => self.confirm_escrow(*through),
         };
         result.unwrap_or_else(Outcome::Rejected)
     }
@@ -133,7 +153,12 @@ impl GroupState {
         if self.skus.len() >= SALES_MAX {
             return Err(Rejection::TooManySales);
         }
-        let state = SkuState { sale: sale.clone(), stock: Stock::new(sale.stock), per_shopper: BTreeMap::new() };
+        let state = SkuState {
+            sale: sale.clone(),
+            stock: Stock::new(sale.stock),
+            per_shopper: BTreeMap::new(),
+            escrow: Escrow::default(),
+        };
         let view = state.view();
         self.skus.insert(sale.sku.clone(), state);
         Ok(Outcome::Sku(view))
@@ -157,7 +182,26 @@ impl GroupState {
         self.epoch = epoch;
         self.frozen = None;
         self.primary_region = Some(region.to_string());
+        self.regrant_escrow();
         Ok(Outcome::Epoch { epoch, frozen: false })
+    }
+
+    /// After a switchover the DR copy is another region's, which has not
+    /// confirmed anything yet: all escrow becomes one new grant, for it to
+    /// confirm once it has applied everything up to here.
+    fn regrant_escrow(&mut self) {
+        if !self.escrow_is_on() {
+            return;
+        }
+        let number = self.escrow_granted + 1;
+        for sku in self.skus.values_mut() {
+            sku.escrow = Escrow::default();
+            if sku.stock.escrowed > 0 {
+                sku.escrow.unconfirmed.insert(number, sku.stock.escrowed);
+            }
+        }
+        self.escrow_granted = number;
+        self.escrow_confirmed = number - 1;
     }
 
     fn thaw(&mut self, epoch: u64) -> Result<Outcome, Rejection> {
@@ -170,6 +214,33 @@ impl GroupState {
 
     fn stale_epoch(&self, epoch: u64) -> Rejection {
         Rejection::StaleEpoch { epoch, current: self.epoch, frozen: self.frozen.is_some() }
+    }
+
+    fn grant_escrow(&mut self, sku: &str, units: u64) -> Result<Outcome, Rejection> {
+        let number = self.escrow_granted + 1;
+        let state = self.sku_mut(sku)?;
+        if units == 0 || units > state.stock.available {
+            let available = state.stock.available;
+            return Err(Rejection::Invalid(format!("an escrow grant must be 1 to {available} units")));
+        }
+        state.stock.grant(units);
+        state.escrow.unconfirmed.insert(number, units);
+        self.escrow_granted = number;
+        Ok(Outcome::Escrow { granted: number, confirmed: self.escrow_confirmed })
+    }
+
+    fn confirm_escrow(&mut self, through: u64) -> Result<Outcome, Rejection> {
+        if through > self.escrow_granted {
+            return Err(Rejection::Invalid(format!("no escrow grant {through} yet")));
+        }
+        if through > self.escrow_confirmed {
+            for sku in self.skus.values_mut() {
+                let later = sku.escrow.unconfirmed.split_off(&(through + 1));
+                sku.escrow.ready += std::mem::replace(&mut sku.escrow.unconfirmed, later).values().sum::<u64>();
+            }
+            self.escrow_confirmed = through;
+        }
+        Ok(Outcome::Escrow { granted: self.escrow_granted, confirmed: self.escrow_confirmed })
     }
 
     fn record_drill(&mut self, id: u64, coordinator: u64, record: &str) -> Result<Outcome, Rejection> {
@@ -288,8 +359,13 @@ impl GroupState {
                 return Err(Rejection::SaleEnded { sku: line.sku.clone() });
             }
             let qty = u64::from(line.qty);
-            if qty > sku.stock.available && !mutation::active(Mutation::SkipStockCheck) {
-                return Err(Rejection::SoldOut { sku: line.sku.clone(), available: sku.stock.available });
+            if !mutation::active(Mutation::SkipStockCheck) {
+                if qty > sku.stock.for_sale() {
+                    return Err(Rejection::SoldOut { sku: line.sku.clone(), available: sku.stock.for_sale() });
+                }
+                if self.escrow_is_on() && qty > sku.escrow.ready {
+                    return Err(Rejection::EscrowPending { sku: line.sku.clone(), wanted: qty });
+                }
             }
             let already = sku.per_shopper.get(&session.shopper).copied().unwrap_or(0);
             if sale.limit_per_shopper > 0 && already + qty > u64::from(sale.limit_per_shopper) {
@@ -301,9 +377,16 @@ impl GroupState {
 
         // Every check passed: now move units.
         let shopper = session.shopper.clone();
+        let escrow = self.escrow_is_on();
         for line in &lines {
             let sku = self.skus.get_mut(&line.sku).expect("checked above");
-            sku.stock.hold(u64::from(line.qty));
+            let units = u64::from(line.qty);
+            if escrow {
+                sku.escrow.ready = sku.escrow.ready.saturating_sub(units);
+                sku.stock.hold_escrowed(units);
+            } else {
+                sku.stock.hold(units);
+            }
             *sku.per_shopper.entry(shopper.clone()).or_insert(0) += u64::from(line.qty);
         }
         let id = self.next_order;
@@ -372,13 +455,18 @@ impl GroupState {
         assert!(self.deadlines.remove(&(order.pay_by_ms, order_id)), "pending order {order_id} had no deadline");
         order.status = status;
         order.updated_at_ms = self.clock_ms;
+        let in_doubt = self.in_doubt.remove(&order_id);
         for line in &order.lines {
             let sku = self.skus.get_mut(&line.sku).expect("order line of an unknown sku");
             let units = u64::from(line.qty);
             if status == OrderStatus::Paid {
                 sku.stock.confirm(units);
             } else {
-                sku.stock.release(units);
+                if in_doubt {
+                    sku.stock.release_unsettled(units);
+                } else {
+                    sku.stock.release(units);
+                }
                 let count = sku.per_shopper.get_mut(&order.shopper).expect("held units without a shopper count");
                 *count -= units;
                 if *count == 0 {
@@ -482,6 +570,102 @@ impl GroupState {
         self.primary_region.as_deref()
     }
 
+    /// Whether checkouts hold only confirmed escrow: on since the first grant.
+    pub fn escrow_is_on(&self) -> bool {
+        self.escrow_granted > 0
+    }
+
+    /// The number of the latest escrow grant.
+    pub fn escrow_granted(&self) -> u64 {
+        self.escrow_granted
+    }
+
+    /// Every escrow grant up to this number is confirmed.
+    pub fn escrow_confirmed(&self) -> u64 {
+        self.escrow_confirmed
+    }
+
+    /// Units of `sku` a checkout may hold right now: its confirmed escrow
+    /// while escrow is on, otherwise everything available.
+    pub fn holdable(&self, sku: &str) -> u64 {
+        self.skus.get(sku).map_or(
+            0,
+            |state| {
+                if self.escrow_is_on() {
+                    state.escrow.ready
+                } else {
+                    state.stock.available
+                }
+            },
+        )
+    }
+
+    /// Makes this copy (the DR region's, its primary region lost) the one
+    /// that takes writes, in `region` and a new epoch, and says what that
+    /// may have cost. What the old primary did after this copy's last entry
+    /// is unknown; what it *could* have done is bounded, because it held
+    /// only escrowed units the copy had confirmed:
+    ///
+    /// - every escrowed unit may have been sold: all go to `unsettled`, out
+    ///   of sale, so nothing is sold twice (the undersell bound);
+    /// - each order it placed took at least one of them, so its order ids
+    ///   lie in the next `Σ unsettled` ids, which the copy skips;
+    /// - an order pending here may have been paid there, or expired and
+    ///   its units gone to another order there (after a grant, so also in
+    ///   escrow): it may still be paid here, and unpaid its units go to
+    ///   `unsettled` too;
+    /// - sessions it opened are unknown here; the copy's session ids start
+    ///   past any it could have given out.
+    ///
+    /// Before escrow is on (the DR copy never confirmed a grant), the old
+    /// primary held units straight from what was available, so all of it
+    /// is unsettled.
+    pub fn fail_over(&mut self, region: &str) -> Failover {
+        self.epoch = self.epoch.max(self.frozen.take().unwrap_or(0)) + 1;
+        self.primary_region = Some(region.to_string());
+        let escrow_was_on = self.escrow_is_on();
+        let mut unsettled = BTreeMap::new();
+        for (code, sku) in &mut self.skus {
+            if !escrow_was_on {
+                sku.stock.grant(sku.stock.available);
+            }
+            let units = sku.stock.unsettle_escrow();
+            sku.escrow = Escrow::default();
+            if units > 0 {
+                unsettled.insert(code.clone(), units);
+            }
+        }
+        self.escrow_confirmed = self.escrow_granted;
+        let first = self.next_order;
+        self.next_order += unsettled.values().sum::<u64>();
+        self.next_session += SESSIONS_SKIPPED_AT_FAILOVER;
+        self.in_doubt.extend(self.deadlines.iter().map(|&(_, order)| order));
+        Failover {
+            epoch: self.epoch,
+            region: region.to_string(),
+            cut_at_ms: self.clock_ms,
+            unsettled,
+            orders_maybe_lost: first..self.next_order,
+            payments_in_doubt: self.deadlines.iter().map(|&(_, order)| order).collect(),
+        }
+    }
+
+    /// Units of `sku` that orders pending or paid in either state hold or
+    /// sold, each order (by id) counted once: what two copies that parted
+    /// (a promoted DR copy and the lost primary) have promised together,
+    /// which must fit in the stock.
+    pub fn units_promised(a: &GroupState, b: &GroupState, sku: &str) -> u64 {
+        let mut by_order: BTreeMap<OrderId, u64> = BTreeMap::new();
+        for order in a.orders.values().chain(b.orders.values()) {
+            if matches!(order.status, OrderStatus::PendingPayment | OrderStatus::Paid) {
+                let units = order.lines.iter().filter(|line| line.sku == sku).map(|line| u64::from(line.qty)).sum();
+                let counted = by_order.entry(order.id).or_default();
+                *counted = (*counted).max(units);
+            }
+        }
+        by_order.values().sum()
+    }
+
     /// The drill records kept, oldest first.
     pub fn drill_records(&self) -> impl Iterator<Item = &str> + '_ {
         self.drills.values().map(String::as_str)
@@ -528,10 +712,18 @@ impl GroupState {
             }
         }
         assert_eq!(pending, self.deadlines, "expiry queue differs from the pending orders");
+        assert!(self.in_doubt.iter().all(|order| self.orders[order].status == OrderStatus::PendingPayment));
+        assert!(self.escrow_confirmed <= self.escrow_granted, "escrow confirmed past the latest grant");
         assert!(self.drills.len() <= DRILLS_KEPT, "{} drill records kept", self.drills.len());
         for (code, sku) in &self.skus {
             let stock = &sku.stock;
             stock.assert_conserved();
+            let escrow = &sku.escrow;
+            assert_eq!(stock.escrowed, escrow.ready + escrow.unconfirmed.values().sum::<u64>(), "escrow of {code}");
+            assert!(
+                escrow.unconfirmed.keys().all(|n| (self.escrow_confirmed + 1..=self.escrow_granted).contains(n)),
+                "escrow grants of {code} out of range: {escrow:?}"
+            );
             assert_eq!(stock.held, held.get(code.as_str()).copied().unwrap_or(0), "held of {code}");
             assert_eq!(stock.sold, sold.get(code.as_str()).copied().unwrap_or(0), "sold of {code}");
             for (shopper, units) in &sku.per_shopper {

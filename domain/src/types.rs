@@ -1,6 +1,8 @@
 //! The vocabulary of the replicated log: commands in, outcomes out, and the
 //! records a shopper or operator can read back.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::stock::Stock;
@@ -170,6 +172,16 @@ pub enum Command {
     /// A switchover that could not finish: writes flow again, in the old
     /// epoch and region.
     Thaw { epoch: u64 },
+    /// Leader, while the group has a DR copy: `units` of the SKU's
+    /// available stock go into escrow, as grant number
+    /// [`GroupState::escrow_granted`](crate::GroupState::escrow_granted).
+    /// The first grant turns escrow on for good: from then on a checkout
+    /// holds only escrowed units the DR copy has confirmed, so the copy
+    /// always knows which units the writing region might have sold.
+    GrantEscrow { sku: String, units: u64 },
+    /// The DR copy, once it has applied every grant up to `through`: their
+    /// units may be held now.
+    ConfirmEscrow { through: u64 },
 }
 
 impl Command {
@@ -179,7 +191,7 @@ impl Command {
     pub fn routing_sku(&self) -> Option<&str> {
         match self {
             Command::CreateSale(sale) => Some(&sale.sku),
-            Command::Restock { sku, .. } => Some(sku),
+            Command::Restock { sku, .. } | Command::GrantEscrow { sku, .. } => Some(sku),
             Command::Checkout { items: Some(items), .. } => items.first().map(|line| line.sku.as_str()),
             _ => None,
         }
@@ -210,6 +222,8 @@ impl Command {
             Command::Freeze { .. } => "freeze",
             Command::Promote { .. } => "promote",
             Command::Thaw { .. } => "thaw",
+            Command::GrantEscrow { .. } => "grant_escrow",
+            Command::ConfirmEscrow { .. } => "confirm_escrow",
         }
     }
 }
@@ -231,6 +245,9 @@ pub enum Outcome {
     /// `Freeze`, `Promote` or `Thaw` succeeded: the epoch and whether writes
     /// are refused now.
     Epoch { epoch: u64, frozen: bool },
+    /// `GrantEscrow` or `ConfirmEscrow` succeeded: the latest grant's
+    /// number, and the latest confirmed.
+    Escrow { granted: u64, confirmed: u64 },
     /// The command changed nothing, for this reason.
     Rejected(Rejection),
 }
@@ -292,6 +309,10 @@ pub enum Rejection {
     /// A switchover is under way: no write is taken until it ends.
     #[error("a switchover to epoch {epoch} is under way; retry shortly")]
     Frozen { epoch: u64 },
+    /// Units are on sale but not yet in confirmed escrow: the DR copy has
+    /// not heard that the writing region may sell them. Retry shortly.
+    #[error("units of {sku} are on their way into escrow; retry shortly")]
+    EscrowPending { sku: String, wanted: u64 },
     /// A switchover step out of turn: its epoch is not the one expected.
     #[error("epoch {epoch} does not follow: the cluster is in epoch {current}{}", if *.frozen { " (frozen)" } else { "" })]
     StaleEpoch { epoch: u64, current: u64, frozen: bool },
@@ -310,4 +331,32 @@ impl Rejection {
                 | Rejection::SaleEnded { .. }
         )
     }
+}
+
+/// What an unplanned failover cost, computed by the DR copy as it takes
+/// over ([`GroupState::fail_over`](crate::GroupState::fail_over)). The copy
+/// cannot know what the lost primary did after its last entry, only what it
+/// could have done: sell escrowed units, place orders with the next ids,
+/// and take payment for orders that were pending.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    /// The epoch the copy takes writes in.
+    pub epoch: u64,
+    /// The region that takes writes now.
+    pub region: String,
+    /// The copy's clock at its last entry: acknowledgements after it may be
+    /// lost.
+    pub cut_at_ms: u64,
+    /// Units each SKU took out of sale (its escrow): the undersell bound,
+    /// settled at failback.
+    pub unsettled: BTreeMap<String, u64>,
+    /// Order ids the old primary may have acknowledged after the cut,
+    /// `first..end`: every placed order takes at least one escrowed unit,
+    /// so there are at most as many as units unsettled. The copy gives its
+    /// own orders ids above them.
+    pub orders_maybe_lost: std::ops::Range<OrderId>,
+    /// Orders pending payment at the cut: the old primary may have taken
+    /// their payment, or let them expire and freed their units. They may
+    /// still be paid; unpaid, their units stay out of sale.
+    pub payments_in_doubt: Vec<OrderId>,
 }

@@ -78,6 +78,12 @@ pub struct RaftConfig {
     pub snapshot_every_entries: u64,
     /// Entries kept behind the latest snapshot.
     pub log_kept_behind_snapshot: u64,
+    /// With a DR replica: the smallest escrow block a SKU is granted, in
+    /// units. See ARCHITECTURE.md, "Escrow".
+    pub escrow_block_min: u64,
+    /// With a DR replica: the largest escrow block a hot SKU grows to. A
+    /// failover takes up to two blocks per SKU out of sale.
+    pub escrow_block_max: u64,
 }
 
 impl Default for Config {
@@ -109,6 +115,8 @@ impl Default for RaftConfig {
             election_timeout_max_ms: group.election_timeout_max_ms,
             snapshot_every_entries: group.snapshot_every_entries,
             log_kept_behind_snapshot: group.log_kept_behind_snapshot,
+            escrow_block_min: group.escrow_block_min,
+            escrow_block_max: group.escrow_block_max,
         }
     }
 }
@@ -160,6 +168,10 @@ impl Config {
                 && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,
             "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms"
         );
+        anyhow::ensure!(
+            0 < self.raft.escrow_block_min && self.raft.escrow_block_min <= self.raft.escrow_block_max,
+            "need 0 < escrow_block_min <= escrow_block_max"
+        );
         Ok(())
     }
 
@@ -201,6 +213,8 @@ impl Config {
                 may_lead: self.topology().may_lead(self.node_id),
                 region: self.topology().node(self.node_id).map(|spec| spec.region.clone()),
                 replicas: self.topology().replicas(),
+                escrow_block_min: self.raft.escrow_block_min,
+                escrow_block_max: self.raft.escrow_block_max,
             },
             actors: self.actors.clone(),
             expiry_tick_ms: self.expiry_tick_ms,

@@ -668,6 +668,7 @@ pub struct StockRead {
     pub available: u64,
     pub held: u64,
     pub sold: u64,
+    pub unsettled: u64,
 }
 
 impl StockRead {
@@ -678,6 +679,7 @@ impl StockRead {
             available: reply.u64_field("available")?,
             held: reply.u64_field("held")?,
             sold: reply.u64_field("sold")?,
+            unsettled: reply.u64_field("unsettled")?,
         })
     }
 
@@ -687,7 +689,8 @@ impl StockRead {
     }
 
     pub fn conserved(&self) -> bool {
-        self.available.checked_add(self.held).and_then(|sum| sum.checked_add(self.sold)) == Some(self.total)
+        [self.held, self.sold, self.unsettled].into_iter().try_fold(self.available, u64::checked_add)
+            == Some(self.total)
     }
 }
 

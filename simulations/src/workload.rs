@@ -16,6 +16,7 @@ use rand::Rng;
 use todc_utils::linearizability::history::Action;
 use tokio::time::Instant;
 
+use crate::checkers::promotable::{promotion_breaks, Seen};
 use crate::clock::EPOCH_MS;
 use crate::world::World;
 
@@ -67,6 +68,8 @@ pub struct Oracle {
     pub unknown: u64,
     /// Stock invariant breaks the sampler saw on any replica.
     pub violations: Vec<Sighting>,
+    /// What a failover at the moment the sampler looked would have broken.
+    pub promotion_breaks: Vec<String>,
     /// Simulated ms from the end of the faults until a checkout succeeded.
     pub recovered_after_ms: Option<u64>,
     /// The history of the linearizability SKU.
@@ -134,9 +137,10 @@ where
     while started.elapsed() < GIVE_UP {
         if let Some(node) = world.node(endpoints[at]) {
             match tokio::time::timeout(ATTEMPT_MAX, op(node)).await {
-                // A switchover refuses writes for a moment: the API's 503,
-                // retried with the same key.
-                Ok(Ok(Outcome::Rejected(Rejection::Frozen { .. }))) => {}
+                // A switchover refuses writes for a moment, and a checkout
+                // may find its SKU's escrow not yet confirmed: the API's
+                // 503s, retried with the same key.
+                Ok(Ok(Outcome::Rejected(Rejection::Frozen { .. } | Rejection::EscrowPending { .. }))) => {}
                 Ok(Ok(outcome)) => return Some(outcome),
                 _ => {}
             }
@@ -341,15 +345,26 @@ pub fn lin_shoppers(world: &Rc<World>, oracle: &Rc<RefCell<Oracle>>) -> Vec<acti
 /// sum must not exist even for a moment, on any of them.
 pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u64) {
     while world.trace.now_ms() < until_ms {
+        let (mut seen, mut down) = (Vec::new(), BTreeSet::new());
         for id in world.ids() {
-            let Some(node) = world.node(id) else { continue };
+            let region = world.topology.node(id).map(|spec| spec.region.clone()).unwrap_or_default();
+            let Some(node) = world.node(id) else {
+                down.insert(region);
+                continue;
+            };
+            let applied = node.group().raft().metrics().borrow().last_applied.map_or(0, |id| id.index);
+            seen.push(Seen { node: id, region, applied, state: node.read_local(Clone::clone) });
             for view in node.read_local(|s| s.sku_views().collect::<Vec<_>>()) {
                 let stock = view.stock;
-                if stock.held + stock.sold > stock.total || stock.available + stock.held + stock.sold != stock.total {
+                if stock.held + stock.sold > stock.total || !stock.is_conserved() {
                     let sighting = Sighting { at_ms: world.trace.now_ms(), node: id, sku: view.sale.sku, stock };
                     oracle.borrow_mut().violations.push(sighting);
                 }
             }
+        }
+        if let Some(broken) = promotion_breaks(&seen, &down) {
+            world.trace.event(format!("a failover now would break: {broken}"));
+            oracle.borrow_mut().promotion_breaks.push(format!("at {} ms: {broken}", world.trace.now_ms()));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -485,7 +500,7 @@ async fn definite_read(world: &World, first: usize) -> Option<u64> {
     let mut at = first % endpoints.len();
     while started.elapsed() < GIVE_UP {
         if let Some(node) = world.node(endpoints[at]) {
-            let read = node.read(|state| state.sku_view(LIN).map(|view| view.stock.available));
+            let read = node.read(|state| state.sku_view(LIN).map(|view| view.stock.for_sale()));
             if let Ok(Ok(Some(available))) = tokio::time::timeout(ATTEMPT_MAX, read).await {
                 return Some(available);
             }

@@ -62,6 +62,9 @@ fn rare_paths(rng: &mut StdRng, trace: &Trace, topology: Topology) -> NodeConfig
     if maybe("queues of 4") {
         (actors.queue_max, actors.mailbox_max) = (4, 4);
     }
+    if maybe("escrow blocks of one unit") {
+        (group.escrow_block_min, group.escrow_block_max) = (1, 1);
+    }
     if maybe("fast elections") {
         (group.heartbeat_ms, group.election_timeout_min_ms, group.election_timeout_max_ms) = (50, 150, 300);
     }

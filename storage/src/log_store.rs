@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::ops::RangeBounds;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::LogFlushed;
@@ -37,10 +38,13 @@ use crate::SurgeTypeConfig;
 ///
 /// Durability: `append`, `save_vote`, `truncate` and `purge` commit with fsync before they
 /// return, so every write that openraft is told about survives a crash. Only
-/// `save_committed` is not fsynced; see its comment.
+/// `save_committed` is not fsynced, unless [`LogStore::durable_commits`] says so; see
+/// its comment.
 pub struct LogStore<C> {
     /// The group's database, shared with its [`crate::StateMachineStore`].
     db: Arc<Database>,
+    /// Whether `save_committed` fsyncs; shared by every clone.
+    durable_commits: Arc<AtomicBool>,
     /// Ties the store to one Raft type config without storing a value of it.
     _config: PhantomData<C>,
 }
@@ -48,14 +52,22 @@ pub struct LogStore<C> {
 impl<C> LogStore<C> {
     /// Wraps a database whose tables [`crate::from_database`] has created.
     pub(crate) fn new(db: Arc<Database>) -> Self {
-        Self { db, _config: PhantomData }
+        Self { db, durable_commits: Arc::default(), _config: PhantomData }
+    }
+
+    /// The switch that makes `save_committed` fsync. A DR copy turns it on: it
+    /// confirms escrow grants it has applied, and after a crash it must apply at
+    /// least as far again before it could be promoted. It is off the commit path, so
+    /// the extra fsync costs checkout nothing.
+    pub fn durable_commits(&self) -> Arc<AtomicBool> {
+        self.durable_commits.clone()
     }
 }
 
 // Manual impls: derives would demand `C: Clone + Debug` for no reason.
 impl<C> Clone for LogStore<C> {
     fn clone(&self) -> Self {
-        Self::new(self.db.clone())
+        Self { db: self.db.clone(), durable_commits: self.durable_commits.clone(), _config: PhantomData }
     }
 }
 
@@ -211,7 +223,9 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
         // latest value in a crash only makes that re-apply stop earlier; the leader
         // re-sends the commit index. Fsyncing it would double the fsyncs on the hot path.
         // The next durable commit (the next append) persists it, since redb orders commits.
-        self.write_meta(schema::KEY_COMMITTED, &committed, false).map_err(to_storage_error(StorageIOError::write))
+        // A DR copy fsyncs it (see `durable_commits`).
+        let durable = self.durable_commits.load(Ordering::Relaxed);
+        self.write_meta(schema::KEY_COMMITTED, &committed, durable).map_err(to_storage_error(StorageIOError::write))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {

@@ -174,6 +174,7 @@ impl Cluster {
             let config = format!(
                 "node_id = {id}\ndata_dir = {:?}\nlisten = \"127.0.0.1:{api}\"\noperator_token = \"{OPERATOR}\"\nhold_ms = 600000\n\
                  [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
+                 escrow_block_min = 32\n\
                  [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{topology}",
                 dir.path().join(format!("data-{id}")),
                 certs.join("ca.pem"),

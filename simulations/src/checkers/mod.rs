@@ -12,6 +12,7 @@ mod linearizability;
 mod liveness;
 mod lost_ack;
 mod no_oversell;
+pub mod promotable;
 
 use domain::GroupState;
 
@@ -31,7 +32,7 @@ pub struct Final<'a> {
 /// A checker: the property's name and its verdict.
 type Checker = (&'static str, fn(&Final<'_>) -> Result<(), String>);
 
-const CHECKERS: [Checker; 9] = [
+const CHECKERS: [Checker; 10] = [
     ("no oversell", no_oversell::check),
     ("conservation", conservation::check),
     ("no lost acknowledgement", lost_ack::check),
@@ -41,6 +42,7 @@ const CHECKERS: [Checker; 9] = [
     ("replicas converge", convergence::check),
     ("liveness", liveness::check),
     ("per-SKU linearizability", linearizability::check),
+    ("failover never oversells", promotable::check),
 ];
 
 /// Runs every checker; one line per broken property.

@@ -1,0 +1,85 @@
+//! Unplanned failover is safe at every moment: were the primary region
+//! lost now, the most advanced copy outside it, promoted with
+//! `GroupState::fail_over`, would sell no unit the primary may have sold,
+//! and would name every order (and payment) the primary acknowledged that
+//! it lacks. The sampler promotes a clone of that copy every 250 simulated
+//! ms, against every node of the writing region ahead of it, and records
+//! what broke.
+
+use std::collections::BTreeSet;
+
+use domain::{GroupState, OrderStatus};
+
+use super::Final;
+
+/// One node's applied state, as the sampler read it.
+pub struct Seen {
+    pub node: u64,
+    pub region: String,
+    /// Its last applied log index.
+    pub applied: u64,
+    pub state: GroupState,
+}
+
+/// What would break if the copy were promoted now, if anything. `down`
+/// names the regions with a node down: a failover promotes the most
+/// advanced node of the region, and a node that is down may be it (its
+/// disk survives), so the check waits until they are all up.
+pub fn promotion_breaks(seen: &[Seen], down: &BTreeSet<String>) -> Option<String> {
+    let newest = seen.iter().max_by_key(|s| s.applied)?;
+    let writing = newest.state.primary_region().unwrap_or("primary").to_string();
+    if down.iter().any(|region| *region != writing) {
+        return None;
+    }
+    let copy = seen.iter().filter(|s| s.region != writing).max_by_key(|s| s.applied)?;
+    let mut promoted = copy.state.clone();
+    let failover = promoted.fail_over("sampled");
+    // Against every node of the writing region that is ahead of the copy
+    // (one behind it holds a prefix of what the copy has).
+    for primary in seen.iter().filter(|s| s.region == writing && s.applied > copy.applied) {
+        for view in promoted.sku_views() {
+            let sku = &view.sale.sku;
+            let total = view.stock.total.max(primary.state.sku_view(sku).map_or(0, |v| v.stock.total));
+            let promised = GroupState::units_promised(&primary.state, &promoted, sku) + view.stock.for_sale();
+            if promised > total {
+                let stocks = [&primary.state, &copy.state].map(|s| s.sku_view(sku).map(|v| v.stock));
+                return Some(format!(
+                    "node {} (applied {}, escrow {:?}) promoted against node {} (applied {}, escrow {:?}): {sku} \
+                     would have {promised} units promised of {total} (stock there {:?}, in the copy {:?})",
+                    copy.node,
+                    copy.applied,
+                    (copy.state.escrow_granted(), copy.state.escrow_confirmed()),
+                    primary.node,
+                    primary.applied,
+                    (primary.state.escrow_granted(), primary.state.escrow_confirmed()),
+                    stocks[0],
+                    stocks[1],
+                ));
+            }
+        }
+        for order in primary.state.orders() {
+            let unreported = match copy.state.order_by_id(order.id) {
+                None => !failover.orders_maybe_lost.contains(&order.id),
+                Some(known) => {
+                    known.status == OrderStatus::PendingPayment
+                        && order.status == OrderStatus::Paid
+                        && !failover.payments_in_doubt.contains(&order.id)
+                }
+            };
+            if unreported {
+                return Some(format!(
+                    "node {} promoted against node {}: order {} ({:?}) would be lost unreported ({failover:?})",
+                    copy.node, primary.node, order.id, order.status
+                ));
+            }
+        }
+    }
+    None
+}
+
+pub fn check(view: &Final<'_>) -> Result<(), String> {
+    match view.oracle.promotion_breaks.first() {
+        Some(first) => Err(format!("{} times during the run; first: {first}", view.oracle.promotion_breaks.len())),
+        None => Ok(()),
+    }
+}
