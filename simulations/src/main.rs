@@ -76,7 +76,9 @@ fn main() -> anyhow::Result<()> {
     println!("fresh seeds from {from}");
     for seed in from..from.saturating_add(args.determinism) {
         let keep = Options { keep: true, mutation: args.mutation, ..Options::default() };
+        let watchdog = Watchdog::start(seed);
         let (first, second) = (sim::run(seed, &keep), sim::run(seed, &keep));
+        drop(watchdog);
         if first.hash != second.hash {
             let at = first.trace.iter().zip(&second.trace).position(|(a, b)| a != b).unwrap_or(first.trace.len());
             println!("seed {seed} is NOT deterministic: traces differ from event {at}");
@@ -139,7 +141,9 @@ struct Totals {
 impl Totals {
     fn run(&mut self, seed: u64) {
         let started = Instant::now();
+        let watchdog = Watchdog::start(seed);
         let report = sim::run(seed, &Options { mutation: self.mutation, ..Options::default() });
+        drop(watchdog);
         let wall = started.elapsed();
         self.runs += 1;
         self.simulated_ms += report.simulated_ms;
@@ -185,5 +189,31 @@ fn print_report(report: &sim::Report, wall: Duration) {
     }
     if !report.failures.is_empty() {
         println!("  replay: cargo run -p simulations --release -- --seed {} --trace", report.seed);
+    }
+}
+
+/// A seed takes well under a second of wall time. One that takes
+/// [`Watchdog::PATIENCE`] is stuck, most likely in a loop that never lets
+/// simulated time pass, and a stuck run would otherwise hang CI until its
+/// time limit with nothing said. The watchdog names the seed and the command
+/// that replays it, and ends the process.
+struct Watchdog {
+    /// Dropped when the run ends, which tells the watchdog thread so.
+    _done: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    const PATIENCE: Duration = Duration::from_secs(120);
+
+    fn start(seed: u64) -> Watchdog {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(Watchdog::PATIENCE) {
+                println!("seed {seed} STUCK: still running after {} s of wall time", Watchdog::PATIENCE.as_secs());
+                println!("  replay: cargo run -p simulations --release -- --seed {seed} --trace");
+                std::process::exit(2);
+            }
+        });
+        Watchdog { _done: done }
     }
 }
