@@ -3,7 +3,7 @@
 //! decides anything the state machine decides.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use cluster::{DrillReport, LeaderMoved};
+use cluster::{DrillReport, FailoverPreview, LeaderMoved};
 use domain::{Command, Line, OrderId, Outcome, Rejection};
 
 use crate::auth::{token_hash, Operator, Shopper};
@@ -377,6 +377,18 @@ pub async fn start_switchover(
     Ok(HttpResponse::Accepted()
         .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
         .json(report))
+}
+
+#[utoipa::path(get, path = "/v1/admin/failover/preview", tag = "operator", security(("operator" = [])),
+    responses((status = 200, body = FailoverPreview),
+        (status = 409, body = Problem, description = "this node is in the region that takes writes")))]
+/// What an unplanned failover to this node's region would cost if the
+/// region that takes writes were lost now, from this node's copy: units
+/// taken out of sale, order ids that may be lost, payments in doubt.
+/// Changes nothing. Ask every node of the region; the one with the highest
+/// `applied_index` is the one a failover promotes.
+pub async fn failover_preview(_: Operator, state: web::Data<AppState>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Ok().json(state.node.failover_preview()?))
 }
 
 #[utoipa::path(get, path = "/v1/admin/drills", tag = "operator", security(("operator" = [])),

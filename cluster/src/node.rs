@@ -216,6 +216,12 @@ impl Node {
         Ok(report)
     }
 
+    /// What an unplanned failover to this node's region would cost if the
+    /// writing region were lost now; changes nothing.
+    pub fn failover_preview(&self) -> Result<crate::FailoverPreview, DrillError> {
+        crate::failover::preview(self)
+    }
+
     /// Moves the group's leadership to node `to` (see [`crate::leadership`]).
     pub async fn transfer_leadership(&self, to: u64) -> Result<LeaderMoved, TransferError> {
         leadership::transfer(self, to, self.group.lease(), &self.transferring).await

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use cluster::{DrillReport, GroupStatus};
+use cluster::{DrillReport, FailoverPreview, GroupStatus};
 use serde_json::{json, Value};
 
 /// How long one API call may take.
@@ -65,6 +65,21 @@ enum CtlCommand {
         #[arg(long)]
         to: String,
         /// Print the final report as JSON too.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What an unplanned failover to a region would cost if the region that
+    /// takes writes were lost now: asks every node of the region and shows
+    /// the most advanced copy's report (units taken out of sale, order ids
+    /// that may be lost, payments in doubt). Changes nothing.
+    Failover {
+        /// The region that would take writes, e.g. `dr`.
+        #[arg(long)]
+        to: String,
+        /// Carry the failover out. Not built yet: refused.
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON instead.
         #[arg(long)]
         json: bool,
     },
@@ -146,6 +161,20 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             );
             verdict(&leader, report.id, *json, "the switchover").await
         }
+        CtlCommand::Failover { to, force, json } => {
+            anyhow::ensure!(
+                !force,
+                "carrying out an unplanned failover is not built yet (ARCHITECTURE.md, \"What is not built yet\"); \
+                 without --force this shows what it would cost now"
+            );
+            let preview = failover_preview(&api, to).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&preview)?);
+            } else {
+                print!("{}", render_preview(&preview));
+            }
+            Ok(())
+        }
         CtlCommand::Drill { drill: Drill::ZoneLoss { zone, seconds, json } } => {
             let body = json!({ "zone": zone, "isolate_for_ms": seconds.saturating_mul(1000) });
             let report: DrillReport = serde_json::from_value(api.post("/v1/admin/drills/zone-loss", body).await?)?;
@@ -199,6 +228,45 @@ async fn leader_endpoint(api: &Api<'_>) -> anyhow::Result<String> {
         .context("no node says it leads; try again in a moment")?;
     let scheme = api.endpoint.split_once("://").map_or("http", |(scheme, _)| scheme);
     Ok(format!("{scheme}://{}", leader["api"].as_str().context("the leader has no API address")?))
+}
+
+/// The failover preview of the most advanced reachable node of `region`:
+/// the copy a failover would promote.
+async fn failover_preview(api: &Api<'_>, region: &str) -> anyhow::Result<FailoverPreview> {
+    let status = api.get("/v1/cluster").await?;
+    let nodes = status["nodes"].as_array().context("no nodes in the answer")?;
+    let scheme = api.endpoint.split_once("://").map_or("http", |(scheme, _)| scheme);
+    let mut best: Option<FailoverPreview> = None;
+    let mut asked = 0;
+    for node in nodes.iter().filter(|node| node["region"] == region) {
+        asked += 1;
+        let Some(address) = node["api"].as_str() else { continue };
+        match api.at(&format!("{scheme}://{address}")).get("/v1/admin/failover/preview").await {
+            Ok(answer) => {
+                let preview: FailoverPreview = serde_json::from_value(answer)?;
+                if best.as_ref().is_none_or(|best| preview.applied_index > best.applied_index) {
+                    best = Some(preview);
+                }
+            }
+            Err(error) => eprintln!("node {} of region {region}: {error:#}", node["id"]),
+        }
+    }
+    anyhow::ensure!(asked > 0, "no node is in region {region}");
+    best.with_context(|| format!("no node of region {region} answered"))
+}
+
+fn render_preview(preview: &FailoverPreview) -> String {
+    let stale = preview.stale_ms_max.map_or(String::new(), |ms| format!(", at most {ms} ms stale"));
+    let mut out = format!(
+        "a failover to region {} now would promote node {} (applied index {}{stale}) in epoch {}\n",
+        preview.region, preview.node, preview.applied_index, preview.epoch
+    );
+    out.push_str(&format!("  units out of sale until failback  {} {:?}\n", preview.undersell_units, preview.unsettled));
+    let (from, to) = (preview.orders_maybe_lost_from, preview.orders_maybe_lost_to);
+    let lost = if from == to { "none".to_string() } else { format!("ids {from} to {}", to - 1) };
+    out.push_str(&format!("  orders that may be lost           {lost}\n"));
+    out.push_str(&format!("  payments in doubt                 {:?}\n", preview.payments_in_doubt));
+    out
 }
 
 struct Api<'a> {

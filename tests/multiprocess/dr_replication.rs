@@ -121,4 +121,26 @@ async fn the_dr_replica_follows_off_the_commit_path_and_resumes_after_a_kill() {
         .collect();
     assert_eq!(lags.len(), 1, "exactly the leader reports the replica's lag: {cluster_view}");
     assert_eq!(lags[0]["entries"], 0, "{cluster_view}");
+
+    // Were the primary region lost now, a failover to the caught-up copy
+    // would take exactly the SKU's escrow out of sale, name no order as
+    // lost (the next id onwards only), and hold every pending order's
+    // payment in doubt. A node of the primary region has nothing to fail
+    // over from; carrying a failover out is refused.
+    let preview = ctl(&cluster.api[0], &["failover", "--to", "dr", "--json"]);
+    assert!(preview.status.success(), "{}", String::from_utf8_lossy(&preview.stderr));
+    let preview: Value = serde_json::from_slice(&preview.stdout).unwrap();
+    let (_, sku) = get(&client, &format!("{}/v1/skus/{SKU}", cluster.api[0]), &[]).await;
+    assert_eq!(preview["unsettled"][SKU], sku["escrowed"], "{preview} vs {sku}");
+    assert!(sku["escrowed"].as_u64().unwrap() > 0, "{sku}");
+    let next_order = orders.iter().max().unwrap() + 1;
+    assert!(preview["orders_maybe_lost_from"].as_u64().unwrap() >= next_order, "{preview}");
+    let in_doubt = preview["payments_in_doubt"].as_array().unwrap();
+    assert!(orders.iter().all(|order| in_doubt.contains(&json!(order))), "{preview}");
+    let (status, refused) =
+        get(&client, &format!("{}/v1/admin/failover/preview", cluster.api[1]), &[bearer(OPERATOR)]).await;
+    assert_eq!(status, 409, "{refused}");
+    let forced = ctl(&cluster.api[5], &["failover", "--to", "dr", "--force"]);
+    assert!(!forced.status.success());
+    assert!(String::from_utf8_lossy(&forced.stderr).contains("not built yet"));
 }

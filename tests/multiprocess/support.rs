@@ -244,3 +244,13 @@ pub async fn ready(client: &awc::Client, url: &str, within: Duration) {
         actix_rt::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `surge ctl` against `endpoint`.
+pub fn ctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_surge"))
+        .arg("ctl")
+        .args(["--endpoint", endpoint, "--token", OPERATOR])
+        .args(args)
+        .output()
+        .unwrap()
+}

@@ -6,7 +6,6 @@
 //! said.
 
 use std::cell::RefCell;
-use std::process::Command;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -52,16 +51,6 @@ async fn shopper(cluster_api: Vec<String>, n: usize, acked: Rc<RefCell<Vec<(Stri
             actix_rt::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-/// Runs `surge ctl` against `endpoint`.
-fn ctl(endpoint: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_surge"))
-        .arg("ctl")
-        .args(["--endpoint", endpoint, "--token", OPERATOR])
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// `GET /v1/cluster` through `endpoint`: the region that takes writes, the
