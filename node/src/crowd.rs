@@ -497,7 +497,7 @@ pub struct Watch {
     pub reads: u64,
     /// Largest `sold + held - total` in any read (0 when never oversold).
     pub oversell_max: u64,
-    /// Reads where `available + held + sold != total`.
+    /// Reads where `available + held + sold + unsettled != total`.
     pub conservation_violations: u64,
 }
 

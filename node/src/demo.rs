@@ -741,7 +741,7 @@ impl Summary {
             Check {
                 name: "conservation",
                 pass: conservation_breaks == 0,
-                detail: format!("available + held + sold != total in {conservation_breaks} reads"),
+                detail: format!("available + held + sold + unsettled != total in {conservation_breaks} reads"),
             },
             Check {
                 name: "holds expire",
