@@ -701,6 +701,7 @@ impl Trio {
                 election_timeout_max_ms: 1_000,
                 may_lead: tiebreaker != Some(id) && !replicas.contains_key(&id),
                 replicas: replicas.clone(),
+                region: Some(if id == 4 { "dr".into() } else { "primary".into() }),
                 ..GroupConfig::default()
             };
             let clients = PeerClients::new(tls.client.clone(), fast_client());
@@ -988,6 +989,57 @@ async fn a_tiebreaker_with_the_longest_log_leads_briefly_and_hands_leadership_ba
         assert!(seen, "the new leader lacks a committed entry");
         trio.groups[&2].propose(vec![Command::CreateSale(sale("after"))]).await.unwrap();
         assert!(!trio.groups[&3].is_leader(), "the tiebreaker kept the lead");
+        trio.shutdown().await;
+    })
+    .await;
+}
+
+/// The mechanism an unplanned failover will use, pinned down before it is
+/// built on (ARCHITECTURE.md, "What is not built yet"): with the primary's
+/// voters gone, the DR replica installs, as a snapshot, its own state after
+/// `GroupState::fail_over`, with itself as the only voter and a vote of a
+/// term above any it saw. openraft 0.9 accepts it, the replica elects
+/// itself and takes writes in the new region and epoch, with the escrow
+/// out of sale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dr_copy_can_be_reseeded_as_a_group_of_its_own() {
+    bounded(90, async {
+        let trio = Trio::with_replica().await;
+        let (voter, replica) = (&trio.groups[&trio.leader()], &trio.groups[&4]);
+        voter.propose(vec![Command::CreateSale(Sale { stock: 100, ..sale("reseeded") })]).await.unwrap();
+        assert!(wait_for(10, || replica.read_local(|s| s.escrow_confirmed() > 0)).await, "no escrow confirmed");
+        for id in 1..=3 {
+            trio.isolations[&id].isolate_for(Duration::from_secs(120));
+        }
+
+        let mut state = replica.read_local(Clone::clone);
+        let cost = state.fail_over("dr");
+        let escrowed = cost.unsettled["reseeded"];
+        let (term, last) = {
+            let metrics = replica.raft().metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_term, metrics.last_log_index.unwrap_or(0))
+        };
+        // Node 0 names no node: the vote only has to outrank every earlier one.
+        let log_id = LogId::new(CommittedLeaderId::new(term + 1, 0), last + 1);
+        let alone = openraft::Membership::new(
+            vec![std::collections::BTreeSet::from([4])],
+            BTreeMap::from([(4, BasicNode::new(trio.peers[&4].clone()))]),
+        );
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id),
+            last_membership: openraft::StoredMembership::new(Some(log_id), alone),
+            snapshot_id: "failover".into(),
+        };
+        let data = storage::codec::encode(&state).unwrap();
+        let snapshot = openraft::Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(data)) };
+        replica.raft().install_full_snapshot(Vote::new_committed(term + 1, 0), snapshot).await.unwrap();
+
+        assert!(wait_for(20, || replica.is_leader()).await, "the reseeded replica did not elect itself");
+        let restocked = replica.propose(vec![restock("reseeded", 1)]).await.unwrap();
+        let Outcome::Sku(view) = &restocked.outcomes[0] else { panic!("{restocked:?}") };
+        assert_eq!((view.stock.unsettled, view.stock.total), (escrowed, 101), "{view:?}");
+        assert_eq!(replica.read_local(|s| (s.epoch(), s.primary_region().map(String::from))), (1, Some("dr".into())));
         trio.shutdown().await;
     })
     .await;
