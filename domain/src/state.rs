@@ -51,6 +51,8 @@ pub struct GroupState {
     /// Orders pending payment when this copy failed over: unpaid, their
     /// units go to `unsettled`, not back on sale.
     in_doubt: BTreeSet<OrderId>,
+    /// Raised by every forced failover; see [`GroupState::generation`].
+    generation: u64,
 }
 
 /// A SKU's sale, stock, and how much of it each shopper holds or bought.
@@ -560,6 +562,15 @@ impl GroupState {
         self.frozen.is_some()
     }
 
+    /// How many forced failovers made this copy: a copy of generation `g`
+    /// descends from a copy of `g - 1` that was promoted without its
+    /// primary's consent. Nodes of a lower generation are the lost primary
+    /// (or never heard of the failover) and are fenced: peers refuse their
+    /// messages and they take no writes (see `cluster::fence`).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The epoch a switchover under way announced, while it refuses writes.
     pub fn frozen_epoch(&self) -> Option<u64> {
         self.frozen
@@ -635,12 +646,17 @@ impl GroupState {
                 unsettled.insert(code.clone(), units);
             }
         }
-        self.escrow_confirmed = self.escrow_granted;
+        // This copy has no DR copy of its own until failback: it sells from
+        // what is available, and the first grant to a new copy turns escrow
+        // on again.
+        (self.escrow_granted, self.escrow_confirmed) = (0, 0);
+        self.generation += 1;
         let first = self.next_order;
         self.next_order += unsettled.values().sum::<u64>();
         self.next_session += SESSIONS_SKIPPED_AT_FAILOVER;
         self.in_doubt.extend(self.deadlines.iter().map(|&(_, order)| order));
         Failover {
+            generation: self.generation,
             epoch: self.epoch,
             region: region.to_string(),
             cut_at_ms: self.clock_ms,

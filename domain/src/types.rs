@@ -340,6 +340,8 @@ impl Rejection {
 /// and take payment for orders that were pending.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failover {
+    /// The copy's generation from now on: one above the lost primary's.
+    pub generation: u64,
     /// The epoch the copy takes writes in.
     pub epoch: u64,
     /// The region that takes writes now.

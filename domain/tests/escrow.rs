@@ -223,6 +223,9 @@ fn fail_over_at(history: Vec<Step>, cut: usize, after: Vec<Step>) {
     copy.state.check_invariants();
     assert_eq!(copy.state.primary_region(), Some("dr"));
     assert!(copy.state.epoch() > at_cut.epoch());
+    assert_eq!(copy.state.generation(), at_cut.generation() + 1);
+    // It has no DR copy of its own: it sells what is available, not escrow.
+    assert!(!copy.state.escrow_is_on());
 
     // Every order the primary acknowledged and the copy lacks is named, and
     // so is every payment the copy may not have.
