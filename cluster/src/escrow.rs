@@ -18,6 +18,10 @@
 //!   promotes the most advanced copy of the region, which has applied every
 //!   grant any copy there confirmed.
 //!
+//! The leader grants only while the group has a member in another region:
+//! a group a forced failover founded has none until failback, and sells
+//! what is available (`fail_over` turned escrow off).
+//!
 //! The price: while the DR copy is unreachable, a SKU sells only what its
 //! confirmed escrow holds, then answers 503 until the copy is back; and a
 //! failover takes every escrowed unit out of sale until failback settles it.
@@ -144,7 +148,7 @@ impl Tender {
             }
             learner = state == openraft::ServerState::Learner;
             self.durable_commits.store(learner, Ordering::Relaxed);
-            if state.is_leader() {
+            if state.is_leader() && group.has_copy_elsewhere() {
                 self.grant(&group);
             } else if learner {
                 self.confirm(&group);

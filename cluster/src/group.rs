@@ -18,6 +18,7 @@ use storage::{StateReader, TypeConfig};
 
 use crate::clock::Clock;
 use crate::escrow::Tender;
+use crate::fence::Fence;
 use crate::status::{GroupStatus, ReplicaLag};
 use crate::ProposeError;
 
@@ -157,6 +158,10 @@ pub struct Group {
     escrow: Tender,
     /// How often the background tenders look at least.
     tick: Duration,
+    /// Whether a newer generation has fenced this copy (see [`crate::fence`]).
+    /// Shared by every clone, the background tenders' included, so that
+    /// [`Group::with_fence`] reaches them too.
+    fence: Arc<Mutex<Fence>>,
 }
 
 /// How current a DR copy is. The leader knows when each replica last had
@@ -268,6 +273,7 @@ impl Group {
                 durable_commits,
             ),
             tick: Duration::from_millis(config.heartbeat_ms.max(10)),
+            fence: Arc::default(),
         };
         tokio::spawn(group.clone().tend_holds(group.tick));
         Ok(group)
@@ -280,6 +286,52 @@ impl Group {
         self.forwarder = Some(forwarder);
         tokio::spawn(self.escrow.clone().run(self.clone(), self.tick));
         self
+    }
+
+    /// Fences this group with `fence`, the one its node's peer transport
+    /// stamps and checks requests with.
+    pub fn with_fence(self, fence: Fence) -> Group {
+        fence.set_generation(self.state.read(GroupState::generation));
+        *self.fence.lock().unwrap_or_else(PoisonError::into_inner) = fence;
+        self
+    }
+
+    /// The group's fence.
+    pub fn fence(&self) -> Fence {
+        self.fence.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Why this node may not take a write or serve a linearizable read
+    /// now, if it may not: its copy is fenced by a newer generation; or it
+    /// leads a group with members in another region and none of them has
+    /// answered it since it started, so it cannot know whether a failover
+    /// there fenced it.
+    fn fence_refusal(&self) -> Option<ProposeError> {
+        if let Some(generation) = self.fence().fenced_by() {
+            return Some(ProposeError::Unavailable(format!(
+                "this node is fenced: the sale failed over to generation {generation} elsewhere, so it takes no writes"
+            )));
+        }
+        let metrics = self.raft.metrics().borrow().clone();
+        (!self.fence().confirmed() && metrics.state.is_leader() && self.spans_regions(&metrics)).then(|| {
+            ProposeError::Unavailable(
+                "this leader has not heard from another region since it started; it takes writes once it has".into(),
+            )
+        })
+    }
+
+    /// Whether the group has a member (voter or learner) other than this
+    /// node in another region: a copy that a failover could promote.
+    fn spans_regions(&self, metrics: &Metrics) -> bool {
+        let fence = self.fence();
+        metrics.membership_config.membership().nodes().any(|(id, _)| *id != metrics.id && fence.is_elsewhere(*id))
+    }
+
+    /// Whether the group has a member in another region now: one that can
+    /// confirm escrow grants. After a failover the promoted group has none
+    /// until failback, and sells what is available.
+    pub(crate) fn has_copy_elsewhere(&self) -> bool {
+        self.spans_regions(&self.raft.metrics().borrow())
     }
 
     /// Waits until this group has a leader and this replica has applied
@@ -319,6 +371,9 @@ impl Group {
         // Once it has stepped down, openraft itself names the new leader.
         if self.is_abdicating() && self.is_leader() {
             return Err(ProposeError::NotLeader { leader: None });
+        }
+        if let Some(refusal) = self.fence_refusal() {
+            return Err(refusal);
         }
         let request = Request { stamped_at_ms: self.clock.now_ms(), commands };
         let started = Instant::now();
@@ -365,6 +420,9 @@ impl Group {
     pub async fn read_index_here(&self) -> Result<u64, ProposeError> {
         if self.is_abdicating() && self.is_leader() {
             return Err(ProposeError::NotLeader { leader: None });
+        }
+        if let Some(refusal) = self.fence_refusal() {
+            return Err(refusal);
         }
         let Some(read) = self.unless_cut_off(self.raft.get_read_log_id()).await else {
             return Err(cut_off_error());
@@ -532,9 +590,12 @@ impl Group {
         let abdicating = holds.abdicating_until.is_some_and(|until| now < until);
         let held = holds.elections_held_until.is_some_and(|until| now < until);
         let stranded = holds.heard_from_leader.is_some_and(|heard| now.duration_since(heard) > self.lease * 3);
+        // A fenced leader keeps heartbeating: its followers learn of the
+        // fence from its stamp. A fenced node never campaigns.
+        let fenced = self.fence().fenced_by().is_some();
         let runtime = self.raft.runtime_config();
         runtime.heartbeat(!abdicating);
-        runtime.elect(!abdicating && !held && (self.may_lead() || stranded));
+        runtime.elect(!abdicating && !held && !fenced && (self.may_lead() || stranded));
     }
 
     /// Keeps the holds applied as they expire, and has a tiebreaker that had to lead give leadership
@@ -549,6 +610,7 @@ impl Group {
             if metrics.running_state.is_err() {
                 return;
             }
+            self.fence().set_generation(self.state.read(GroupState::generation));
             let hand_back = !self.may_lead()
                 && metrics.state.is_leader()
                 && !self.is_abdicating()
@@ -700,6 +762,8 @@ impl Group {
             stale_ms_max: self.stale_ms_max(),
             millis_since_quorum_ack: metrics.millis_since_quorum_ack,
             cut_off: self.cut_off(&metrics),
+            generation: self.state.read(GroupState::generation),
+            fenced_by: self.fence().fenced_by(),
         }
     }
 

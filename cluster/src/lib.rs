@@ -14,6 +14,7 @@ pub mod clock;
 pub mod drill;
 pub mod escrow;
 pub mod failover;
+pub mod fence;
 pub mod group;
 pub mod leadership;
 pub mod network;

@@ -11,6 +11,7 @@ use domain::{Command, GroupState, Outcome, SessionId};
 use crate::actors::{ActorLimits, Router};
 use crate::clock::Clock;
 use crate::drill::{self, DrillError, DrillReport, Drills};
+use crate::fence::Fence;
 use crate::group::{Group, GroupConfig};
 use crate::leadership::{self, LeaderMoved, TransferError};
 use crate::network::NoPeers;
@@ -336,15 +337,19 @@ async fn open_clustered(
     let listener = tokio::net::TcpListener::bind(&own.peer)
         .await
         .map_err(|e| unavailable(&format!("listen on {}", own.peer), &e))?;
-    let clients = PeerClients::new(tls.client.clone(), ClientLimits::default());
+    let regions = config.topology.nodes.iter().map(|n| (n.id, n.region.clone())).collect();
+    let fence = Fence::open(&data_dir.join("fence"), Some(own.region.clone()), regions)
+        .map_err(|e| unavailable("read the fence", &e))?;
+    let clients = PeerClients::new(tls.client.clone(), ClientLimits::default()).with_fence(fence.clone());
     let network = PeerNetwork::new(0, node_id, clients.clone());
     let isolation = clients.isolation().clone();
-    let group = Group::open(&config.group, data_dir, clock, network, members, bootstrap).await?;
+    let group =
+        Group::open(&config.group, data_dir, clock, network, members, bootstrap).await?.with_fence(fence.clone());
     let peers = config.topology.nodes.iter().map(|n| (n.id, n.peer.clone())).collect();
     let timeout = Duration::from_millis(config.actors.request_timeout_ms);
     let forwarder = Arc::new(PeerForwarder::new(clients, peers, timeout));
     let group = group.with_forwarder(forwarder.clone());
-    let handler = GroupHandler::new(node_id, BTreeMap::from([(0, group.clone())]), isolation);
+    let handler = GroupHandler::new(node_id, BTreeMap::from([(0, group.clone())]), isolation).with_fence(fence);
     let server = PeerServer::start(listener, tls.server.clone(), Arc::new(handler.clone()), ServerLimits::default())
         .map_err(|e| unavailable("start the peer server", &e))?;
     Ok((group, Peers { forwarder, handler, _server: Arc::new(server) }))

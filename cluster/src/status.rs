@@ -67,4 +67,12 @@ pub struct GroupStatus {
     /// acknowledgement for longer than an election timeout. Such a leader
     /// refuses writes and reads at once instead of letting them hang.
     pub cut_off: bool,
+    /// The generation of this replica's copy: raised by every forced
+    /// failover (see `cluster::fence`).
+    #[serde(default)]
+    pub generation: u64,
+    /// A newer generation this replica has heard of: it is fenced and takes
+    /// no writes.
+    #[serde(default)]
+    pub fenced_by: Option<u64>,
 }

@@ -141,7 +141,7 @@ impl PeerHandler for Echo {
 }
 
 fn forward(group: u32, commands: Vec<Command>) -> PeerRequest {
-    PeerRequest { group, body: PeerBody::Forward(commands) }
+    PeerRequest::new(group, PeerBody::Forward(commands))
 }
 
 fn restock(sku: &str, units: u64) -> Command {
@@ -162,10 +162,7 @@ async fn every_message_kind_round_trips() {
         let log_id = LogId::new(CommittedLeaderId::new(4, 2), 9);
 
         let answer = peer
-            .call(
-                PeerRequest { group: 7, body: PeerBody::Vote(VoteRequest { vote, last_log_id: Some(log_id) }) },
-                SECOND,
-            )
+            .call(PeerRequest::new(7, PeerBody::Vote(VoteRequest { vote, last_log_id: Some(log_id) })), SECOND)
             .await
             .unwrap();
         assert_eq!(
@@ -179,7 +176,7 @@ async fn every_message_kind_round_trips() {
             entries: vec![],
             leader_commit: Some(log_id),
         };
-        let answer = peer.call(PeerRequest { group: 7, body: PeerBody::AppendEntries(heartbeat) }, SECOND).await;
+        let answer = peer.call(PeerRequest::new(7, PeerBody::AppendEntries(heartbeat)), SECOND).await;
         assert_eq!(answer.unwrap(), PeerResponse::AppendEntries(Ok(AppendEntriesResponse::Success)));
         let entry = openraft::Entry::<TypeConfig> {
             log_id: LogId::new(CommittedLeaderId::new(5, 2), 10),
@@ -194,7 +191,7 @@ async fn every_message_kind_round_trips() {
             entries: vec![entry],
             leader_commit: Some(log_id),
         };
-        let answer = peer.call(PeerRequest { group: 7, body: PeerBody::AppendEntries(append) }, SECOND).await;
+        let answer = peer.call(PeerRequest::new(7, PeerBody::AppendEntries(append)), SECOND).await;
         assert_eq!(answer.unwrap(), PeerResponse::AppendEntries(Ok(AppendEntriesResponse::HigherVote(vote))));
 
         let chunk = InstallSnapshotRequest::<TypeConfig> {
@@ -208,7 +205,7 @@ async fn every_message_kind_round_trips() {
             data: vec![7; 100_000],
             done: true,
         };
-        let answer = peer.call(PeerRequest { group: 7, body: PeerBody::InstallSnapshot(chunk) }, SECOND).await;
+        let answer = peer.call(PeerRequest::new(7, PeerBody::InstallSnapshot(chunk)), SECOND).await;
         assert_eq!(answer.unwrap(), PeerResponse::InstallSnapshot(Ok(InstallSnapshotResponse { vote })));
 
         let answer = peer.call(forward(7, vec![restock("a", 0), restock("b", 0)]), SECOND).await.unwrap();
@@ -216,7 +213,7 @@ async fn every_message_kind_round_trips() {
         assert_eq!(response.outcomes.len(), 2);
         assert_eq!(response.outcomes[1], Outcome::Rejected(domain::Rejection::Invalid("restock in group 7".into())));
 
-        let answer = peer.call(PeerRequest { group: 7, body: PeerBody::ReadIndex }, SECOND).await.unwrap();
+        let answer = peer.call(PeerRequest::new(7, PeerBody::ReadIndex), SECOND).await.unwrap();
         assert_eq!(answer, PeerResponse::ReadIndex(Ok(70)));
         assert_eq!(echo.seen.load(Ordering::SeqCst), 6);
     })
@@ -287,7 +284,7 @@ async fn peers_without_a_cluster_certificate_are_refused() {
             let peer = client(Arc::new(config), 1, addr);
             let started = Instant::now();
             let vote = VoteRequest { vote: Vote::new(99, 2), last_log_id: None };
-            let error = peer.call(PeerRequest { group: 0, body: PeerBody::Vote(vote) }, 5 * SECOND).await.unwrap_err();
+            let error = peer.call(PeerRequest::new(0, PeerBody::Vote(vote)), 5 * SECOND).await.unwrap_err();
             assert!(
                 matches!(error, TransportError::ConnectionLost { .. } | TransportError::Unreachable { .. }),
                 "{what}: {error:?}"
@@ -298,7 +295,7 @@ async fn peers_without_a_cluster_certificate_are_refused() {
 
         // A node with a proper certificate still gets in afterwards.
         let member = client(pki.node(3).client, 1, addr);
-        member.call(PeerRequest { group: 0, body: PeerBody::ReadIndex }, SECOND).await.unwrap();
+        member.call(PeerRequest::new(0, PeerBody::ReadIndex), SECOND).await.unwrap();
         assert_eq!(echo.seen.load(Ordering::SeqCst), 1);
     })
     .await;
@@ -313,7 +310,7 @@ async fn servers_are_verified_by_node_name_and_cluster_ca() {
         let pki = Pki::new();
         let (listener, addr) = listen().await;
         let _server = start(listener, &pki.node(1), Arc::new(Echo::default()), ServerLimits::default());
-        let ask = || PeerRequest { group: 0, body: PeerBody::ReadIndex };
+        let ask = || PeerRequest::new(0, PeerBody::ReadIndex);
 
         let impersonated = client(pki.node(2).client, 3, addr).call(ask(), 5 * SECOND).await.unwrap_err();
         assert!(

@@ -45,6 +45,7 @@ use tokio_rustls::TlsConnector;
 
 use super::isolation::Isolation;
 use super::wire::{self, FrameError, PeerRequest, PeerResponse, Refusal, RequestEnvelope, ResponseEnvelope};
+use crate::fence::Fence;
 
 /// A client's bounds and timings.
 #[derive(Clone, Debug)]
@@ -160,6 +161,10 @@ pub struct PeerClient {
     handle: Arc<Handle>,
     /// While set, calls fail at once as unreachable (a drill cut this node off).
     isolation: Isolation,
+    /// Stamps every request, learns from the peer's refusals, and (when the
+    /// peer is in another region) notes its acceptances.
+    fence: Fence,
+    elsewhere: bool,
 }
 
 /// Owned by the clones of one [`PeerClient`]; closes the connection when the
@@ -226,7 +231,20 @@ impl PeerClient {
             next_id: AtomicU64::new(1),
             state: Mutex::new(State { link: Link::Idle, pending: BTreeMap::new(), next_generation: 1, failures: 0 }),
         };
-        PeerClient { handle: Arc::new(Handle { shared: Arc::new(shared) }), isolation: Isolation::default() }
+        PeerClient {
+            handle: Arc::new(Handle { shared: Arc::new(shared) }),
+            isolation: Isolation::default(),
+            fence: Fence::default(),
+            elsewhere: false,
+        }
+    }
+
+    /// The same client, stamping requests with `fence`; `elsewhere` says
+    /// the peer is in another region, so its acceptance confirms the fence.
+    pub fn with_fence(mut self, fence: Fence, elsewhere: bool) -> PeerClient {
+        self.fence = fence;
+        self.elsewhere = elsewhere;
+        self
     }
 
     /// The same client, sending nothing while `isolation` is set.
@@ -243,14 +261,20 @@ impl PeerClient {
     /// Sends `request` and waits up to `timeout` for the peer's answer.
     /// A refusal from the peer's transport comes back as
     /// [`TransportError::Refused`], so `Ok` is always the handler's answer.
-    pub async fn call(&self, request: PeerRequest, timeout: Duration) -> Result<PeerResponse, TransportError> {
+    pub async fn call(&self, mut request: PeerRequest, timeout: Duration) -> Result<PeerResponse, TransportError> {
         let kind = request.body.kind();
+        request.stamp = self.fence.stamp();
         let result = if self.isolation.is_isolated() {
             let addr = self.handle.shared.addr.clone();
             Err(TransportError::Unreachable { addr, reason: "this node is isolated by a drill".into() })
         } else {
             self.exchange(request, timeout).await
         };
+        match &result {
+            Err(TransportError::Refused { refusal: Refusal::Fenced(generation), .. }) => self.fence.learn(*generation),
+            Ok(_) if self.elsewhere => self.fence.confirm(),
+            _ => {}
+        }
         metrics::counter!("surge_transport_calls_total", "kind" => kind, "result" => result_label(&result))
             .increment(1);
         result

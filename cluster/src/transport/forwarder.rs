@@ -14,6 +14,7 @@ use super::isolation::Isolation;
 use super::network::{PeerClients, RaftHandler};
 use super::server::PeerHandler;
 use super::wire::{PeerBody, PeerRequest, PeerResponse, Refusal};
+use crate::fence::Fence;
 use crate::group::{Forwarder, Group};
 use crate::status::NodeStatus;
 use crate::ProposeError;
@@ -68,7 +69,7 @@ impl PeerForwarder {
         };
         let client = self.clients.get(leader, addr);
         let timeout = self.timeout;
-        Box::pin(async move { client.call(PeerRequest { group, body }, timeout).await.map_err(propose_error) })
+        Box::pin(async move { client.call(PeerRequest::new(group, body), timeout).await.map_err(propose_error) })
     }
 }
 
@@ -123,13 +124,16 @@ impl Forwarder for PeerForwarder {
 ///
 /// It also answers what peers ask of the node as a whole (its status; a
 /// drill's isolation), and while the node is isolated it refuses everything
-/// but status requests, so no peer's message reaches its Raft groups.
+/// but status requests, so no peer's message reaches its Raft groups. A
+/// request from a fenced copy gets nothing but a status either (see
+/// [`crate::fence`]).
 #[derive(Clone)]
 pub struct GroupHandler {
     node_id: u64,
     groups: Arc<BTreeMap<u32, Group>>,
     raft: RaftHandler,
     isolation: Isolation,
+    fence: Fence,
 }
 
 impl GroupHandler {
@@ -137,7 +141,13 @@ impl GroupHandler {
     /// everything while `isolation` is set.
     pub fn new(node_id: u64, groups: BTreeMap<u32, Group>, isolation: Isolation) -> GroupHandler {
         let raft = RaftHandler::new(groups.iter().map(|(&id, group)| (id, group.raft().clone())).collect());
-        GroupHandler { node_id, groups: Arc::new(groups), raft, isolation }
+        GroupHandler { node_id, groups: Arc::new(groups), raft, isolation, fence: Fence::default() }
+    }
+
+    /// The same handler, checking every request's stamp against `fence`.
+    pub fn with_fence(mut self, fence: Fence) -> GroupHandler {
+        self.fence = fence;
+        self
     }
 
     /// This node's view of itself and its groups.
@@ -153,12 +163,15 @@ impl GroupHandler {
     pub async fn dispatch(&self, request: PeerRequest) -> Result<PeerResponse, Refusal> {
         // Status still answers, so operators (and a second drill) can see
         // that the node is cut off and for how long; nothing else does.
+        let isolated = self.isolation.is_isolated();
+        let admitted = if isolated { Ok(()) } else { self.fence.admit(request.stamp) };
         if let PeerBody::Status = request.body {
             return Ok(PeerResponse::Status(self.status()));
         }
-        if self.isolation.is_isolated() {
+        if isolated {
             return Err(Refusal::Isolated);
         }
+        admitted.map_err(Refusal::Fenced)?;
         if let PeerBody::Isolate { for_ms } = request.body {
             tracing::warn!(for_ms, "a drill isolates this node from its peers");
             self.isolation.isolate_for(Duration::from_millis(for_ms));

@@ -34,6 +34,7 @@ use super::isolation::Isolation;
 use super::server::PeerHandler;
 use super::tls::server_name;
 use super::wire::{PeerBody, PeerRequest, PeerResponse, Refusal};
+use crate::fence::Fence;
 
 /// The node's clients, one per peer (node id and address), shared by every
 /// group, so that all of a node's groups multiplex over one connection per
@@ -44,6 +45,8 @@ pub struct PeerClients {
     limits: ClientLimits,
     /// Shared by every client: cuts this node off from all peers at once.
     isolation: Isolation,
+    /// Shared by every client: stamps their requests (see [`crate::fence`]).
+    fence: Fence,
     /// Keyed by node id and address: the id names the certificate the server
     /// must present, so a node that moved address, or an address reused by
     /// another node, gets a client of its own.
@@ -53,7 +56,20 @@ pub struct PeerClients {
 impl PeerClients {
     /// An empty pool; clients are made on first use.
     pub fn new(tls: Arc<rustls::ClientConfig>, limits: ClientLimits) -> PeerClients {
-        PeerClients { tls, limits, isolation: Isolation::default(), clients: Arc::new(Mutex::new(BTreeMap::new())) }
+        PeerClients {
+            tls,
+            limits,
+            isolation: Isolation::default(),
+            fence: Fence::default(),
+            clients: Arc::new(Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    /// The same pool, its clients stamping requests with `fence`. Set before
+    /// the first client is made.
+    pub fn with_fence(mut self, fence: Fence) -> PeerClients {
+        self.fence = fence;
+        self
     }
 
     /// The switch that cuts every client of this pool off from its peer.
@@ -69,6 +85,7 @@ impl PeerClients {
             .or_insert_with(|| {
                 PeerClient::new(addr, server_name(node_id), self.tls.clone(), self.limits.clone())
                     .with_isolation(self.isolation.clone())
+                    .with_fence(self.fence.clone(), self.fence.is_elsewhere(node_id))
             })
             .clone()
     }
@@ -134,7 +151,7 @@ impl PeerConnection {
         option: &RPCOption,
     ) -> Result<PeerResponse, (RPCTypes, Duration, TransportError)> {
         let timeout = option.hard_ttl();
-        let request = PeerRequest { group: self.group, body };
+        let request = PeerRequest::new(self.group, body);
         self.client.call(request, timeout).await.map_err(|error| (action, timeout, error))
     }
 

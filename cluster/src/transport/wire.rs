@@ -21,6 +21,7 @@ use storage::codec::{self, CodecError};
 use storage::TypeConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::fence::Stamp;
 use crate::status::NodeStatus;
 use crate::ProposeError;
 
@@ -36,8 +37,18 @@ pub const FRAME_MAX_BYTES: usize = 64 * 1024 * 1024;
 pub struct PeerRequest {
     /// Which Raft group on the peer handles it.
     pub group: u32,
+    /// The sender's generation (see [`crate::fence`]); the sending client
+    /// sets it.
+    pub stamp: Stamp,
     /// What is asked.
     pub body: PeerBody,
+}
+
+impl PeerRequest {
+    /// A request of `body` to group `group`, stamped when it is sent.
+    pub fn new(group: u32, body: PeerBody) -> PeerRequest {
+        PeerRequest { group, stamp: Stamp::default(), body }
+    }
 }
 
 /// The requests a node sends its peers: the three Raft RPCs, and what a
@@ -155,6 +166,10 @@ pub enum Refusal {
     /// its Raft groups until the drill's isolation ends.
     #[error("peer is isolated by a drill")]
     Isolated,
+    /// The sender's copy is of an older generation than one the peer knows
+    /// (see [`crate::fence`]): the sender is fenced.
+    #[error("fenced: the peer knows generation {0}, newer than the sender's copy")]
+    Fenced(u64),
     /// The peer's handler does not serve this kind of request.
     #[error("peer does not serve {0} requests")]
     Unsupported(String),
@@ -305,13 +320,13 @@ mod tests {
     use super::*;
 
     fn vote_request() -> PeerRequest {
-        PeerRequest {
-            group: 3,
-            body: PeerBody::Vote(VoteRequest {
+        PeerRequest::new(
+            3,
+            PeerBody::Vote(VoteRequest {
                 vote: Vote::new(4, 2),
                 last_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 17)),
             }),
-        }
+        )
     }
 
     #[tokio::test]
@@ -320,10 +335,7 @@ mod tests {
         let first = RequestEnvelope { id: 1, request: vote_request() };
         let second = RequestEnvelope {
             id: 2,
-            request: PeerRequest {
-                group: 0,
-                body: PeerBody::Forward(vec![Command::Restock { sku: "x".into(), units: 5 }]),
-            },
+            request: PeerRequest::new(0, PeerBody::Forward(vec![Command::Restock { sku: "x".into(), units: 5 }])),
         };
         for envelope in [&first, &second] {
             write_frame(&mut a, &encode_payload(envelope, FRAME_MAX_BYTES).unwrap()).await.unwrap();
@@ -358,10 +370,7 @@ mod tests {
 
     #[test]
     fn encoder_refuses_a_payload_over_the_bound() {
-        let big = PeerRequest {
-            group: 0,
-            body: PeerBody::Forward(vec![Command::Restock { sku: "y".repeat(100), units: 1 }]),
-        };
+        let big = PeerRequest::new(0, PeerBody::Forward(vec![Command::Restock { sku: "y".repeat(100), units: 1 }]));
         assert!(matches!(encode_payload(&big, 50), Err(FrameError::TooLarge { max: 50, .. })));
     }
 
