@@ -229,6 +229,18 @@ pub struct Switchover {
     pub to: String,
 }
 
+/// `POST /v1/admin/failover`: promote this node's region, the region that
+/// takes writes being lost.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Failover {
+    /// The region to take writes: this node's, e.g. `dr`.
+    pub to: String,
+    /// Must be `true`: a forced failover may lose acknowledged orders (it
+    /// reports which), and `GET /v1/admin/failover/preview` says how many.
+    pub force: bool,
+}
+
 /// `POST /v1/admin/drills/zone-loss`: cut every node of a zone off from the
 /// cluster for a while and measure what checkout sees.
 #[derive(Debug, Deserialize, ToSchema)]

@@ -391,6 +391,35 @@ pub async fn failover_preview(_: Operator, state: web::Data<AppState>) -> Result
     Ok(HttpResponse::Ok().json(state.node.failover_preview()?))
 }
 
+#[utoipa::path(post, path = "/v1/admin/failover", tag = "operator", request_body = Failover,
+    security(("operator" = [])),
+    responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 409, body = Problem, description = "the writing region answers, a node of this region does not, \
+            another node's copy is more advanced, or this node is fenced"),
+        (status = 422, body = Problem, description = "`force` is not true, or no such region")))]
+/// Forces an unplanned failover to this node's region: the region that
+/// takes writes is lost. Ask the region's node with the most advanced copy
+/// (the preview says which). Refused while any node of the writing region
+/// answers. This node's copy is promoted in a new epoch and generation: the
+/// old primary's nodes are fenced and take no writes if they return; units
+/// the old primary may have sold go out of sale; the report names the order
+/// ids that may be lost. Answers at once; the report fills in as it runs.
+pub async fn start_failover(
+    _: Operator,
+    state: web::Data<AppState>,
+    body: web::Json<Failover>,
+) -> Result<HttpResponse> {
+    if !body.force {
+        let why = "a failover may lose acknowledged orders: say \"force\": true, after reading \
+                   GET /v1/admin/failover/preview";
+        return Err(ApiError::Rejected(domain::Rejection::Invalid(why.into())));
+    }
+    let report = state.node.start_failover(&body.to, "operator").await?;
+    Ok(HttpResponse::Accepted()
+        .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
+        .json(report))
+}
+
 #[utoipa::path(get, path = "/v1/admin/drills", tag = "operator", security(("operator" = [])),
     responses((status = 200, body = Vec<DrillReport>)))]
 /// Every drill on record in the cluster (the latest 100), oldest first: any

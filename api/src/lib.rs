@@ -69,6 +69,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route("/admin/drills/zone-loss", web::post().to(handlers::start_zone_loss_drill))
                     .route("/admin/switchover", web::post().to(handlers::start_switchover))
                     .route("/admin/failover/preview", web::get().to(handlers::failover_preview))
+                    .route("/admin/failover", web::post().to(handlers::start_failover))
                     .route("/admin/drills/{id}", web::get().to(handlers::get_drill)),
             )
             .default_service(web::to(handlers::not_found)),

@@ -105,6 +105,18 @@ impl ApiError {
             ApiError::Drill(DrillError::RegionLosesQuorum { .. }) => {
                 (StatusCode::CONFLICT, "region-loses-quorum", "The region could not survive losing a zone")
             }
+            ApiError::Drill(DrillError::PrimaryReachable { .. }) => {
+                (StatusCode::CONFLICT, "primary-reachable", "The region that takes writes is not lost")
+            }
+            ApiError::Drill(DrillError::CopyUnreachable(_)) => {
+                (StatusCode::CONFLICT, "copy-unreachable", "A node of the region does not answer")
+            }
+            ApiError::Drill(DrillError::CopyBehind { .. } | DrillError::OutsideRegion { .. }) => {
+                (StatusCode::CONFLICT, "not-most-advanced", "Ask the region's node with the most advanced copy")
+            }
+            ApiError::Drill(DrillError::Fenced(_)) => {
+                (StatusCode::CONFLICT, "fenced", "This node's copy was superseded by a failover")
+            }
             ApiError::Drill(DrillError::AlreadyRunning(_) | DrillError::AlreadyIsolated(_)) => {
                 (StatusCode::CONFLICT, "drill-running", "A drill is running")
             }

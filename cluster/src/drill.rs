@@ -56,7 +56,7 @@ const PROBE_HOLD_MS: u64 = 2_000;
 pub struct DrillReport {
     /// Unique per coordinator: the coordinator's clock at the start, in ms.
     pub id: u64,
-    /// `zone-loss` or `switchover`.
+    /// `zone-loss`, `switchover` or `failover`.
     pub kind: String,
     /// The zone cut off (zone-loss).
     pub zone: String,
@@ -104,6 +104,10 @@ pub struct DrillReport {
     /// From the end of the isolation until every node had applied what the
     /// leader had committed then; absent if that did not happen in time.
     pub caught_up_ms: Option<u64>,
+    /// A forced failover's cost: the promoted copy, its lag at the cut, the
+    /// units out of sale and the order ids that may be lost.
+    #[serde(default)]
+    pub failover: Option<crate::FailoverPreview>,
 }
 
 impl DrillReport {
@@ -131,6 +135,7 @@ impl DrillReport {
             orders_lost: Vec::new(),
             oversold_units: 0,
             caught_up_ms: None,
+            failover: None,
         }
     }
 }
@@ -209,6 +214,41 @@ pub enum DrillError {
     /// more could lose the majority.
     #[error("node {0} is isolated by a drill already")]
     AlreadyIsolated(u64),
+    /// Nodes of the region that takes writes answer: it is not lost, and a
+    /// forced failover would split the sale in two. Move writes with a
+    /// switchover instead, or stop those nodes first.
+    #[error("nodes {nodes:?} of region {region:?} answer: it is not lost (use a switchover, or stop them first)")]
+    PrimaryReachable {
+        /// The region that takes writes.
+        region: String,
+        /// Its nodes that answered.
+        nodes: Vec<u64>,
+    },
+    /// A node of this region does not answer: its copy may be the most
+    /// advanced, and only that one may be promoted.
+    #[error("node {0} of this region does not answer; its copy may be the most advanced")]
+    CopyUnreachable(u64),
+    /// Another node of the region has a more advanced copy.
+    #[error("node {node} has applied up to log index {applied_index}, this node only {own}: ask node {node}")]
+    CopyBehind {
+        /// The node to ask.
+        node: u64,
+        /// Its applied index.
+        applied_index: u64,
+        /// This node's.
+        own: u64,
+    },
+    /// A failover to a region runs on one of its nodes.
+    #[error("node {node} is not in region {region:?}: ask the region's node with the most advanced copy")]
+    OutsideRegion {
+        /// The region asked for.
+        region: String,
+        /// This node.
+        node: u64,
+    },
+    /// This node's copy is fenced by a newer generation.
+    #[error("this node is fenced by generation {0}: a failover promoted another copy already")]
+    Fenced(u64),
 }
 
 /// The drills a node ran, newest last. Cheap to clone.

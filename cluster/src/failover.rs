@@ -1,14 +1,51 @@
-//! What an unplanned failover to this node's region would cost if the
-//! writing region were lost now: `GroupState::fail_over` run on a clone of
-//! this node's applied state, which changes nothing. Operators read it
-//! (`surge ctl failover --to dr`) to know their exposure before a disaster,
-//! and it is the report a forced failover will give.
+//! **Unplanned failover**: the region that takes writes is gone, and the
+//! DR region takes over without it.
+//!
+//! [`preview`] says what that would cost right now: `GroupState::fail_over`
+//! run on a clone of this node's applied state, which changes nothing.
+//! Operators read it (`surge ctl failover --to dr`) to know their exposure
+//! before a disaster.
+//!
+//! A **forced failover** (`surge ctl failover --to dr --force`) carries it
+//! out, on the node of the DR region with the most advanced copy:
+//!
+//! 1. It refuses while any node of the writing region answers (that is a
+//!    partition, not a lost region: a switchover is the tool), or while any
+//!    node of its own region does not (the missing one may have the most
+//!    advanced copy, which alone has every escrow grant the region
+//!    confirmed), or while another node's copy is ahead of its own.
+//! 2. It applies `fail_over` to a clone of its copy: escrowed units out of
+//!    sale, the order ids the old primary may have used skipped, a new
+//!    epoch, and a new **generation**.
+//! 3. It learns the new generation in its fence (on disk) and tells every
+//!    node of its region, so none of them accepts the old primary's
+//!    messages from now on (see [`crate::fence`]).
+//! 4. It founds a new group: openraft's `install_full_snapshot` installs
+//!    the failed-over copy as a snapshot after every index and under a vote
+//!    above every term the region's nodes have seen, with this node as the
+//!    only voter and the region's other nodes as learners. It elects itself
+//!    and replicates the snapshot to them.
+//! 5. A probe shopper checks out until it works; the report holds what the
+//!    failover cost (the [`FailoverPreview`] of the promoted copy) and how
+//!    long after the command checkout worked again.
+//!
+//! The group a failover founds has no member in another region, so it sells
+//! without escrow until failback gives it a DR copy again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
+use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, Snapshot, SnapshotMeta, StoredMembership, Vote};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
+use crate::drill::{self, DrillReport, Outages, Probe, Timeline, PROBE_EVERY, SETTLE_MAX};
+use crate::status::GroupStatus;
 use crate::{DrillError, Node};
+
+/// How long a node of either region gets to answer while a forced failover
+/// checks who is reachable.
+const ASK_FOR: Duration = Duration::from_secs(1);
 
 /// A failover's cost, as computed from one node's copy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +61,9 @@ pub struct FailoverPreview {
     /// On a DR replica, how stale its copy may be: acknowledgements of the
     /// last this many milliseconds may be lost.
     pub stale_ms_max: Option<u64>,
+    /// The generation it would found: the old primary's nodes, of a lower
+    /// one, are fenced.
+    pub generation: u64,
     /// The epoch it would take writes in.
     pub epoch: u64,
     /// Its copy's clock at its last entry.
@@ -52,17 +92,186 @@ pub fn preview(node: &Node) -> Result<FailoverPreview, DrillError> {
     let applied_index = node.group().raft().metrics().borrow().last_applied.map_or(0, |id| id.index);
     let mut copy = node.read_local(Clone::clone);
     let cost = copy.fail_over(&region);
-    Ok(FailoverPreview {
-        node: node.id(),
-        region,
-        applied_index,
-        stale_ms_max: node.group().stale_ms_max(),
-        epoch: cost.epoch,
-        cut_at_ms: cost.cut_at_ms,
-        undersell_units: cost.unsettled.values().sum(),
-        unsettled: cost.unsettled,
-        orders_maybe_lost_from: cost.orders_maybe_lost.start,
-        orders_maybe_lost_to: cost.orders_maybe_lost.end,
-        payments_in_doubt: cost.payments_in_doubt,
-    })
+    Ok(FailoverPreview::of(node, applied_index, cost))
+}
+
+impl FailoverPreview {
+    /// Whether the report names `order`: as an id the lost primary may
+    /// have acknowledged, or as an order whose payment is in doubt.
+    pub fn names(&self, order: u64) -> bool {
+        (self.orders_maybe_lost_from..self.orders_maybe_lost_to).contains(&order)
+            || self.payments_in_doubt.contains(&order)
+    }
+
+    fn of(node: &Node, applied_index: u64, cost: domain::Failover) -> FailoverPreview {
+        FailoverPreview {
+            node: node.id(),
+            region: cost.region,
+            applied_index,
+            stale_ms_max: node.group().stale_ms_max(),
+            generation: cost.generation,
+            epoch: cost.epoch,
+            cut_at_ms: cost.cut_at_ms,
+            undersell_units: cost.unsettled.values().sum(),
+            unsettled: cost.unsettled,
+            orders_maybe_lost_from: cost.orders_maybe_lost.start,
+            orders_maybe_lost_to: cost.orders_maybe_lost.end,
+            payments_in_doubt: cost.payments_in_doubt,
+        }
+    }
+}
+
+/// What a forced failover found when it was planned.
+pub(crate) struct Plan {
+    /// The region that takes writes now, lost.
+    lost: String,
+    /// Every node of this node's region, with its status.
+    region_nodes: BTreeMap<u64, GroupStatus>,
+}
+
+/// Checks that this node may force a failover to its region `to` now (see the
+/// module documentation), records it as running, and returns its first
+/// report.
+pub(crate) async fn plan(node: &Node, to: &str, requested_by: &str) -> Result<(DrillReport, Plan), DrillError> {
+    let topology = node.topology();
+    if !topology.nodes.iter().any(|spec| spec.region == to) {
+        return Err(DrillError::UnknownRegion(to.to_string()));
+    }
+    let region = topology.node(node.id()).map(|spec| spec.region.clone()).unwrap_or_default();
+    if region != to {
+        return Err(DrillError::OutsideRegion { region: to.to_string(), node: node.id() });
+    }
+    let lost = node.primary_region();
+    if region == lost {
+        return Err(DrillError::AlreadyPrimary(region));
+    }
+    if let Some(generation) = node.group().fence().fenced_by() {
+        return Err(DrillError::Fenced(generation));
+    }
+    let ask = |id: u64| async move {
+        let status = tokio::time::timeout(ASK_FOR, node.node_status(id)).await;
+        (id, status.ok().and_then(Result::ok).and_then(|status| status.groups.into_iter().next()))
+    };
+    let writing = topology.nodes.iter().filter(|spec| spec.region == lost).map(|spec| ask(spec.id));
+    let answering: Vec<u64> =
+        futures::future::join_all(writing).await.into_iter().filter_map(|(id, status)| status.map(|_| id)).collect();
+    if !answering.is_empty() {
+        return Err(DrillError::PrimaryReachable { region: lost, nodes: answering });
+    }
+    let own = topology.nodes.iter().filter(|spec| spec.region == region).map(|spec| ask(spec.id));
+    let mut region_nodes = BTreeMap::new();
+    for (id, status) in futures::future::join_all(own).await {
+        region_nodes.insert(id, status.ok_or(DrillError::CopyUnreachable(id))?);
+    }
+    let mine = region_nodes.get(&node.id()).map_or(0, |status| status.applied_index);
+    if let Some((&ahead, status)) = region_nodes.iter().find(|(_, status)| status.applied_index > mine) {
+        return Err(DrillError::CopyBehind { node: ahead, applied_index: status.applied_index, own: mine });
+    }
+    let report = DrillReport {
+        nodes: region_nodes.keys().copied().collect(),
+        region: Some(region),
+        ..DrillReport::started("failover", node.id(), requested_by, node.clock_ms())
+    };
+    node.drills().begin(report.clone())?;
+    Ok((report, Plan { lost, region_nodes }))
+}
+
+/// Carries a planned forced failover out and records its report.
+pub(crate) async fn run(node: Node, id: u64, plan: Plan) {
+    let log = Timeline::new(&node, id);
+    let outcome = match promote(&node, &log, &plan).await {
+        Ok(()) => resume(&node, &log, id).await,
+        Err(why) => Err(why),
+    };
+    drill::finish(&node, id, outcome).await;
+}
+
+/// Steps 2 to 4: fail the copy over, fence, found the new group.
+async fn promote(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String> {
+    let region = node.topology().node(node.id()).map(|spec| spec.region.clone()).unwrap_or_default();
+    log.note(format!("region {:?} does not answer; failing over to {region:?}", plan.lost));
+    let group = node.group();
+    let applied_index = group.raft().metrics().borrow().last_applied.map_or(0, |id| id.index);
+    let mut state = node.read_local(Clone::clone);
+    let cost = state.fail_over(&region);
+    let generation = cost.generation;
+    let preview = FailoverPreview::of(node, applied_index, cost);
+    log.note(format!(
+        "promoting node {}'s copy at log index {applied_index} ({}): {} units out of sale, \
+         order ids {}..{} may be lost, {} payments in doubt",
+        node.id(),
+        preview.stale_ms_max.map_or("a voter: it had every entry it acknowledged".into(), |ms| format!(
+            "a replica, stale by at most {ms} ms"
+        )),
+        preview.undersell_units,
+        preview.orders_maybe_lost_from,
+        preview.orders_maybe_lost_to,
+        preview.payments_in_doubt.len()
+    ));
+    log.update(|report| report.failover = Some(preview));
+
+    group.fence().learn(generation);
+    for &peer in plan.region_nodes.keys().filter(|&&peer| peer != node.id()) {
+        // A status request carries the new generation in its stamp.
+        if let Err(error) = node.node_status(peer).await {
+            return Err(format!("telling node {peer} of generation {generation}: {error}"));
+        }
+    }
+    log.note(format!("generation {generation} fences the old primary on every node of {region:?}"));
+
+    let term = plan.region_nodes.values().map(|status| status.term).max().unwrap_or(0) + 1;
+    let index = plan.region_nodes.values().map(|status| status.last_log_index).max().unwrap_or(0) + 1;
+    // Node 0 names no node: the vote only has to outrank every earlier one.
+    let log_id = LogId::new(CommittedLeaderId::new(term, 0), index);
+    let nodes: BTreeMap<u64, BasicNode> = plan
+        .region_nodes
+        .keys()
+        .filter_map(|id| node.topology().node(*id).map(|spec| (*id, BasicNode::new(spec.peer.clone()))))
+        .collect();
+    let membership = Membership::new(vec![BTreeSet::from([node.id()])], nodes);
+    let meta = SnapshotMeta {
+        last_log_id: Some(log_id),
+        last_membership: StoredMembership::new(Some(log_id), membership),
+        snapshot_id: format!("failover-{generation}"),
+    };
+    let data = storage::codec::encode(&state).map_err(|e| format!("encoding the failed-over copy: {e}"))?;
+    let snapshot = Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(data)) };
+    group
+        .raft()
+        .install_full_snapshot(Vote::new_committed(term, 0), snapshot)
+        .await
+        .map_err(|e| format!("installing the failed-over copy: {e}"))?;
+    group.fence().set_generation(generation);
+    log.note(format!("new group founded at log index {index}, term {term}: node {} votes alone", node.id()));
+
+    let deadline = Instant::now() + SETTLE_MAX;
+    while !group.is_leader() {
+        if Instant::now() > deadline {
+            return Err("the promoted node did not elect itself".into());
+        }
+        // Ignored if it campaigns already.
+        let _ = group.campaign().await;
+        tokio::time::sleep(PROBE_EVERY * 5).await;
+    }
+    log.note(format!("node {} leads generation {generation}", node.id()));
+    Ok(())
+}
+
+/// Step 5: probe checkout until it works, then read the probe orders back.
+async fn resume(node: &Node, log: &Timeline, id: u64) -> Result<(), String> {
+    let started = Instant::now();
+    let mut probe = Probe::open(node, id).await?;
+    let mut outages = Outages::default();
+    while outages.acknowledged.is_empty() {
+        if started.elapsed() > SETTLE_MAX {
+            return Err("checkout did not work after the failover".into());
+        }
+        outages.probe(&mut probe, log).await;
+        if outages.acknowledged.is_empty() {
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+    let resumed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    log.note(format!("checkout works in the new generation, {resumed_ms} ms after the new group was led"));
+    drill::audit(node, log, &outages.acknowledged).await
 }

@@ -223,6 +223,15 @@ impl Node {
         crate::failover::preview(self)
     }
 
+    /// Forces a failover of writes to this node's region, the region that
+    /// takes them being lost (see [`crate::failover`]), and returns its
+    /// first report; it runs on in the background.
+    pub async fn start_failover(&self, region: &str, requested_by: &str) -> Result<DrillReport, DrillError> {
+        let (report, plan) = crate::failover::plan(self, region, requested_by).await?;
+        actix::spawn(crate::failover::run(self.clone(), report.id, plan));
+        Ok(report)
+    }
+
     /// Moves the group's leadership to node `to` (see [`crate::leadership`]).
     pub async fn transfer_leadership(&self, to: u64) -> Result<LeaderMoved, TransferError> {
         leadership::transfer(self, to, self.group.lease(), &self.transferring).await

@@ -71,12 +71,16 @@ enum CtlCommand {
     /// What an unplanned failover to a region would cost if the region that
     /// takes writes were lost now: asks every node of the region and shows
     /// the most advanced copy's report (units taken out of sale, order ids
-    /// that may be lost, payments in doubt). Changes nothing.
+    /// that may be lost, payments in doubt). Changes nothing without
+    /// `--force`.
     Failover {
         /// The region that would take writes, e.g. `dr`.
         #[arg(long)]
         to: String,
-        /// Carry the failover out. Not built yet: refused.
+        /// Carry it out: the region that takes writes is lost. Promotes the
+        /// most advanced copy in a new generation, which fences the old
+        /// primary's nodes. Refused while any of them answers. Exits
+        /// non-zero if it failed.
         #[arg(long)]
         force: bool,
         /// Print the report as JSON instead.
@@ -161,12 +165,16 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             );
             verdict(&leader, report.id, *json, "the switchover").await
         }
-        CtlCommand::Failover { to, force, json } => {
-            anyhow::ensure!(
-                !force,
-                "carrying out an unplanned failover is not built yet (ARCHITECTURE.md, \"What is not built yet\"); \
-                 without --force this shows what it would cost now"
-            );
+        CtlCommand::Failover { to, force: true, json } => {
+            let preview = failover_preview(&api, to).await?;
+            let node = node_endpoint(&api, preview.node).await?;
+            let promoted = api.at(&node);
+            let report: DrillReport =
+                serde_json::from_value(promoted.post("/v1/admin/failover", json!({ "to": to, "force": true })).await?)?;
+            println!("failover {}: region {to} takes writes, from node {}'s copy", report.id, report.coordinator);
+            verdict(&promoted, report.id, *json, "the failover").await
+        }
+        CtlCommand::Failover { to, force: false, json } => {
             let preview = failover_preview(&api, to).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&preview)?);
@@ -230,6 +238,16 @@ async fn leader_endpoint(api: &Api<'_>) -> anyhow::Result<String> {
     Ok(format!("{scheme}://{}", leader["api"].as_str().context("the leader has no API address")?))
 }
 
+/// The base URL of node `id`'s API, from the endpoint's view of the
+/// cluster, with the endpoint's scheme.
+async fn node_endpoint(api: &Api<'_>, id: u64) -> anyhow::Result<String> {
+    let status = api.get("/v1/cluster").await?;
+    let nodes = status["nodes"].as_array().context("no nodes in the answer")?;
+    let node = nodes.iter().find(|node| node["id"] == id).with_context(|| format!("no node {id} in the cluster"))?;
+    let scheme = api.endpoint.split_once("://").map_or("http", |(scheme, _)| scheme);
+    Ok(format!("{scheme}://{}", node["api"].as_str().context("the node has no API address")?))
+}
+
 /// The failover preview of the most advanced reachable node of `region`:
 /// the copy a failover would promote.
 async fn failover_preview(api: &Api<'_>, region: &str) -> anyhow::Result<FailoverPreview> {
@@ -256,10 +274,19 @@ async fn failover_preview(api: &Api<'_>, region: &str) -> anyhow::Result<Failove
 }
 
 fn render_preview(preview: &FailoverPreview) -> String {
+    render_cost(preview, "a failover to region {region} now would promote")
+}
+
+/// A failover's cost, under a headline whose `{region}` names its region.
+fn render_cost(preview: &FailoverPreview, headline: &str) -> String {
     let stale = preview.stale_ms_max.map_or(String::new(), |ms| format!(", at most {ms} ms stale"));
     let mut out = format!(
-        "a failover to region {} now would promote node {} (applied index {}{stale}) in epoch {}\n",
-        preview.region, preview.node, preview.applied_index, preview.epoch
+        "{} node {} (applied index {}{stale}) in epoch {}, generation {}\n",
+        headline.replace("{region}", &preview.region),
+        preview.node,
+        preview.applied_index,
+        preview.epoch,
+        preview.generation
     );
     out.push_str(&format!("  units out of sale until failback  {} {:?}\n", preview.undersell_units, preview.unsettled));
     let (from, to) = (preview.orders_maybe_lost_from, preview.orders_maybe_lost_to);
@@ -412,6 +439,10 @@ fn render_report(report: &DrillReport) -> String {
     ));
     out.push_str(&format!("  acknowledged orders lost  {} {:?}\n", report.orders_lost.len(), report.orders_lost));
     out.push_str(&format!("  units oversold            {}\n", report.oversold_units));
+    if let Some(cost) = &report.failover {
+        out.push_str(&render_cost(cost, "failed over to region {region}: promoted"));
+        return out;
+    }
     if let Some(region) = &report.region {
         let copied = report.caught_up_ms.map_or("never".into(), |ms| format!("{ms} ms after the freeze"));
         out.push_str(&format!("  region {region} had every entry {copied}\n"));

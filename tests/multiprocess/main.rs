@@ -2,6 +2,7 @@
 //! the public API and killed for real. One test binary, a module per feature.
 
 mod dr_replication;
+mod failover;
 mod kill_restart;
 mod public_tls;
 mod support;
