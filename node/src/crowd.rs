@@ -512,6 +512,10 @@ pub struct CrowdReport {
     pub watch: Watch,
     /// The first few unexpected answers, verbatim.
     pub unexpected_samples: Vec<String>,
+    /// The order each unexpected answer to a payment or a cancellation was
+    /// about: after a forced failover, an order the promoted region never
+    /// heard of is reported, not unexpected.
+    pub unexpected_orders: Vec<u64>,
 }
 
 /// State shared by the crowd's workers (one thread, so `Cell`/`RefCell`).
@@ -523,6 +527,8 @@ struct Crowd {
     counters: RefCell<Counters>,
     ledger: RefCell<Vec<Acked>>,
     samples: RefCell<Vec<String>>,
+    /// The order each unexpected answer about an order was about.
+    unexpected_orders: RefCell<Vec<u64>>,
     progress: ProgressBar,
 }
 
@@ -546,6 +552,12 @@ impl Crowd {
         if samples.len() < UNEXPECTED_SAMPLES_MAX {
             samples.push(format!("{} -> {what}", req.describe()));
         }
+    }
+
+    /// An unexpected answer about order `order_id`.
+    fn unexpected_about(&self, order_id: u64, req: &Req<'_>, what: &str) {
+        self.unexpected_orders.borrow_mut().push(order_id);
+        self.unexpected(req, what);
     }
 
     fn acknowledge(&self, shopper: usize, token: &str, placed: &Placed) -> usize {
@@ -598,6 +610,7 @@ pub async fn run(endpoints: &[String], plan: Plan, progress: ProgressBar) -> Cro
         counters: RefCell::default(),
         ledger: RefCell::default(),
         samples: RefCell::default(),
+        unexpected_orders: RefCell::default(),
         progress,
     };
     let stats = Rc::new(RefCell::new(Stats::recording()));
@@ -627,6 +640,7 @@ pub async fn run(endpoints: &[String], plan: Plan, progress: ProgressBar) -> Cro
         wall,
         watch,
         unexpected_samples: crowd.samples.into_inner(),
+        unexpected_orders: crowd.unexpected_orders.into_inner(),
     }
 }
 
@@ -1118,7 +1132,7 @@ async fn pay(
         match http.call(&req).await {
             Ok(reply) if reply.is_problem(402, "payment-declined") => crowd.count(|c| c.payments_declined += 1),
             Ok(reply) if reply.is_problem(409, "order-final") => return crowd.count(|c| c.payments_too_late += 1),
-            Ok(reply) => return crowd.unexpected(&req, &reply.describe()),
+            Ok(reply) => return crowd.unexpected_about(order_id, &req, &reply.describe()),
             Err(_) => return,
         }
         // A declined payment leaves the order waiting for another try.
@@ -1127,10 +1141,14 @@ async fn pay(
             Ok(reply) if reply.status == 200 => {
                 let status = reply.body.get("status").and_then(Value::as_str).unwrap_or("");
                 if status != "pending_payment" && status != "expired" {
-                    crowd.unexpected(&req, &format!("after a declined payment the order is {status:?}"));
+                    crowd.unexpected_about(
+                        order_id,
+                        &req,
+                        &format!("after a declined payment the order is {status:?}"),
+                    );
                 }
             }
-            Ok(reply) => crowd.unexpected(&req, &reply.describe()),
+            Ok(reply) => crowd.unexpected_about(order_id, &req, &reply.describe()),
             Err(_) => {}
         }
     }
@@ -1141,11 +1159,11 @@ async fn pay(
                 crowd.count(|c| c.payments_approved += 1);
                 crowd.update(entry, |acked| acked.status = AckedStatus::Paid);
             } else {
-                crowd.unexpected(&req, &format!("200 but not paid: {}", reply.body));
+                crowd.unexpected_about(order_id, &req, &format!("200 but not paid: {}", reply.body));
             }
         }
         Ok(reply) if reply.is_problem(409, "order-final") => crowd.count(|c| c.payments_too_late += 1),
-        Ok(reply) => crowd.unexpected(&req, &reply.describe()),
+        Ok(reply) => crowd.unexpected_about(order_id, &req, &reply.describe()),
         Err(_) => {}
     }
 }
@@ -1159,11 +1177,11 @@ async fn cancel(crowd: &Crowd, http: &Http, token: &str, entry: usize, order_id:
                 crowd.count(|c| c.cancels += 1);
                 crowd.update(entry, |acked| acked.status = AckedStatus::Cancelled);
             } else {
-                crowd.unexpected(&req, &format!("200 but not cancelled: {}", reply.body));
+                crowd.unexpected_about(order_id, &req, &format!("200 but not cancelled: {}", reply.body));
             }
         }
         Ok(reply) if reply.is_problem(409, "order-final") => crowd.count(|c| c.cancels_too_late += 1),
-        Ok(reply) => crowd.unexpected(&req, &reply.describe()),
+        Ok(reply) => crowd.unexpected_about(order_id, &req, &reply.describe()),
         Err(_) => {}
     }
 }

@@ -113,6 +113,16 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Stops every node of `region`, as if the region were lost; the others
+    /// run on.
+    pub async fn stop_region(&mut self, region: &str) {
+        let (gone, kept) = std::mem::take(&mut self.nodes).into_iter().partition(|(spec, _)| spec.region == region);
+        self.nodes = kept;
+        for (_, server) in gone {
+            server.stop().await;
+        }
+    }
+
     /// Stops every node.
     pub async fn stop(self) {
         for (_, server) in self.nodes {
