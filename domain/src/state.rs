@@ -53,6 +53,8 @@ pub struct GroupState {
     in_doubt: BTreeSet<OrderId>,
     /// Raised by every forced failover; see [`GroupState::generation`].
     generation: u64,
+    /// The latest generation whose failover failback has settled.
+    settled_generation: u64,
 }
 
 /// A SKU's sale, stock, and how much of it each shopper holds or bought.
@@ -131,6 +133,7 @@ impl GroupState {
             Command::Thaw { epoch } => self.thaw(*epoch),
             Command::GrantEscrow { sku, units } => self.grant_escrow(sku, *units),
             Command::ConfirmEscrow { through } => self.confirm_escrow(*through),
+            Command::SettleFailover { generation, returned } => self.settle_failover(*generation, returned),
         };
         result.unwrap_or_else(Outcome::Rejected)
     }
@@ -243,6 +246,32 @@ impl GroupState {
             self.escrow_confirmed = through;
         }
         Ok(Outcome::Escrow { granted: self.escrow_granted, confirmed: self.escrow_confirmed })
+    }
+
+    fn settle_failover(&mut self, generation: u64, returned: &BTreeMap<String, u64>) -> Result<Outcome, Rejection> {
+        if generation == 0 || generation != self.generation {
+            return Err(Rejection::Invalid(format!(
+                "no failover of generation {generation} to settle (this copy is of generation {})",
+                self.generation
+            )));
+        }
+        if self.settled_generation == generation {
+            return Ok(Outcome::Settled { generation, replayed: true });
+        }
+        for (sku, units) in returned {
+            let unsettled =
+                self.skus.get(sku).ok_or_else(|| Rejection::UnknownSku { sku: sku.clone() })?.stock.unsettled;
+            if *units > unsettled {
+                return Err(Rejection::Invalid(format!(
+                    "{sku}: cannot return {units} units, {unsettled} are unsettled"
+                )));
+            }
+        }
+        for (sku, units) in returned {
+            self.skus.get_mut(sku).expect("checked above").stock.return_unsettled(*units);
+        }
+        self.settled_generation = generation;
+        Ok(Outcome::Settled { generation, replayed: false })
     }
 
     fn record_drill(&mut self, id: u64, coordinator: u64, record: &str) -> Result<Outcome, Rejection> {
@@ -664,6 +693,54 @@ impl GroupState {
             orders_maybe_lost: first..self.next_order,
             payments_in_doubt: self.deadlines.iter().map(|&(_, order)| order).collect(),
         }
+    }
+
+    /// Failback: compares `lost`, the copy of the primary this copy was
+    /// promoted without, with this one. Every order `lost` has in another
+    /// state than this copy (or that this copy lacks) is listed for an
+    /// operator to settle: the shopper was told what `lost` says. Units of
+    /// orders paid there that hold nothing here (this copy lacks them, or
+    /// let them expire or be cancelled, their units `unsettled`) were sold
+    /// there and stay out of sale; the rest of each SKU's unsettled units
+    /// nobody bought, and go back on sale. (An order pending there will
+    /// never be paid there: the lost primary is fenced. One paid there and
+    /// still pending here is listed, and holds its units here until it is
+    /// paid or expires.)
+    pub fn reconcile(&self, lost: &GroupState) -> Reconciliation {
+        let mut reconciliation = Reconciliation::default();
+        for there in lost.orders.values() {
+            let here = self.orders.get(&there.id).map(|order| order.status);
+            if here == Some(there.status) {
+                continue;
+            }
+            let holds_here = matches!(here, Some(OrderStatus::PendingPayment | OrderStatus::Paid));
+            if there.status == OrderStatus::Paid && !holds_here {
+                for line in &there.lines {
+                    *reconciliation.units_sold_there.entry(line.sku.clone()).or_default() += u64::from(line.qty);
+                }
+            }
+            reconciliation.orders_to_settle.push(OrderToSettle {
+                id: there.id,
+                shopper: there.shopper.clone(),
+                lines: there.lines.clone(),
+                amount_minor: there.amount_minor,
+                there: there.status,
+                here,
+            });
+        }
+        for (code, sku) in &self.skus {
+            let sold_there = reconciliation.units_sold_there.get(code).copied().unwrap_or(0);
+            let free = sku.stock.unsettled.saturating_sub(sold_there);
+            if free > 0 {
+                reconciliation.units_returned.insert(code.clone(), free);
+            }
+        }
+        reconciliation
+    }
+
+    /// Whether failback has settled this copy's failover.
+    pub fn failover_settled(&self) -> bool {
+        self.settled_generation == self.generation
     }
 
     /// Units of `sku` that orders pending or paid in either state hold or

@@ -72,6 +72,16 @@ impl Stock {
         self.assert_conserved();
     }
 
+    /// unsettled → available: units a failover took out of sale that
+    /// failback found nobody bought. The caller has checked
+    /// `units <= unsettled`.
+    pub fn return_unsettled(&mut self, units: u64) {
+        assert!(units <= self.unsettled, "return of {units} with {} unsettled", self.unsettled);
+        self.unsettled -= units;
+        self.available += units;
+        self.assert_conserved();
+    }
+
     /// escrowed → unsettled, all of it: what a failover does, because the
     /// old primary may have sold any escrowed unit after the copy's cut.
     /// Returns how many units moved.

@@ -182,6 +182,11 @@ pub enum Command {
     /// The DR copy, once it has applied every grant up to `through`: their
     /// units may be held now.
     ConfirmEscrow { through: u64 },
+    /// Failback after the forced failover that made generation
+    /// `generation`: each SKU's `returned` units go from `unsettled` back
+    /// on sale (see [`GroupState::reconcile`](crate::GroupState::reconcile)).
+    /// Once per generation; a repeat changes nothing.
+    SettleFailover { generation: u64, returned: BTreeMap<String, u64> },
 }
 
 impl Command {
@@ -224,6 +229,7 @@ impl Command {
             Command::Thaw { .. } => "thaw",
             Command::GrantEscrow { .. } => "grant_escrow",
             Command::ConfirmEscrow { .. } => "confirm_escrow",
+            Command::SettleFailover { .. } => "settle_failover",
         }
     }
 }
@@ -248,6 +254,9 @@ pub enum Outcome {
     /// `GrantEscrow` or `ConfirmEscrow` succeeded: the latest grant's
     /// number, and the latest confirmed.
     Escrow { granted: u64, confirmed: u64 },
+    /// `SettleFailover` succeeded; `replayed` when the generation was
+    /// settled already and nothing changed now.
+    Settled { generation: u64, replayed: bool },
     /// The command changed nothing, for this reason.
     Rejected(Rejection),
 }
@@ -361,4 +370,36 @@ pub struct Failover {
     /// their payment, or let them expire and freed their units. They may
     /// still be paid; unpaid, their units stay out of sale.
     pub payments_in_doubt: Vec<OrderId>,
+}
+
+/// What failback found comparing the lost primary's copy with the promoted
+/// one (see [`GroupState::reconcile`](crate::GroupState::reconcile)).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconciliation {
+    /// Orders the lost primary acknowledged in a state the promoted copy
+    /// does not have (or does not have at all), for an operator to settle.
+    pub orders_to_settle: Vec<OrderToSettle>,
+    /// Units per SKU in orders the lost primary has as paid that hold
+    /// nothing in the promoted copy: sold there, so they stay out of sale.
+    pub units_sold_there: BTreeMap<String, u64>,
+    /// Units per SKU the failover took out of sale that nobody bought:
+    /// they go back on sale.
+    pub units_returned: BTreeMap<String, u64>,
+}
+
+/// One order the two copies disagree on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderToSettle {
+    /// The order's id, the same in both copies.
+    pub id: OrderId,
+    /// Who placed it.
+    pub shopper: String,
+    /// What it holds or sold.
+    pub lines: Vec<Line>,
+    /// What it costs, in minor units.
+    pub amount_minor: u64,
+    /// Its status in the lost primary's copy: what the shopper was told.
+    pub there: OrderStatus,
+    /// Its status in the promoted copy, if it has the order at all.
+    pub here: Option<OrderStatus>,
 }
