@@ -241,6 +241,15 @@ pub struct Failover {
     pub force: bool,
 }
 
+/// `POST /v1/admin/failback`: settle a forced failover with the region it
+/// lost, and take that region back as the DR copy.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Failback {
+    /// The region the failover lost, e.g. `primary`.
+    pub from: String,
+}
+
 /// `POST /v1/admin/drills/zone-loss`: cut every node of a zone off from the
 /// cluster for a while and measure what checkout sees.
 #[derive(Debug, Deserialize, ToSchema)]

@@ -420,6 +420,30 @@ pub async fn start_failover(
         .json(report))
 }
 
+#[utoipa::path(post, path = "/v1/admin/failback", tag = "operator", request_body = Failback,
+    security(("operator" = [])),
+    responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 409, body = Problem, description = "not the leader, no failover happened, a node of the region \
+            does not answer, or nothing is due"),
+        (status = 422, body = Problem, description = "no such region")))]
+/// Fails back after a forced failover, from the region it lost. Ask the
+/// group's leader. Once per failover, every node of that region must
+/// answer: the most advanced one's copy is compared with this region's,
+/// the orders they disagree on are reported for an operator to settle,
+/// and the units nobody bought go back on sale. Then the region's nodes
+/// whose data was wiped (started with `join = true`) join as learners: the
+/// DR copy again. Answers at once; the report fills in as it runs.
+pub async fn start_failback(
+    _: Operator,
+    state: web::Data<AppState>,
+    body: web::Json<Failback>,
+) -> Result<HttpResponse> {
+    let report = state.node.start_failback(&body.from, "operator").await?;
+    Ok(HttpResponse::Accepted()
+        .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
+        .json(report))
+}
+
 #[utoipa::path(get, path = "/v1/admin/drills", tag = "operator", security(("operator" = [])),
     responses((status = 200, body = Vec<DrillReport>)))]
 /// Every drill on record in the cluster (the latest 100), oldest first: any

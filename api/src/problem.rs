@@ -114,6 +114,9 @@ impl ApiError {
             ApiError::Drill(DrillError::CopyBehind { .. } | DrillError::OutsideRegion { .. }) => {
                 (StatusCode::CONFLICT, "not-most-advanced", "Ask the region's node with the most advanced copy")
             }
+            ApiError::Drill(DrillError::NoFailover | DrillError::NothingToFailBack(_)) => {
+                (StatusCode::CONFLICT, "nothing-to-fail-back", "Nothing to fail back")
+            }
             ApiError::Drill(DrillError::Fenced(_)) => {
                 (StatusCode::CONFLICT, "fenced", "This node's copy was superseded by a failover")
             }

@@ -56,7 +56,7 @@ const PROBE_HOLD_MS: u64 = 2_000;
 pub struct DrillReport {
     /// Unique per coordinator: the coordinator's clock at the start, in ms.
     pub id: u64,
-    /// `zone-loss`, `switchover` or `failover`.
+    /// `zone-loss`, `switchover`, `failover` or `failback`.
     pub kind: String,
     /// The zone cut off (zone-loss).
     pub zone: String,
@@ -108,6 +108,11 @@ pub struct DrillReport {
     /// units out of sale and the order ids that may be lost.
     #[serde(default)]
     pub failover: Option<crate::FailoverPreview>,
+    /// A failback's reconciliation: the orders the two regions disagree
+    /// on, for an operator to settle, and the units it put back on sale.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub reconciliation: Option<domain::Reconciliation>,
 }
 
 impl DrillReport {
@@ -136,6 +141,7 @@ impl DrillReport {
             oversold_units: 0,
             caught_up_ms: None,
             failover: None,
+            reconciliation: None,
         }
     }
 }
@@ -246,6 +252,12 @@ pub enum DrillError {
         /// This node.
         node: u64,
     },
+    /// A failback needs a forced failover to fail back from.
+    #[error("no forced failover happened: move writes back with a switchover")]
+    NoFailover,
+    /// A failback found nothing due.
+    #[error("nothing to fail back: {0}")]
+    NothingToFailBack(String),
     /// This node's copy is fenced by a newer generation.
     #[error("this node is fenced by generation {0}: a failover promoted another copy already")]
     Fenced(u64),

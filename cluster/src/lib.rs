@@ -13,6 +13,7 @@ pub mod actors;
 pub mod clock;
 pub mod drill;
 pub mod escrow;
+pub mod failback;
 pub mod failover;
 pub mod fence;
 pub mod group;

@@ -39,6 +39,9 @@ pub struct NodeConfig {
     /// itself happens in `apply`, on the first entry stamped after a
     /// deadline; the ticker only makes sure such an entry comes.
     pub expiry_tick_ms: u64,
+    /// Never initialise a new group, even as the topology's bootstrapper:
+    /// a node whose data was wiped waits for a leader to add it.
+    pub join: bool,
 }
 
 impl Default for NodeConfig {
@@ -50,6 +53,7 @@ impl Default for NodeConfig {
             tls: None,
             actors: ActorLimits::default(),
             expiry_tick_ms: 200,
+            join: false,
         }
     }
 }
@@ -103,7 +107,7 @@ impl Node {
     /// when it has.
     pub async fn start(config: &NodeConfig, data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Node, ProposeError> {
         let members = config.topology.members();
-        let bootstrap = config.topology.bootstrapper() == Some(config.group.node_id);
+        let bootstrap = !config.join && config.topology.bootstrapper() == Some(config.group.node_id);
         let (group, peers) = if config.topology.nodes.len() == 1 {
             let group = Group::open(&config.group, data_dir, clock.clone(), NoPeers, members, bootstrap).await?;
             group.wait_until_caught_up(Duration::from_secs(30)).await?;
@@ -232,6 +236,15 @@ impl Node {
         Ok(report)
     }
 
+    /// Fails back from `from`, the region a forced failover lost (see
+    /// [`crate::failback`]), and returns its first report; it runs on in the
+    /// background. Only the leader can run one.
+    pub async fn start_failback(&self, from: &str, requested_by: &str) -> Result<DrillReport, DrillError> {
+        let (report, plan) = crate::failback::plan(self, from, requested_by).await?;
+        actix::spawn(crate::failback::run(self.clone(), report.id, plan));
+        Ok(report)
+    }
+
     /// Moves the group's leadership to node `to` (see [`crate::leadership`]).
     pub async fn transfer_leadership(&self, to: u64) -> Result<LeaderMoved, TransferError> {
         leadership::transfer(self, to, self.group.lease(), &self.transferring).await
@@ -256,6 +269,15 @@ impl Node {
         }
         match &self.peers {
             Some(peers) => peers.forwarder.transfer_step(node, 0, step).await,
+            None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
+        }
+    }
+
+    /// Node `node`'s applied state, whole (this node's own, if asked).
+    pub(crate) async fn copy_of(&self, node: u64) -> Result<GroupState, ProposeError> {
+        match &self.peers {
+            _ if node == self.id() => Ok(self.read_local(Clone::clone)),
+            Some(peers) => peers.forwarder.copy_of(node).await,
             None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
         }
     }

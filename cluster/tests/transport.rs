@@ -134,7 +134,8 @@ impl PeerHandler for Echo {
                 | PeerBody::Status
                 | PeerBody::Abdicate { .. }
                 | PeerBody::HoldElections { .. }
-                | PeerBody::Campaign) => return Err(Refusal::Unsupported(other.kind().into())),
+                | PeerBody::Campaign
+                | PeerBody::Copy) => return Err(Refusal::Unsupported(other.kind().into())),
             })
         })
     }

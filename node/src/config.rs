@@ -28,6 +28,10 @@ pub struct Config {
     pub max_connections: usize,
     /// How often the leader checks for passed payment deadlines.
     pub expiry_tick_ms: u64,
+    /// Never found a new cluster, even as the topology's first node: wait
+    /// for a leader to add this node. For a node whose data was wiped to
+    /// rejoin (after a failover, the old primary's nodes).
+    pub join: bool,
     /// Raft tuning.
     pub raft: RaftConfig,
     /// Actor bounds and timings.
@@ -97,6 +101,7 @@ impl Default for Config {
             workers: 2,
             max_connections: 25_000,
             expiry_tick_ms: 200,
+            join: false,
             raft: RaftConfig::default(),
             actors: ActorLimits::default(),
             cluster: None,
@@ -218,6 +223,7 @@ impl Config {
             },
             actors: self.actors.clone(),
             expiry_tick_ms: self.expiry_tick_ms,
+            join: self.join,
         }
     }
 }

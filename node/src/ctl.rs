@@ -87,6 +87,19 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// After a forced failover, when the lost region is back: settle the
+    /// orders the two regions disagree on and put back on sale the units
+    /// nobody bought (every node of the region must answer), then take its
+    /// nodes whose data was wiped (started with `join = true`) back as the
+    /// DR copy. Asks the group's leader. Run it again after wiping.
+    Failback {
+        /// The region the failover lost, e.g. `primary`.
+        #[arg(long)]
+        from: String,
+        /// Print the final report as JSON too.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every drill on record in the cluster (any node lists them all).
     Drills {
         /// Print the raw JSON instead of a summary.
@@ -174,6 +187,13 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             println!("failover {}: region {to} takes writes, from node {}'s copy", report.id, report.coordinator);
             verdict(&promoted, report.id, *json, "the failover").await
         }
+        CtlCommand::Failback { from, json } => {
+            let leader = api.at(&leader_endpoint(&api).await?);
+            let report: DrillReport =
+                serde_json::from_value(leader.post("/v1/admin/failback", json!({ "from": from })).await?)?;
+            println!("failback {}: from region {from}, coordinated by node {}", report.id, report.coordinator);
+            verdict(&leader, report.id, *json, "the failback").await
+        }
         CtlCommand::Failover { to, force: false, json } => {
             let preview = failover_preview(&api, to).await?;
             if *json {
@@ -226,13 +246,19 @@ async fn follow(api: &Api<'_>, id: u64) -> anyhow::Result<DrillReport> {
 }
 
 /// The base URL of the group leader's API, from the endpoint's view of the
-/// cluster, with the endpoint's scheme.
+/// cluster, with the endpoint's scheme: the leader of the newest generation
+/// that is not fenced.
 async fn leader_endpoint(api: &Api<'_>) -> anyhow::Result<String> {
     let status = api.get("/v1/cluster").await?;
     let nodes = status["nodes"].as_array().context("no nodes in the answer")?;
+    // A fenced node may still lead the group a forced failover superseded.
     let leader = nodes
         .iter()
-        .find(|node| node["status"]["groups"][0]["role"] == "leader")
+        .filter(|node| {
+            let group = &node["status"]["groups"][0];
+            group["role"] == "leader" && group["fenced_by"].is_null()
+        })
+        .max_by_key(|node| node["status"]["groups"][0]["generation"].as_u64())
         .context("no node says it leads; try again in a moment")?;
     let scheme = api.endpoint.split_once("://").map_or("http", |(scheme, _)| scheme);
     Ok(format!("{scheme}://{}", leader["api"].as_str().context("the leader has no API address")?))
@@ -439,6 +465,24 @@ fn render_report(report: &DrillReport) -> String {
     ));
     out.push_str(&format!("  acknowledged orders lost  {} {:?}\n", report.orders_lost.len(), report.orders_lost));
     out.push_str(&format!("  units oversold            {}\n", report.oversold_units));
+    if let Some(reconciliation) = &report.reconciliation {
+        out.push_str(&format!("  units back on sale        {:?}\n", reconciliation.units_returned));
+        out.push_str(&format!("  units sold there only     {:?}\n", reconciliation.units_sold_there));
+        out.push_str(&format!("  orders to settle          {}\n", reconciliation.orders_to_settle.len()));
+        for order in &reconciliation.orders_to_settle {
+            let here = order.here.map_or("unknown here".to_string(), |status| format!("{status:?} here"));
+            out.push_str(&format!(
+                "    order {} of {}: {:?} there, {here}; {:?}\n",
+                order.id, order.shopper, order.there, order.lines
+            ));
+        }
+    }
+    if report.kind == "failback" {
+        if let Some(ms) = report.caught_up_ms {
+            out.push_str(&format!("  rejoined nodes caught up  {ms} ms after they were added\n"));
+        }
+        return out;
+    }
     if let Some(cost) = &report.failover {
         out.push_str(&render_cost(cost, "failed over to region {region}: promoted"));
         return out;

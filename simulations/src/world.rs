@@ -69,7 +69,7 @@ fn rare_paths(rng: &mut StdRng, trace: &Trace, topology: Topology) -> NodeConfig
         (group.heartbeat_ms, group.election_timeout_min_ms, group.election_timeout_max_ms) = (50, 150, 300);
     }
     trace.event(format!("rare paths: {on:?}"));
-    NodeConfig { group, topology, tls: None, actors, expiry_tick_ms: 200 }
+    NodeConfig { group, topology, tls: None, actors, expiry_tick_ms: 200, join: false }
 }
 
 /// One node's machine: its disk and clock outlive its crashes.

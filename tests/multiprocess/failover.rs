@@ -3,7 +3,9 @@
 //! `surge ctl failover --to dr --force`. Every acknowledged order the
 //! promoted copy lacks is in the reported list; across both regions no
 //! unit is sold twice; and when the old primary's nodes come back they
-//! are fenced and take no write.
+//! are fenced and take no write. Then the failback: the two copies are
+//! reconciled, the old primary's nodes rejoin with wiped data as the DR
+//! copy, and a switchover moves the sale back to them.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -15,7 +17,7 @@ use crate::dr_replication::WITH_REPLICA;
 use crate::support::*;
 
 const SKU: &str = "failover-hot";
-const STOCK: u64 = 150;
+const STOCK: u64 = 300;
 /// Shoppers checking out at once through the primary's endpoints.
 const SHOPPERS: usize = 4;
 
@@ -130,7 +132,7 @@ async fn a_forced_failover_reports_every_lost_order_oversells_nothing_and_fences
     // never more units than exist.
     let after = Rc::new(RefCell::new(Acknowledged::new()));
     let dr_stop = Rc::new(RefCell::new(false));
-    for i in 0..3 {
+    for i in 0..4 {
         shop(client.clone(), cluster.api[4 + i % 2].clone(), format!("dr{i}"), dr_stop.clone(), after.clone()).await;
     }
     let (_, sku) = get(&client, &format!("{replica}/v1/skus/{SKU}"), &[]).await;
@@ -180,4 +182,50 @@ async fn a_forced_failover_reports_every_lost_order_oversells_nothing_and_fences
     let answer = call(&client, "POST", &format!("{replica}/v1/sessions"), &[], Some(json!({"shopper": "after"}))).await;
     let (_, view) = get(&client, &format!("{replica}/v1/cluster"), &[bearer(OPERATOR)]).await;
     assert!(matches!(answer, Ok((201, _))), "the new primary stopped taking writes: {answer:?} {view}");
+
+    // Failback, step 1: the returned copies are reconciled with the new
+    // primary's. Every order acknowledged there and lost here is listed,
+    // and the units nobody bought go back on sale.
+    let back = ctl(&replica, &["failback", "--from", "primary"]);
+    assert!(
+        back.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&back.stdout),
+        String::from_utf8_lossy(&back.stderr)
+    );
+    let (_, drills) = get(&client, &format!("{replica}/v1/admin/drills"), &[bearer(OPERATOR)]).await;
+    let report =
+        drills.as_array().unwrap().iter().rev().find(|d| d["kind"] == "failback").expect("no failback on record");
+    let reconciliation = &report["reconciliation"];
+    let listed: Vec<u64> =
+        reconciliation["orders_to_settle"].as_array().unwrap().iter().map(|o| o["id"].as_u64().unwrap()).collect();
+    for (token, order) in &before {
+        let (status, _) = get(&client, &format!("{replica}/v1/orders/{order}"), &[bearer(token)]).await;
+        assert!(status == 200 || listed.contains(order), "lost order {order} is not listed: {reconciliation}");
+    }
+    let returned = reconciliation["units_returned"][SKU].as_u64().unwrap_or(0);
+    let (_, settled) = get(&client, &format!("{replica}/v1/skus/{SKU}"), &[]).await;
+    assert_eq!(settled["unsettled"].as_u64(), Some(unsettled - returned), "{settled} after {reconciliation}");
+    assert_eq!(settled["available"].as_u64(), Some(returned), "{settled}");
+
+    // Step 2: the old primary's nodes come back wiped and rejoin as the DR
+    // copy; then a planned switchover moves the sale back to them.
+    for id in 1..=4 {
+        cluster.kill(id);
+        cluster.rejoin_wiped(id);
+    }
+    let rejoined = ctl(&replica, &["failback", "--from", "primary"]);
+    let stdout = String::from_utf8_lossy(&rejoined.stdout);
+    assert!(rejoined.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&rejoined.stderr));
+    let home = ctl(&replica, &["switchover", "--to", "primary"]);
+    let stdout = String::from_utf8_lossy(&home.stdout);
+    assert!(home.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&home.stderr));
+    // (Leadership may still be settling in the region: a 503 is retried.)
+    let started = Instant::now();
+    while open_session(&client, &cluster.api[0], "home-again").await.is_none() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the primary region takes no writes after the failback");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, home_sku) = get(&client, &format!("{}/v1/skus/{SKU}", cluster.api[0]), &[]).await;
+    assert_eq!(home_sku["total"].as_u64(), Some(STOCK), "{home_sku}");
 }

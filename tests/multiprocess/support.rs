@@ -40,9 +40,15 @@ impl Surge {
     /// Starts `surge start --config <config>` without waiting for it, so
     /// that nodes that need each other can start together.
     pub fn spawn(config: &Path) -> Launching {
+        Surge::spawn_with(config, &[])
+    }
+
+    /// Like [`Surge::spawn`], with these `SURGE_*` overrides.
+    pub fn spawn_with(config: &Path, overrides: &[(&str, &str)]) -> Launching {
         let mut child = Command::new(env!("CARGO_BIN_EXE_surge"))
             .args(["start", "--config"])
             .arg(config)
+            .envs(overrides.iter().copied())
             .env("RUST_LOG", "warn,openraft::replication=off,openraft::engine::handler::replication_handler=off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -174,7 +180,7 @@ impl Cluster {
             let config = format!(
                 "node_id = {id}\ndata_dir = {:?}\nlisten = \"127.0.0.1:{api}\"\noperator_token = \"{OPERATOR}\"\nhold_ms = 600000\n\
                  [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                 escrow_block_min = 32\n\
+                 escrow_block_min = 32\nescrow_block_max = 64\n\
                  [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{topology}",
                 dir.path().join(format!("data-{id}")),
                 certs.join("ca.pem"),
@@ -210,6 +216,15 @@ impl Cluster {
     /// Starts node `id` again on its data directory.
     pub fn restart(&mut self, id: usize) {
         self.nodes[id - 1] = Some(self.launch(id).wait_listening());
+    }
+
+    /// Starts node `id` again with its data wiped and `join = true`, as an
+    /// operator brings back a node of a region a failover lost.
+    pub fn rejoin_wiped(&mut self, id: usize) {
+        let data = self.dir.path().join(format!("data-{id}"));
+        std::fs::remove_dir_all(&data).unwrap();
+        let config = self.dir.path().join(format!("node-{id}.toml"));
+        self.nodes[id - 1] = Some(Surge::spawn_with(&config, &[("SURGE_JOIN", "true")]).wait_listening());
     }
 
     /// The directory holding the configs and data.

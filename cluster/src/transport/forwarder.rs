@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use domain::{Command, Response};
+use domain::{Command, GroupState, Response};
 use futures::future::BoxFuture;
 
 use super::client::TransportError;
@@ -50,6 +50,15 @@ impl PeerForwarder {
         match self.call(node, 0, PeerBody::Isolate { for_ms }).await? {
             PeerResponse::Isolated => Ok(()),
             other => Err(mismatch("isolate", &other)),
+        }
+    }
+
+    /// Node `node`'s applied state, whole.
+    pub async fn copy_of(&self, node: u64) -> Result<GroupState, ProposeError> {
+        match self.call(node, 0, PeerBody::Copy).await? {
+            PeerResponse::Copy(encoded) => storage::codec::decode(&encoded?)
+                .map_err(|e| ProposeError::Unavailable(format!("node {node}'s copy is unreadable: {e}"))),
+            other => Err(mismatch("copy", &other)),
         }
     }
 
@@ -190,6 +199,10 @@ impl GroupHandler {
                 Ok(PeerResponse::Done(Ok(())))
             }
             PeerBody::Campaign => Ok(PeerResponse::Done(group.campaign().await)),
+            PeerBody::Copy => {
+                let copy = group.read_local(storage::codec::encode);
+                Ok(PeerResponse::Copy(copy.map_err(|e| ProposeError::Unavailable(format!("encoding the copy: {e}")))))
+            }
             PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
             _ => self.raft.dispatch(request).await,
         }

@@ -271,7 +271,8 @@ impl RaftHandler {
             | PeerBody::Status
             | PeerBody::Abdicate { .. }
             | PeerBody::HoldElections { .. }
-            | PeerBody::Campaign) => return Err(Refusal::Unsupported(other.kind().into())),
+            | PeerBody::Campaign
+            | PeerBody::Copy) => return Err(Refusal::Unsupported(other.kind().into())),
         })
     }
 }

@@ -89,6 +89,9 @@ pub enum PeerBody {
     },
     /// Leadership transfer, on the target: campaign now.
     Campaign,
+    /// The peer's applied state, whole: failback reads the lost primary's
+    /// copy with it.
+    Copy,
 }
 
 impl PeerBody {
@@ -105,6 +108,7 @@ impl PeerBody {
             PeerBody::Abdicate { .. } => "abdicate",
             PeerBody::HoldElections { .. } => "hold_elections",
             PeerBody::Campaign => "campaign",
+            PeerBody::Copy => "copy",
         }
     }
 }
@@ -132,6 +136,8 @@ pub enum PeerResponse {
     Status(NodeStatus),
     /// Answers the leadership-transfer requests.
     Done(Result<(), ProposeError>),
+    /// Answers [`PeerBody::Copy`]: the state in `storage::codec` encoding.
+    Copy(Result<Vec<u8>, ProposeError>),
 }
 
 impl PeerResponse {
@@ -146,6 +152,7 @@ impl PeerResponse {
             PeerResponse::Isolated => "isolate",
             PeerResponse::Status(_) => "status",
             PeerResponse::Done(_) => "done",
+            PeerResponse::Copy(_) => "copy",
         }
     }
 }

@@ -1,0 +1,176 @@
+//! **Failback after a forced failover**: the lost primary region is back;
+//! settle what the two regions disagree on, then make it the DR copy again.
+//!
+//! `surge ctl failback --from primary` asks the group's leader (in the
+//! promoted region). It does what is due of two steps:
+//!
+//! 1. **Reconcile**, once per failover. Every node of the returning region
+//!    must answer: the one that applied most holds every order the lost
+//!    primary acknowledged. Its copy is read whole and compared with this
+//!    one (`GroupState::reconcile`): the orders the two disagree on go into
+//!    the report for an operator to settle, and the units the failover took
+//!    out of sale that nobody bought go back on sale (`SettleFailover`).
+//! 2. **Rejoin**: returning nodes whose data the operator has wiped (and
+//!    that started with `join = true`, so none founds a cluster of its own)
+//!    join the group as learners and receive its snapshot. The group has a
+//!    copy in another region again, so escrow resumes; a planned switchover
+//!    then moves the sale back.
+//!
+//! A returning node that still holds the lost primary's copy cannot join:
+//! its log runs past the new group's, and Raft would not overwrite
+//! committed entries. Reconcile first, then wipe it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use domain::{Command, GroupState, Outcome};
+use openraft::BasicNode;
+use tokio::time::Instant;
+
+use crate::drill::{self, DrillReport, Timeline, SETTLE_MAX};
+use crate::status::GroupStatus;
+use crate::{DrillError, Node};
+
+/// How long each node of the returning region gets to answer.
+const ASK_FOR: Duration = Duration::from_secs(1);
+
+/// What a failback found to do when it was planned.
+pub(crate) struct Plan {
+    /// The returning node whose copy to reconcile with, if reconciling is due.
+    reconcile_from: Option<u64>,
+    /// Returning nodes with wiped data, to add as learners.
+    rejoin: Vec<u64>,
+}
+
+/// Checks that this node may fail back from `from` now, records the
+/// failback as running, and returns its first report.
+pub(crate) async fn plan(node: &Node, from: &str, requested_by: &str) -> Result<(DrillReport, Plan), DrillError> {
+    let topology = node.topology();
+    let returning: Vec<u64> = topology.nodes.iter().filter(|spec| spec.region == from).map(|spec| spec.id).collect();
+    if returning.is_empty() {
+        return Err(DrillError::UnknownRegion(from.to_string()));
+    }
+    if node.primary_region() == from {
+        return Err(DrillError::AlreadyPrimary(from.to_string()));
+    }
+    let status = node.group().status();
+    if status.role != "leader" {
+        return Err(DrillError::NotLeader { leader: status.leader });
+    }
+    let (generation, settled) = node.read_local(|state| (state.generation(), state.failover_settled()));
+    if generation == 0 {
+        return Err(DrillError::NoFailover);
+    }
+    let ask = |id: u64| async move {
+        let status = tokio::time::timeout(ASK_FOR, node.node_status(id)).await;
+        (id, status.ok().and_then(Result::ok).and_then(|status| status.groups.into_iter().next()))
+    };
+    let answers: BTreeMap<u64, Option<GroupStatus>> =
+        futures::future::join_all(returning.iter().map(|&id| ask(id))).await.into_iter().collect();
+    let members: Vec<u64> =
+        node.group().raft().metrics().borrow().membership_config.membership().nodes().map(|(id, _)| *id).collect();
+    let holds_old_copy = |status: &GroupStatus| status.generation < generation && status.last_log_index > 0;
+    let wiped = |status: &GroupStatus| status.generation == 0 && status.last_log_index == 0;
+
+    let reconcile_from = if settled {
+        None
+    } else {
+        if let Some((&id, _)) = answers.iter().find(|(_, status)| status.is_none()) {
+            return Err(DrillError::CopyUnreachable(id));
+        }
+        answers
+            .iter()
+            .filter_map(|(id, status)| status.as_ref().filter(|s| holds_old_copy(s)).map(|s| (s.applied_index, *id)))
+            .max()
+            .map(|(_, id)| id)
+    };
+    let rejoin: Vec<u64> = answers
+        .iter()
+        .filter(|(id, status)| !members.contains(id) && status.as_ref().is_some_and(wiped))
+        .map(|(id, _)| *id)
+        .collect();
+    if reconcile_from.is_none() && rejoin.is_empty() {
+        let why = if settled {
+            format!("the failover is settled, and no node of {from:?} has wiped data to rejoin with")
+        } else {
+            format!("no node of {from:?} holds the lost primary's copy to reconcile with")
+        };
+        return Err(DrillError::NothingToFailBack(why));
+    }
+    let report = DrillReport {
+        nodes: returning,
+        region: Some(from.to_string()),
+        ..DrillReport::started("failback", node.id(), requested_by, node.clock_ms())
+    };
+    node.drills().begin(report.clone())?;
+    Ok((report, Plan { reconcile_from, rejoin }))
+}
+
+/// Carries a planned failback out and records its report.
+pub(crate) async fn run(node: Node, id: u64, plan: Plan) {
+    let log = Timeline::new(&node, id);
+    let outcome = async {
+        if let Some(source) = plan.reconcile_from {
+            reconcile(&node, &log, source).await?;
+        }
+        if !plan.rejoin.is_empty() {
+            rejoin(&node, &log, &plan.rejoin).await?;
+        }
+        Ok(())
+    };
+    let outcome = outcome.await;
+    drill::finish(&node, id, outcome).await;
+}
+
+/// Step 1: compare `source`'s copy with this one, report the orders to
+/// settle, and put the units nobody bought back on sale.
+async fn reconcile(node: &Node, log: &Timeline, source: u64) -> Result<(), String> {
+    let lost: GroupState = node.copy_of(source).await.map_err(|e| format!("reading node {source}'s copy: {e}"))?;
+    let (generation, reconciliation) = node
+        .read(|state| (state.generation(), state.reconcile(&lost)))
+        .await
+        .map_err(|e| format!("reading this region's copy: {e}"))?;
+    log.note(format!(
+        "node {source}'s copy against generation {generation}: {} orders to settle, units sold there only {:?}, \
+         units back on sale {:?}",
+        reconciliation.orders_to_settle.len(),
+        reconciliation.units_sold_there,
+        reconciliation.units_returned
+    ));
+    let settle = Command::SettleFailover { generation, returned: reconciliation.units_returned.clone() };
+    match node.operator(settle).await {
+        Ok(Outcome::Settled { replayed: false, .. }) => {}
+        Ok(Outcome::Settled { replayed: true, .. }) => log.note("settled already: nothing returned now"),
+        Ok(other) => return Err(format!("the settlement was refused: {other:?}")),
+        Err(error) => return Err(format!("the settlement did not commit: {error}")),
+    }
+    log.update(|report| report.reconciliation = Some(reconciliation));
+    log.note(format!("generation {generation} settled"));
+    Ok(())
+}
+
+/// Step 2: add the wiped nodes as learners and wait until they have the
+/// whole log.
+async fn rejoin(node: &Node, log: &Timeline, nodes: &[u64]) -> Result<(), String> {
+    let raft = node.group().raft();
+    for &id in nodes {
+        let peer = node.topology().node(id).map(|spec| spec.peer.clone()).ok_or(format!("node {id} has no address"))?;
+        raft.add_learner(id, BasicNode::new(peer), false).await.map_err(|e| format!("adding node {id}: {e}"))?;
+    }
+    log.note(format!("nodes {nodes:?} join as learners"));
+    let started = Instant::now();
+    loop {
+        let lag = node.group().status().replica_lag;
+        let behind: Vec<u64> =
+            nodes.iter().copied().filter(|id| lag.get(id).is_none_or(|lag| lag.entries > 0)).collect();
+        if behind.is_empty() {
+            log.update(|report| report.caught_up_ms = Some(started.elapsed().as_millis() as u64));
+            log.note(format!("nodes {nodes:?} have the whole log: the region is a DR copy again"));
+            return Ok(());
+        }
+        if started.elapsed() > SETTLE_MAX {
+            return Err(format!("nodes {behind:?} did not catch up within {SETTLE_MAX:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
