@@ -135,8 +135,8 @@ impl Fence {
     }
 
     /// Notes the generation of this node's copy (its group applied a new
-    /// one, or a failover just founded it).
-    pub(crate) fn set_generation(&self, generation: u64) {
+    /// one, or a failover just founded it). The group keeps it current.
+    pub fn set_generation(&self, generation: u64) {
         self.inner.generation.store(generation, Ordering::Release);
     }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cluster::fence::Fence;
 use cluster::transport::{
     certs, tls, ClientLimits, DevCa, GroupHandler, Isolation, PeerBody, PeerClient, PeerClients, PeerForwarder,
     PeerHandler, PeerNetwork, PeerRequest, PeerResponse, PeerServer, PeerTls, RaftHandler, Refusal, ServerLimits,
@@ -1039,6 +1040,60 @@ async fn a_dr_copy_can_be_reseeded_as_a_group_of_its_own() {
         assert_eq!((view.stock.unsettled, view.stock.total), (escrowed, 101), "{view:?}");
         assert_eq!(replica.read_local(|s| (s.epoch(), s.primary_region().map(String::from))), (1, Some("dr".into())));
         trio.shutdown().await;
+    })
+    .await;
+}
+
+/// The generation fence over the real transport: a node that knows of a
+/// newer generation refuses a request from an older copy and tells it why;
+/// the sender is fenced from then on, and its stamp fences the next node
+/// it reaches. Status requests are still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_generation_is_refused_and_learns_it_is_fenced() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (newer, stale) = (Fence::default(), Fence::default());
+        newer.learn(1);
+        let mut servers = Vec::new();
+        let mut addrs = Vec::new();
+        for (id, fence) in [(1, newer.clone()), (2, stale.clone())] {
+            let (listener, addr) = listen().await;
+            let handler = GroupHandler::new(id, BTreeMap::new(), Isolation::default()).with_fence(fence);
+            servers.push(start(listener, &pki.node(id), Arc::new(handler), ServerLimits::default()));
+            addrs.push(addr);
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let regions = BTreeMap::from([(1, "dr".to_string()), (2, "primary".to_string()), (3, "primary".to_string())]);
+        let sender = Fence::open(&dir.path().join("fence"), Some("primary".into()), regions.clone()).unwrap();
+        let to_newer = client(pki.node(3).client, 1, addrs[0]).with_fence(sender.clone(), true);
+        let refused = to_newer.call(PeerRequest::new(0, PeerBody::ReadIndex), SECOND).await.unwrap_err();
+        assert!(
+            matches!(refused, TransportError::Refused { refusal: Refusal::Fenced(1), .. }),
+            "a stale copy was not refused: {refused:?}"
+        );
+        assert_eq!(sender.fenced_by(), Some(1));
+        assert!(!sender.confirmed(), "a refusal confirmed the sender");
+        assert!(matches!(
+            to_newer.call(PeerRequest::new(0, PeerBody::Status), SECOND).await,
+            Ok(PeerResponse::Status(_))
+        ));
+        // It stays fenced through a restart.
+        let reopened = Fence::open(&dir.path().join("fence"), Some("primary".into()), regions).unwrap();
+        assert_eq!(reopened.fenced_by(), Some(1));
+
+        // The fenced sender's stamp fences the node of its own generation.
+        let to_peer = client(pki.node(3).client, 2, addrs[1]).with_fence(sender.clone(), false);
+        let refused = to_peer.call(PeerRequest::new(0, PeerBody::ReadIndex), SECOND).await.unwrap_err();
+        assert!(matches!(refused, TransportError::Refused { refusal: Refusal::Fenced(1), .. }), "{refused:?}");
+        assert_eq!(stale.fenced_by(), Some(1));
+
+        // A copy as new as the newest is admitted (and finds no group here).
+        let current = Fence::default();
+        current.set_generation(1);
+        let fresh = client(pki.node(3).client, 1, addrs[0]).with_fence(current, true);
+        let answer = fresh.call(PeerRequest::new(0, PeerBody::ReadIndex), SECOND).await.unwrap_err();
+        assert!(matches!(answer, TransportError::Refused { refusal: Refusal::UnknownGroup(0), .. }), "{answer:?}");
     })
     .await;
 }
