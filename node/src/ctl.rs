@@ -455,6 +455,24 @@ fn render_report(report: &DrillReport) -> String {
         out.push_str(&format!(": {failure}"));
     }
     out.push('\n');
+    if report.kind == "failback" {
+        if let Some(reconciliation) = &report.reconciliation {
+            out.push_str(&format!("  units back on sale        {:?}\n", reconciliation.units_returned));
+            out.push_str(&format!("  units sold there only     {:?}\n", reconciliation.units_sold_there));
+            out.push_str(&format!("  orders to settle          {}\n", reconciliation.orders_to_settle.len()));
+            for order in &reconciliation.orders_to_settle {
+                let here = order.here.map_or("unknown here".to_string(), |status| format!("{status:?} here"));
+                out.push_str(&format!(
+                    "    order {} of {}: {:?} there, {here}; {:?}\n",
+                    order.id, order.shopper, order.there, order.lines
+                ));
+            }
+        }
+        if let Some(ms) = report.caught_up_ms {
+            out.push_str(&format!("  rejoined nodes caught up  {ms} ms after they were added\n"));
+        }
+        return out;
+    }
     out.push_str(&format!(
         "  checkout unavailable      {} ms at most, {} ms in all\n",
         report.checkout_unavailable_ms, report.checkout_unavailable_total_ms
@@ -465,24 +483,6 @@ fn render_report(report: &DrillReport) -> String {
     ));
     out.push_str(&format!("  acknowledged orders lost  {} {:?}\n", report.orders_lost.len(), report.orders_lost));
     out.push_str(&format!("  units oversold            {}\n", report.oversold_units));
-    if let Some(reconciliation) = &report.reconciliation {
-        out.push_str(&format!("  units back on sale        {:?}\n", reconciliation.units_returned));
-        out.push_str(&format!("  units sold there only     {:?}\n", reconciliation.units_sold_there));
-        out.push_str(&format!("  orders to settle          {}\n", reconciliation.orders_to_settle.len()));
-        for order in &reconciliation.orders_to_settle {
-            let here = order.here.map_or("unknown here".to_string(), |status| format!("{status:?} here"));
-            out.push_str(&format!(
-                "    order {} of {}: {:?} there, {here}; {:?}\n",
-                order.id, order.shopper, order.there, order.lines
-            ));
-        }
-    }
-    if report.kind == "failback" {
-        if let Some(ms) = report.caught_up_ms {
-            out.push_str(&format!("  rejoined nodes caught up  {ms} ms after they were added\n"));
-        }
-        return out;
-    }
     if let Some(cost) = &report.failover {
         out.push_str(&render_cost(cost, "failed over to region {region}: promoted"));
         return out;

@@ -106,6 +106,7 @@ async fn a_forced_failover_reports_every_lost_order_oversells_nothing_and_fences
     // Promote the DR region.
     let forced = ctl(&replica, &["failover", "--to", "dr", "--force"]);
     let stdout = String::from_utf8_lossy(&forced.stdout);
+    eprintln!("{stdout}");
     assert!(forced.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&forced.stderr));
     let (status, drills) = get(&client, &format!("{replica}/v1/admin/drills"), &[bearer(OPERATOR)]).await;
     assert_eq!(status, 200, "{drills}");
@@ -187,6 +188,7 @@ async fn a_forced_failover_reports_every_lost_order_oversells_nothing_and_fences
     // primary's. Every order acknowledged there and lost here is listed,
     // and the units nobody bought go back on sale.
     let back = ctl(&replica, &["failback", "--from", "primary"]);
+    eprintln!("{}", String::from_utf8_lossy(&back.stdout));
     assert!(
         back.status.success(),
         "{}\n{}",
@@ -216,6 +218,7 @@ async fn a_forced_failover_reports_every_lost_order_oversells_nothing_and_fences
     }
     let rejoined = ctl(&replica, &["failback", "--from", "primary"]);
     let stdout = String::from_utf8_lossy(&rejoined.stdout);
+    eprintln!("{stdout}");
     assert!(rejoined.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&rejoined.stderr));
     let home = ctl(&replica, &["switchover", "--to", "primary"]);
     let stdout = String::from_utf8_lossy(&home.stdout);
