@@ -230,9 +230,11 @@ pub enum DrillError {
         /// Its nodes that answered.
         nodes: Vec<u64>,
     },
-    /// A node of this region does not answer: its copy may be the most
-    /// advanced, and only that one may be promoted.
-    #[error("node {0} of this region does not answer; its copy may be the most advanced")]
+    /// A node does not answer with its copy (down, or its data wiped): for
+    /// a failover, it may be the most advanced copy of the region, and only
+    /// that one may be promoted; for a failback's reconciliation, it may
+    /// hold orders no other copy has.
+    #[error("node {0} does not answer with its copy; it may be the most advanced")]
     CopyUnreachable(u64),
     /// Another node of the region has a more advanced copy.
     #[error("node {node} has applied up to log index {applied_index}, this node only {own}: ask node {node}")]

@@ -5,8 +5,9 @@
 //! promoted region). It does what is due of two steps:
 //!
 //! 1. **Reconcile**, once per failover. Every node of the returning region
-//!    must answer: the one that applied most holds every order the lost
-//!    primary acknowledged. Its copy is read whole and compared with this
+//!    must answer with its copy, none wiped yet: the lost primary's last
+//!    leader applied every order it acknowledged, and the one that applied
+//!    most holds them all. Its copy is read whole and compared with this
 //!    one (`GroupState::reconcile`): the orders the two disagree on go into
 //!    the report for an operator to settle, and the units the failover took
 //!    out of sale that nobody bought go back on sale (`SettleFailover`).
@@ -75,7 +76,9 @@ pub(crate) async fn plan(node: &Node, from: &str, requested_by: &str) -> Result<
     let reconcile_from = if settled {
         None
     } else {
-        if let Some((&id, _)) = answers.iter().find(|(_, status)| status.is_none()) {
+        // Every copy counts: the lost primary's last leader applied every
+        // order it acknowledged, and a follower's copy may lack some.
+        if let Some((&id, _)) = answers.iter().find(|(_, status)| status.as_ref().is_none_or(wiped)) {
             return Err(DrillError::CopyUnreachable(id));
         }
         answers
