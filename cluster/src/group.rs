@@ -307,13 +307,19 @@ impl Group {
     /// answered it since it started, so it cannot know whether a failover
     /// there fenced it.
     fn fence_refusal(&self) -> Option<ProposeError> {
-        if let Some(generation) = self.fence().fenced_by() {
+        let fence = self.fence();
+        if let Some(generation) = fence.fenced_by() {
             return Some(ProposeError::Unavailable(format!(
                 "this node is fenced: the sale failed over to generation {generation} elsewhere, so it takes no writes"
             )));
         }
-        let metrics = self.raft.metrics().borrow().clone();
-        (!self.fence().confirmed() && metrics.state.is_leader() && self.spans_regions(&metrics)).then(|| {
+        if fence.confirmed() {
+            // The checkout path: nothing more to look at.
+            return None;
+        }
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        (metrics.state.is_leader() && self.spans_regions(&metrics)).then(|| {
             ProposeError::Unavailable(
                 "this leader has not heard from another region since it started; it takes writes once it has".into(),
             )
