@@ -7,8 +7,10 @@
 //! - the **leader** grants each SKU's available units into escrow in blocks
 //!   (`Command::GrantEscrow`), one batch in flight at a time. A SKU's block
 //!   starts at `escrow_block_min` and doubles, up to `escrow_block_max`,
-//!   each time a checkout finds its escrow short, so a hot SKU soon has a
-//!   block that outlasts a confirmation round trip;
+//!   when checkouts find its escrow short, once per grant (a crowd that
+//!   finds it short at once doubles it once), so a hot SKU soon has a
+//!   block that outlasts a confirmation round trip and a cold one keeps a
+//!   small one;
 //! - the **DR copy** (every learner), once it has *applied* a grant,
 //!   confirms it (`Command::ConfirmEscrow`), forwarded to the leader like
 //!   any write from a follower. Only then may its units be held: the copy
@@ -27,7 +29,7 @@
 //! failover takes every escrowed unit out of sale until failback settles it.
 //! The block bounds are the operator's knob between the two.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -62,6 +64,9 @@ pub(crate) struct Tender {
 struct Inner {
     /// Each SKU's block, once a checkout found its escrow short.
     blocks: BTreeMap<String, u64>,
+    /// SKUs whose block doubled since their last grant: a crowd finding
+    /// the escrow short at once doubles it once, not once per shopper.
+    grown: BTreeSet<String>,
     /// A grant batch is being proposed.
     granting: bool,
     /// A confirmation is on its way to the leader.
@@ -86,14 +91,19 @@ impl Tender {
     }
 
     /// On the leader, for every batch it applied: a checkout that found
-    /// its SKU's escrow short doubles the SKU's block and wakes the tender.
+    /// its SKU's escrow short doubles the SKU's block (once until the SKU's
+    /// next grant) and wakes the tender.
     pub(crate) fn note(&self, response: &Response) {
         let mut short = false;
         for outcome in &response.outcomes {
             if let Outcome::Rejected(Rejection::EscrowPending { sku, wanted }) = outcome {
                 let mut inner = self.lock();
+                let doubles = inner.grown.insert(sku.clone());
                 let block = inner.blocks.entry(sku.clone()).or_insert(self.block_min);
-                *block = (*block * 2).min(self.block_max).max(*wanted);
+                if doubles {
+                    *block = (*block * 2).min(self.block_max);
+                }
+                *block = (*block).max(*wanted);
                 short = true;
             }
         }
@@ -164,7 +174,14 @@ impl Tender {
         if grants.is_empty() {
             return;
         }
-        self.lock().granting = true;
+        let mut inner = self.lock();
+        inner.granting = true;
+        for grant in &grants {
+            if let Command::GrantEscrow { sku, .. } = grant {
+                inner.grown.remove(sku);
+            }
+        }
+        drop(inner);
         let (tender, group) = (self.clone(), group.clone());
         tokio::spawn(async move {
             // Not woken again from here: a grant that failed at once (this
