@@ -19,7 +19,8 @@
 //!   learns it from whichever of its nodes heard first;
 //! - a node whose group has members in another region takes writes as
 //!   leader only once a node there has accepted one of its requests since
-//!   it started. A region that comes back after a failover restarts, so its
+//!   it started (a status request does not count: every node answers
+//!   those, even from a fenced sender). A region that comes back after a failover restarts, so its
 //!   new leader asks the DR region before its first write, and is refused.
 //!
 //! A node that joins the new group (another DR node, or an old primary node

@@ -1078,6 +1078,7 @@ async fn an_older_generation_is_refused_and_learns_it_is_fenced() {
             to_newer.call(PeerRequest::new(0, PeerBody::Status), SECOND).await,
             Ok(PeerResponse::Status(_))
         ));
+        assert!(!sender.confirmed(), "a status answer, which even a fenced node gets, confirmed the sender");
         // It stays fenced through a restart.
         let reopened = Fence::open(&dir.path().join("fence"), Some("primary".into()), regions).unwrap();
         assert_eq!(reopened.fenced_by(), Some(1));

@@ -263,6 +263,7 @@ impl PeerClient {
     /// [`TransportError::Refused`], so `Ok` is always the handler's answer.
     pub async fn call(&self, mut request: PeerRequest, timeout: Duration) -> Result<PeerResponse, TransportError> {
         let kind = request.body.kind();
+        let fenced = request.body.is_fenced();
         request.stamp = self.fence.stamp();
         let result = if self.isolation.is_isolated() {
             let addr = self.handle.shared.addr.clone();
@@ -272,7 +273,7 @@ impl PeerClient {
         };
         match &result {
             Err(TransportError::Refused { refusal: Refusal::Fenced(generation), .. }) => self.fence.learn(*generation),
-            Ok(_) if self.elsewhere => self.fence.confirm(),
+            Ok(_) if self.elsewhere && fenced => self.fence.confirm(),
             _ => {}
         }
         metrics::counter!("surge_transport_calls_total", "kind" => kind, "result" => result_label(&result))

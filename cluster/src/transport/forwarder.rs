@@ -174,7 +174,7 @@ impl GroupHandler {
         // that the node is cut off and for how long; nothing else does.
         let isolated = self.isolation.is_isolated();
         let admitted = if isolated { Ok(()) } else { self.fence.admit(request.stamp) };
-        if let PeerBody::Status = request.body {
+        if !request.body.is_fenced() {
             return Ok(PeerResponse::Status(self.status()));
         }
         if isolated {

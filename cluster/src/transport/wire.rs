@@ -95,6 +95,13 @@ pub enum PeerBody {
 }
 
 impl PeerBody {
+    /// Whether the receiver's fence checks this request (see
+    /// [`crate::fence`]): everything but a status request, which even a
+    /// fenced sender may ask, and whose answer therefore confirms nothing.
+    pub fn is_fenced(&self) -> bool {
+        !matches!(self, PeerBody::Status)
+    }
+
     /// A short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
