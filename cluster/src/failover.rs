@@ -13,7 +13,8 @@
 //!    partition, not a lost region: a switchover is the tool), or while any
 //!    node of its own region does not (the missing one may have the most
 //!    advanced copy, which alone has every escrow grant the region
-//!    confirmed), or while another node's copy is ahead of its own.
+//!    confirmed), or while another node's copy is ahead of its own. A
+//!    failover that stopped before step 4 may be forced again.
 //! 2. It applies `fail_over` to a clone of its copy: escrowed units out of
 //!    sale, the order ids the old primary may have used skipped, a new
 //!    epoch, and a new **generation**.
@@ -145,7 +146,13 @@ pub(crate) async fn plan(node: &Node, to: &str, requested_by: &str) -> Result<(D
     if region == lost {
         return Err(DrillError::AlreadyPrimary(region));
     }
-    if let Some(generation) = node.group().fence().fenced_by() {
+    // A failover of this node's that stopped before it founded its group
+    // (a node of the region stopped answering while it was told) leaves
+    // this node fenced by the generation it meant to found; it may try
+    // again as long as no copy of that generation exists.
+    let own_generation = node.read_local(domain::GroupState::generation);
+    let fenced = node.group().fence().fenced_by();
+    if let Some(generation) = fenced.filter(|&generation| generation != own_generation + 1) {
         return Err(DrillError::Fenced(generation));
     }
     let ask = |id: u64| async move {
@@ -162,6 +169,9 @@ pub(crate) async fn plan(node: &Node, to: &str, requested_by: &str) -> Result<(D
     let mut region_nodes = BTreeMap::new();
     for (id, status) in futures::future::join_all(own).await {
         region_nodes.insert(id, status.ok_or(DrillError::CopyUnreachable(id))?);
+    }
+    if let Some(generation) = fenced.filter(|&g| region_nodes.values().any(|status| status.generation >= g)) {
+        return Err(DrillError::Fenced(generation));
     }
     let mine = region_nodes.get(&node.id()).map_or(0, |status| status.applied_index);
     if let Some((&ahead, status)) = region_nodes.iter().find(|(_, status)| status.applied_index > mine) {
