@@ -42,6 +42,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use crate::transport::{PeerResponse, Refusal, TransportError};
+
 /// What every peer request says about its sender's generation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stamp {
@@ -120,6 +122,23 @@ impl Fence {
         Ok(Fence::new(Some(path.to_path_buf()), region, regions, known, false))
     }
 
+    /// The fence of a node in `region` (every node's region in `regions`),
+    /// kept in memory only: a simulated node's, whose machine keeps it
+    /// across crashes (see [`Fence::restarted`]). It needs confirming, as
+    /// [`Fence::open`]'s does.
+    pub fn in_memory(region: Option<String>, regions: BTreeMap<u64, String>) -> Fence {
+        Fence::new(None, region, regions, 0, false)
+    }
+
+    /// The fence this node has after a restart: what it heard of still
+    /// holds, but no node elsewhere has confirmed it yet, and its copy's
+    /// generation is its group's to set again. What [`Fence::open`] reads
+    /// back from disk, for an in-memory fence.
+    pub fn restarted(&self) -> Fence {
+        let inner = &self.inner;
+        Fence::new(inner.path.clone(), inner.region.clone(), inner.regions.clone(), self.known(), false)
+    }
+
     /// What this node's requests carry.
     pub fn stamp(&self) -> Stamp {
         let generation = self.generation();
@@ -144,6 +163,9 @@ impl Fence {
     /// The newer generation this node has heard of, while its copy is older:
     /// then it is fenced.
     pub fn fenced_by(&self) -> Option<u64> {
+        if domain::mutation::active(domain::mutation::Mutation::IgnoreFence) {
+            return None;
+        }
         let known = self.known();
         (known > self.generation()).then_some(known)
     }
@@ -157,12 +179,28 @@ impl Fence {
     /// Whether a node of another region has accepted a request of this
     /// node's since it started.
     pub fn confirmed(&self) -> bool {
+        if domain::mutation::active(domain::mutation::Mutation::IgnoreFence) {
+            return true;
+        }
         self.inner.confirmed.load(Ordering::Acquire)
     }
 
     /// A node elsewhere accepted one of this node's requests.
     pub fn confirm(&self) {
         self.inner.confirmed.store(true, Ordering::Release);
+    }
+
+    /// Hears how a request of this node's ended: a refusal for being
+    /// fenced teaches the newer generation, and a node elsewhere
+    /// (`elsewhere`) that accepted a request its fence checks (`checked`;
+    /// see [`PeerBody::is_fenced`](crate::transport::PeerBody::is_fenced))
+    /// confirms this node.
+    pub fn heard(&self, elsewhere: bool, checked: bool, result: &Result<PeerResponse, TransportError>) {
+        match result {
+            Err(TransportError::Refused { refusal: Refusal::Fenced(generation), .. }) => self.learn(*generation),
+            Ok(_) if elsewhere && checked => self.confirm(),
+            _ => {}
+        }
     }
 
     /// Checks a peer's request: learns the newest generation its stamp

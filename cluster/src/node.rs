@@ -92,7 +92,8 @@ struct Peers {
     /// Answers this node's status; shares the node's isolation switch.
     handler: GroupHandler,
     /// Serves peers while the node lives; dropping the last clone stops it.
-    _server: Arc<PeerServer>,
+    /// None when the network is not the node's own (the simulator's).
+    _server: Option<Arc<PeerServer>>,
 }
 
 impl Node {
@@ -119,11 +120,19 @@ impl Node {
         Ok(Node::assemble(group, config, clock, peers))
     }
 
-    /// A node around an open group: its actors and its expiry ticker. The
-    /// simulator builds its nodes this way, over its own network and disk.
-    /// Must run inside an actix system.
-    pub fn with_group(group: Group, config: &NodeConfig, clock: Arc<dyn Clock>) -> Node {
-        Node::assemble(group, config, clock, None)
+    /// A node around an open group whose peers it reaches through
+    /// `forwarder` and answers through `handler`, on a network someone else
+    /// runs: its actors and its expiry ticker. The simulator builds its
+    /// nodes this way, over its own network and disk. Must run inside an
+    /// actix system.
+    pub fn with_peers(
+        group: Group,
+        config: &NodeConfig,
+        clock: Arc<dyn Clock>,
+        forwarder: Arc<PeerForwarder>,
+        handler: GroupHandler,
+    ) -> Node {
+        Node::assemble(group, config, clock, Some(Peers { forwarder, handler, _server: None }))
     }
 
     fn assemble(group: Group, config: &NodeConfig, clock: Arc<dyn Clock>, peers: Option<Peers>) -> Node {
@@ -383,7 +392,7 @@ async fn open_clustered(
     let handler = GroupHandler::new(node_id, BTreeMap::from([(0, group.clone())]), isolation).with_fence(fence);
     let server = PeerServer::start(listener, tls.server.clone(), Arc::new(handler.clone()), ServerLimits::default())
         .map_err(|e| unavailable("start the peer server", &e))?;
-    Ok((group, Peers { forwarder, handler, _server: Arc::new(server) }))
+    Ok((group, Peers { forwarder, handler, _server: Some(Arc::new(server)) }))
 }
 
 /// Longest wait for an expiry tick's entry to commit.

@@ -3,7 +3,8 @@
 //! Each [`Mutation`] is a bug Surge must never have: skipping the stock
 //! check, applying a retried checkout twice, acknowledging a log append
 //! before it is fsynced, a deposed leader acknowledging writes, a leader
-//! selling escrow the DR copy never confirmed. The code
+//! selling escrow the DR copy never confirmed, an old primary that ignores
+//! the generation fence. The code
 //! paths that would have the bug ask [`active`] first. The simulator's
 //! mutation test switches them on one at a time and expects a failing seed
 //! within a bounded number of runs.
@@ -28,16 +29,21 @@ pub enum Mutation {
     /// The leader confirms its own escrow grants instead of waiting for
     /// the DR copy to confirm it has them.
     ConfirmUnheardEscrow = 5,
+    /// A node ignores the fence on itself: an old primary that returns
+    /// after a forced failover leads writes without asking the DR region
+    /// first, and goes on when it hears it is fenced.
+    IgnoreFence = 6,
 }
 
 impl Mutation {
     /// Every mutation, for the test that tries them all.
-    pub const ALL: [Mutation; 5] = [
+    pub const ALL: [Mutation; 6] = [
         Mutation::SkipStockCheck,
         Mutation::ApplyRetryTwice,
         Mutation::AckBeforeFsync,
         Mutation::DeposedLeaderAcks,
         Mutation::ConfirmUnheardEscrow,
+        Mutation::IgnoreFence,
     ];
 
     /// Its name on the simulator's command line.
@@ -48,6 +54,7 @@ impl Mutation {
             Mutation::AckBeforeFsync => "ack-before-fsync",
             Mutation::DeposedLeaderAcks => "deposed-leader-acks",
             Mutation::ConfirmUnheardEscrow => "confirm-unheard-escrow",
+            Mutation::IgnoreFence => "ignore-fence",
         }
     }
 

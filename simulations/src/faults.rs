@@ -69,8 +69,12 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             10 => Fault::Crash { nodes: ids.clone() },
             11 => Fault::DiskFails { node: ids[rng.gen_range(0..ids.len())] },
             7 => Fault::ClockJump { node: ids[rng.gen_range(0..ids.len())], delta_ms: rng.gen_range(-3_000..3_000) },
-            13 => Fault::Switchover,
-            12 => {
+            // A run that loses its region does not also switch over (see
+            // `crate::region`): the region that takes writes is the one lost.
+            13 if !world.region_loss => Fault::Switchover,
+            // A run that loses its region cuts the DR region off right
+            // before the loss instead (`crate::region::Plan::catch_up`).
+            12 if !world.region_loss => {
                 // The DR region cut off for long: the primary must not notice.
                 for_ms = rng.gen_range(5_000..30_000).min(until_ms - at);
                 Fault::Isolate { nodes: world.zone("d") }
@@ -153,7 +157,7 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
 /// Asks the node that leads now, if any, to move writes to `region`. A
 /// refusal (no leader, the region takes writes already, a switchover still
 /// running) is part of the run, not a failure.
-fn switch(world: &World, region: &str) {
+pub(crate) fn switch(world: &World, region: &str) {
     let leader = world.ids().into_iter().filter_map(|id| world.node(id)).find(|node| node.group().is_leader());
     let Some(leader) = leader else {
         world.trace.event(format!("switchover to {region} not started: no leader"));

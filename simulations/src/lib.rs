@@ -8,6 +8,7 @@ pub mod clock;
 pub mod disk;
 pub mod faults;
 pub mod net;
+pub mod region;
 pub mod sim;
 pub mod trace;
 pub mod workload;

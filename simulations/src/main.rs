@@ -32,7 +32,8 @@ struct Args {
     #[arg(long)]
     trace: bool,
     /// Switch a known bug on (skip-stock-check, apply-retry-twice,
-    /// ack-before-fsync, deposed-leader-acks): the runs should fail.
+    /// ack-before-fsync, deposed-leader-acks, confirm-unheard-escrow,
+    /// ignore-fence): the runs should fail.
     #[arg(long, value_parser = parse_mutation)]
     mutation: Option<Mutation>,
     /// Fresh random seeds to run.
@@ -132,6 +133,10 @@ struct Totals {
     simulated_ms: u64,
     wall: Duration,
     acked: usize,
+    /// Runs that lost the primary region, and the acknowledgements their
+    /// failovers lost (every one reported, or the run failed).
+    region_losses: u64,
+    lost_reported: usize,
     failed: Vec<u64>,
     /// When to print the next progress line.
     next_progress: u64,
@@ -149,6 +154,10 @@ impl Totals {
         self.simulated_ms += report.simulated_ms;
         self.wall += wall;
         self.acked += report.acked;
+        if let Some(lost) = report.lost_reported {
+            self.region_losses += 1;
+            self.lost_reported += lost;
+        }
         if !report.failures.is_empty() {
             print_report(&report, wall);
             self.failed.push(seed);
@@ -169,6 +178,10 @@ impl Totals {
             simulated / self.wall.as_secs_f64().max(1e-9),
             self.acked
         );
+        println!(
+            "{} runs lost the primary region; their failovers lost {} acknowledgements, each named in the report",
+            self.region_losses, self.lost_reported
+        );
     }
 }
 
@@ -184,6 +197,9 @@ fn print_report(report: &sim::Report, wall: Duration) {
         report.unknown,
         &report.hash[..16]
     );
+    if let Some(lost) = report.lost_reported {
+        println!("  lost the primary region; the failover lost {lost} acknowledgements, reported");
+    }
     for failure in &report.failures {
         println!("  {failure}");
     }

@@ -3,21 +3,23 @@
 //! order messages arrive in), whether it is lost, and whether a partition
 //! stops it: symmetric or one-way cuts, a whole zone, the tiebreaker.
 //!
-//! It carries what the production transport carries: openraft's three RPCs
-//! ([`SimConn`]) and a follower's forwarded writes and read-index requests
-//! ([`SimForwarder`]), handed to the target node's real `Group`.
+//! It carries what the production transport carries, as the production
+//! transport's own [`PeerRequest`]s, stamped with the sender's generation
+//! fence and answered by the target node's real [`GroupHandler`], fence
+//! checks included: openraft's three RPCs ([`SimConn`]), and through
+//! [`SimLink`] a follower's forwarded writes and read-index requests and a
+//! node's operator requests (status, copies, transfer steps).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use cluster::group::Forwarder;
-use cluster::{Group, ProposeError};
-use domain::{Command, Response};
+use cluster::fence::Fence;
+use cluster::transport::{GroupHandler, PeerBody, PeerLink, PeerRequest, PeerResponse, TransportError};
 use futures::future::BoxFuture;
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
@@ -61,8 +63,8 @@ pub struct Net {
 }
 
 struct State {
-    /// Each node's group while it runs; absent while it is down.
-    groups: BTreeMap<u64, Group>,
+    /// Each node's peer handler while it runs; absent while it is down.
+    handlers: BTreeMap<u64, GroupHandler>,
     /// `(from, to)` pairs that cannot reach each other in that direction,
     /// with how many faults cut each (faults overlap and heal separately).
     cut: BTreeMap<(u64, u64), u32>,
@@ -73,18 +75,18 @@ struct State {
 impl Net {
     /// A network with no nodes yet, drawing from `rng`.
     pub fn new(rng: StdRng, trace: Trace) -> Arc<Net> {
-        let state = State { groups: BTreeMap::new(), cut: BTreeMap::new(), weather: Weather::CALM, rng };
+        let state = State { handlers: BTreeMap::new(), cut: BTreeMap::new(), weather: Weather::CALM, rng };
         Arc::new(Net { state: Mutex::new(state), trace })
     }
 
-    /// Node `id` is up, answering with `group`.
-    pub fn attach(&self, id: u64, group: Group) {
-        self.lock().groups.insert(id, group);
+    /// Node `id` is up, answering with `handler`.
+    pub fn attach(&self, id: u64, handler: GroupHandler) {
+        self.lock().handlers.insert(id, handler);
     }
 
     /// Node `id` is down: messages to it are lost.
     pub fn detach(&self, id: u64) {
-        self.lock().groups.remove(&id);
+        self.lock().handlers.remove(&id);
     }
 
     /// Cuts `from` → `to` (one way).
@@ -113,12 +115,44 @@ impl Net {
         !self.lock().cut.contains_key(&(from, to))
     }
 
+    /// Sends `request` from node `from` to node `to` as the production
+    /// transport would: stamped by the sender's `fence`, which hears how it
+    /// ended, and bounded by `timeout`. A request that never arrived is
+    /// unreachable; a lost answer or none in time is a timeout.
+    pub async fn call(
+        &self,
+        from: u64,
+        fence: &Fence,
+        to: u64,
+        mut request: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, TransportError> {
+        let (kind, checked) = (request.body.kind(), request.body.is_fenced());
+        request.stamp = fence.stamp();
+        let addr = format!("sim-{to}");
+        let delivery = async {
+            match self.deliver(from, to, kind, |handler| async move { handler.dispatch(request).await }).await {
+                // The sender waits for an answer that never comes.
+                Err(Lost::Reply) => std::future::pending().await,
+                delivered => delivered,
+            }
+        };
+        let result = match tokio::time::timeout(timeout, delivery).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(refusal))) => Err(TransportError::Refused { addr, refusal }),
+            Ok(Err(_)) => Err(TransportError::Unreachable { addr, reason: "lost or cut off".into() }),
+            Err(_) => Err(TransportError::Timeout { addr, timeout }),
+        };
+        fence.heard(fence.is_elsewhere(to), checked, &result);
+        result
+    }
+
     /// Sends one message from `from` to `to`, has `handle` run it on the
-    /// target's group, and brings the answer back, each way after a drawn
+    /// target's handler, and brings the answer back, each way after a drawn
     /// delay and subject to loss and partitions.
-    pub async fn deliver<T, F, Fut>(&self, from: u64, to: u64, kind: &str, handle: F) -> Result<T, Lost>
+    async fn deliver<T, F, Fut>(&self, from: u64, to: u64, kind: &str, handle: F) -> Result<T, Lost>
     where
-        F: FnOnce(Group) -> Fut,
+        F: FnOnce(GroupHandler) -> Fut,
         Fut: Future<Output = T>,
     {
         let Some(there) = self.leg(from, to) else {
@@ -130,13 +164,13 @@ impl Net {
         tokio::time::sleep(there).await;
         let target = {
             let state = self.lock();
-            state.groups.get(&to).filter(|_| !state.cut.contains_key(&(from, to))).cloned()
+            state.handlers.get(&to).filter(|_| !state.cut.contains_key(&(from, to))).cloned()
         };
-        let Some(group) = target else {
+        let Some(handler) = target else {
             self.trace.event(format!("net {kind} {from}->{to} undeliverable"));
             return Err(Lost::Request);
         };
-        let answer = handle(group).await;
+        let answer = handle(handler).await;
         let Some(back) = self.leg(to, from) else {
             self.trace.event(format!("net {kind} {from}->{to} reply lost"));
             return Err(Lost::Reply);
@@ -175,36 +209,75 @@ impl Net {
     }
 }
 
+/// A node's way to its peers on the simulated network, stamped by its
+/// fence: for its openraft network ([`SimNetwork`]) and its forwarder.
+#[derive(Clone)]
+pub struct SimLink {
+    pub id: u64,
+    pub net: Arc<Net>,
+    pub fence: Fence,
+}
+
+impl PeerLink for SimLink {
+    fn call(
+        &self,
+        node: u64,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportError>> {
+        let link = self.clone();
+        Box::pin(async move { link.net.call(link.id, &link.fence, node, request, timeout).await })
+    }
+}
+
 /// A node's openraft network factory on the simulated network.
 #[derive(Clone)]
 pub struct SimNetwork {
-    pub id: u64,
-    pub net: Arc<Net>,
+    pub link: SimLink,
 }
 
 impl RaftNetworkFactory<TypeConfig> for SimNetwork {
     type Network = SimConn;
 
     async fn new_client(&mut self, target: u64, _node: &BasicNode) -> SimConn {
-        SimConn { from: self.id, to: target, net: self.net.clone() }
+        SimConn { to: target, link: self.link.clone() }
     }
 }
 
 /// openraft's client for one target.
 pub struct SimConn {
-    from: u64,
     to: u64,
-    net: Arc<Net>,
-}
-
-fn unreachable<E: std::error::Error>(lost: Lost) -> RPCError<u64, BasicNode, E> {
-    let why = std::io::Error::other(format!("{lost:?} lost in the simulated network"));
-    RPCError::Unreachable(Unreachable::new(&why))
+    link: SimLink,
 }
 
 impl SimConn {
+    /// Sends one Raft RPC. Failures map as in the production transport's
+    /// `PeerConnection`: no delivery (lost, cut off, refused) is
+    /// `Unreachable`, no answer in time a `Timeout`.
+    async fn call<E: std::error::Error>(
+        &self,
+        action: RPCTypes,
+        body: PeerBody,
+        option: &RPCOption,
+    ) -> Result<PeerResponse, RPCError<u64, BasicNode, E>> {
+        let timeout = option.hard_ttl();
+        let request = PeerRequest::new(0, body);
+        match self.link.net.call(self.link.id, &self.link.fence, self.to, request, timeout).await {
+            Ok(response) => Ok(response),
+            Err(TransportError::Timeout { .. }) => {
+                Err(RPCError::Timeout(Timeout { action, id: self.link.id, target: self.to, timeout }))
+            }
+            Err(error) => Err(RPCError::Unreachable(Unreachable::new(&error))),
+        }
+    }
+
     fn remote<E: std::error::Error>(&self, error: E) -> RPCError<u64, BasicNode, E> {
         RPCError::RemoteError(RemoteError::new(self.to, error))
+    }
+
+    fn mismatch<E: std::error::Error>(&self, answer: &PeerResponse) -> RPCError<u64, BasicNode, E> {
+        let why = std::io::Error::other(format!("node {} answered with a {} response", self.to, answer.kind()));
+        RPCError::Network(NetworkError::new(&why))
     }
 }
 
@@ -217,93 +290,44 @@ impl RaftNetwork<TypeConfig> for SimConn {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        if self.net.duplicate() {
-            let (net, from, to, copy) = (self.net.clone(), self.from, self.to, rpc.clone());
+        if self.link.net.duplicate() {
+            let (link, to, copy) =
+                (self.link.clone(), self.to, PeerRequest::new(0, PeerBody::AppendEntries(rpc.clone())));
+            let timeout = option.hard_ttl();
             tokio::spawn(async move {
-                let _ = net.deliver(from, to, "append(dup)", |g| async move { g.append_entries(copy).await }).await;
+                let _ = link.net.call(link.id, &link.fence, to, copy, timeout).await;
             });
         }
-        match self.net.deliver(self.from, self.to, "append", |g| async move { g.append_entries(rpc).await }).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(self.remote(error)),
-            Err(lost) => Err(unreachable(lost)),
+        match self.call(RPCTypes::AppendEntries, PeerBody::AppendEntries(rpc), &option).await? {
+            PeerResponse::AppendEntries(Ok(response)) => Ok(response),
+            PeerResponse::AppendEntries(Err(error)) => Err(self.remote(error)),
+            other => Err(self.mismatch(&other)),
         }
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>> {
-        let answer =
-            self.net.deliver(self.from, self.to, "snapshot", |g| async move { g.raft().install_snapshot(rpc).await });
-        match answer.await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(self.remote(error)),
-            Err(lost) => Err(unreachable(lost)),
+        match self.call(RPCTypes::InstallSnapshot, PeerBody::InstallSnapshot(rpc), &option).await? {
+            PeerResponse::InstallSnapshot(Ok(response)) => Ok(response),
+            PeerResponse::InstallSnapshot(Err(error)) => Err(self.remote(error)),
+            other => Err(self.mismatch(&other)),
         }
     }
 
     async fn vote(
         &mut self,
         rpc: VoteRequest<u64>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        match self.net.deliver(self.from, self.to, "vote", |g| async move { g.raft().vote(rpc).await }).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(self.remote(error)),
-            Err(lost) => Err(unreachable(lost)),
+        match self.call(RPCTypes::Vote, PeerBody::Vote(rpc), &option).await? {
+            PeerResponse::Vote(Ok(response)) => Ok(response),
+            PeerResponse::Vote(Err(error)) => Err(self.remote(error)),
+            other => Err(self.mismatch(&other)),
         }
-    }
-}
-
-/// A follower's way to the leader on the simulated network.
-pub struct SimForwarder {
-    pub id: u64,
-    pub net: Arc<Net>,
-}
-
-/// Bound on a forwarded call, transport and the leader's commit included:
-/// the production forwarder's (the actors' request timeout).
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What a lost forward means to the caller, as with the real transport: a
-/// request that never arrived is unavailability; a lost answer may hide an
-/// applied command, so it is a timeout.
-fn forward_error(lost: Lost) -> ProposeError {
-    match lost {
-        Lost::Request => ProposeError::Unavailable("the leader could not be reached".into()),
-        Lost::Reply => ProposeError::Timeout,
-    }
-}
-
-impl Forwarder for SimForwarder {
-    fn forward(
-        &self,
-        leader: u64,
-        _group: u32,
-        commands: Vec<Command>,
-    ) -> BoxFuture<'static, Result<Response, ProposeError>> {
-        let (net, from) = (self.net.clone(), self.id);
-        Box::pin(async move {
-            let call = net.deliver(from, leader, "forward", |g| async move { g.propose_here(commands).await });
-            match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
-                Ok(answer) => answer.unwrap_or_else(|lost| Err(forward_error(lost))),
-                Err(_) => Err(ProposeError::Timeout),
-            }
-        })
-    }
-
-    fn read_index(&self, leader: u64, _group: u32) -> BoxFuture<'static, Result<u64, ProposeError>> {
-        let (net, from) = (self.net.clone(), self.id);
-        Box::pin(async move {
-            let call = net.deliver(from, leader, "read_index", |g| async move { g.read_index_here().await });
-            match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
-                Ok(answer) => answer.unwrap_or_else(|lost| Err(forward_error(lost))),
-                Err(_) => Err(ProposeError::Timeout),
-            }
-        })
     }
 }

@@ -13,12 +13,13 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use domain::mutation::Mutation;
-use domain::GroupState;
+use domain::{GroupState, OrderStatus};
 
 use crate::checkers::{self, Final};
 use crate::faults;
+use crate::region;
 use crate::trace::Trace;
-use crate::workload::{self, Oracle, HOLD_MS};
+use crate::workload::{self, Oracle, Told, HOLD_MS};
 use crate::world::World;
 
 /// Shoppers in a run.
@@ -28,6 +29,9 @@ const WORKLOAD_UNTIL_MS: u64 = 45_000;
 /// Faults start after the sales exist and all end by then.
 const FAULTS_FROM_MS: u64 = 2_000;
 const FAULTS_UNTIL_MS: u64 = 50_000;
+/// A run that loses its primary region loses it by then, leaving time for
+/// the failover, the region's return and the failback.
+const REGION_LOST_BY_MS: u64 = 20_000;
 /// A run lasts at least this long in simulated time.
 const RUN_MIN_MS: u64 = 60_000;
 /// How long the replicas get to catch up after the heal.
@@ -48,6 +52,9 @@ pub struct Report {
     /// Acknowledged orders and checkouts without a definite answer.
     pub acked: usize,
     pub unknown: u64,
+    /// In a run that lost its primary region: the acknowledgements the
+    /// failover lost, that its report named (an unnamed one fails the run).
+    pub lost_reported: Option<usize>,
 }
 
 thread_local! {
@@ -92,34 +99,49 @@ fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
     let system = actix_rt::System::with_tokio_rt(|| runtime);
     let trace = Trace::new(keep, echo);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| system.block_on(simulate(seed, trace.clone()))));
-    let (mut failures, simulated_ms, acked, unknown) = match outcome {
-        Ok(found) => found,
-        Err(_) => (Vec::new(), trace.now_ms(), 0, 0),
-    };
+    let Found { mut failures, simulated_ms, acked, unknown, lost_reported } =
+        outcome.unwrap_or_else(|_| Found { simulated_ms: trace.now_ms(), ..Found::default() });
     failures
         .extend(PANICS.with(|panics| panics.borrow_mut().drain(..).map(|p| format!("panic: {p}")).collect::<Vec<_>>()));
     let (hash, events) = trace.digest();
-    Report { seed, failures, hash, events, trace: trace.events(), simulated_ms, acked, unknown }
+    Report { seed, failures, hash, events, trace: trace.events(), simulated_ms, acked, unknown, lost_reported }
+}
+
+/// What [`simulate`] found.
+#[derive(Default)]
+struct Found {
+    failures: Vec<String>,
+    simulated_ms: u64,
+    acked: usize,
+    unknown: u64,
+    lost_reported: Option<usize>,
 }
 
 /// The run itself, inside the simulated runtime.
-async fn simulate(seed: u64, trace: Trace) -> (Vec<String>, u64, usize, u64) {
+async fn simulate(seed: u64, trace: Trace) -> Found {
     let world = Rc::new(World::new(seed, trace.clone()));
     let oracle = Rc::new(RefCell::new(Oracle::default()));
     for id in world.ids() {
         if let Err(error) = world.start(id).await {
             world.fail(error);
-            return (world.failures(), trace.now_ms(), 0, 0);
+            return Found { failures: world.failures(), simulated_ms: trace.now_ms(), ..Found::default() };
         }
     }
     if let Err(error) = workload::create_sales(&world).await {
         world.fail(error);
         world.stop().await;
-        return (world.failures(), trace.now_ms(), 0, 0);
+        return Found { failures: world.failures(), simulated_ms: trace.now_ms(), ..Found::default() };
     }
 
-    let schedule = faults::schedule(&world, FAULTS_FROM_MS, FAULTS_UNTIL_MS);
-    let faults: Vec<_> = schedule.into_iter().map(|fault| actix_rt::spawn(faults::run(world.clone(), fault))).collect();
+    let region_loss = world.region_loss.then(|| region::plan(&world, FAULTS_FROM_MS, REGION_LOST_BY_MS));
+    let mut schedule = faults::schedule(&world, FAULTS_FROM_MS, FAULTS_UNTIL_MS);
+    if let Some(plan) = &region_loss {
+        trace.event(format!("region loss planned: {plan:?}"));
+        schedule.extend(plan.catch_up.clone());
+    }
+    let mut faults: Vec<_> =
+        schedule.into_iter().map(|fault| actix_rt::spawn(faults::run(world.clone(), fault))).collect();
+    faults.extend(region_loss.map(|plan| actix_rt::spawn(region::run(world.clone(), oracle.clone(), plan))));
     let sampler = actix_rt::spawn(workload::sampler(world.clone(), oracle.clone(), FAULTS_UNTIL_MS + 5_000));
     let operator = actix_rt::spawn(workload::operator(world.clone(), WORKLOAD_UNTIL_MS));
     let shoppers: Vec<_> = (0..SHOPPERS)
@@ -165,10 +187,12 @@ async fn simulate(seed: u64, trace: Trace) -> (Vec<String>, u64, usize, u64) {
     }
     let replicas = converged(&world).await;
     let mut failures = world.failures();
-    let (acked, unknown) = {
+    let (acked, unknown, lost_reported) = {
         let oracle = oracle.borrow();
+        let mut lost_reported = None;
         match replicas {
             Ok(replicas) => {
+                lost_reported = oracle.region_lost.as_ref().map(|_| lost_acknowledgements(&oracle, &replicas[0].1));
                 trace.event(format!("final state {:016x}", state_digest(&replicas[0].1)));
                 let now_ms = crate::clock::EPOCH_MS + trace.now_ms();
                 let expiry_slack_ms = 1_500 + world.jumped_ms();
@@ -181,13 +205,31 @@ async fn simulate(seed: u64, trace: Trace) -> (Vec<String>, u64, usize, u64) {
             }
             Err(why) => failures.push(format!("replicas converge: {why}")),
         }
-        (oracle.acked.len(), oracle.unknown)
+        (oracle.acked.len(), oracle.unknown, lost_reported)
     };
     for failure in &failures {
         trace.event(format!("FAILED {failure}"));
     }
     world.stop().await;
-    (failures, trace.now_ms(), acked, unknown)
+    Found { failures, simulated_ms: trace.now_ms(), acked, unknown, lost_reported }
+}
+
+/// Acknowledged orders that `state` lacks, or holds otherwise than the
+/// shopper was told: what a failover lost.
+fn lost_acknowledgements(oracle: &Oracle, state: &GroupState) -> usize {
+    let told = |acked: &workload::Acked| match acked.told {
+        Told::Reserved => None,
+        Told::Paid => Some(OrderStatus::Paid),
+        Told::Cancelled => Some(OrderStatus::Cancelled),
+    };
+    oracle
+        .acked
+        .iter()
+        .filter(|(&id, acked)| match state.order_by_id(id) {
+            None => true,
+            Some(order) => told(acked).is_some_and(|status| status != order.status),
+        })
+        .count()
 }
 
 /// Waits until every replica has applied the same log, then returns each

@@ -52,6 +52,8 @@ pub struct Acked {
     pub key: String,
     pub lines: Vec<Line>,
     pub told: Told,
+    /// When the shopper was last told something about it (simulated ms).
+    pub at_ms: u64,
 }
 
 /// Everything the cluster answered, for the checkers.
@@ -74,6 +76,8 @@ pub struct Oracle {
     pub recovered_after_ms: Option<u64>,
     /// The history of the linearizability SKU.
     pub lin: LinHistory,
+    /// The primary region's loss, in a run that loses it.
+    pub region_lost: Option<crate::region::Lost>,
 }
 
 /// One replica's stock of one SKU, as the sampler saw it break an invariant.
@@ -252,7 +256,8 @@ pub async fn shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64, unti
             Some(order) => order,
             None => continue,
         };
-        let acked = Acked { session, key: key.clone(), lines: order.lines.clone(), told: Told::Reserved };
+        let at_ms = world.trace.now_ms();
+        let acked = Acked { session, key: key.clone(), lines: order.lines.clone(), told: Told::Reserved, at_ms };
         oracle.borrow_mut().acked.insert(order.id, acked);
         if plan.replays {
             // The same key again: the same order, never a second one.
@@ -280,6 +285,7 @@ pub async fn shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64, unti
                 if settled.status == expected {
                     if let Some(acked) = oracle.borrow_mut().acked.get_mut(&settled.id) {
                         acked.told = told;
+                        acked.at_ms = world.trace.now_ms();
                     }
                 }
             }
@@ -362,6 +368,10 @@ pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u6
                 }
             }
         }
+        // Only the newest generation's copies: an old primary's, fenced
+        // after a failover, will never be promoted.
+        let newest = seen.iter().map(|s| s.state.generation()).max().unwrap_or(0);
+        seen.retain(|s| s.state.generation() == newest);
         if let Some(broken) = promotion_breaks(&seen, &down) {
             world.trace.event(format!("a failover now would break: {broken}"));
             oracle.borrow_mut().promotion_breaks.push(format!("at {} ms: {broken}", world.trace.now_ms()));
@@ -420,6 +430,9 @@ pub struct LinHistory {
     pub events: Vec<(usize, todc_utils::linearizability::history::Action<LinOp>)>,
     /// (process, qty, session, key) of each checkout left without an answer.
     pub unanswered: Vec<(usize, u64, SessionId, String)>,
+    /// Each process's last checkout, while it waits for the answer: (qty,
+    /// session, key).
+    pub in_flight: BTreeMap<usize, (u64, SessionId, String)>,
 }
 
 /// A shopper on [`LIN`]: checkouts and reads, each recorded as a call and
@@ -431,6 +444,10 @@ pub async fn lin_shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64) 
     for round in 0..LIN_OPS {
         let think = world.draw(|rng| rng.gen_range(50..1_500));
         tokio::time::sleep(Duration::from_millis(think)).await;
+        if oracle.borrow().region_lost.is_some() {
+            // The history checked ends with the region (see the checker).
+            return;
+        }
         let read = world.draw(|rng| rng.gen_bool(0.3));
         if read {
             let call = LinOp::Read(None);
@@ -439,6 +456,10 @@ pub async fn lin_shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64) 
             let answer = definite_read(&world, first).await;
             // A read that never answered had no effect: it leaves the history.
             let mut oracle = oracle.borrow_mut();
+            if oracle.region_lost.is_some() {
+                // The history checked ended with the region; it stays as it was.
+                return;
+            }
             world.trace.event(format!("lin-{n} read -> {answer:?}"));
             match answer {
                 Some(available) => oracle.lin.events.push((process, Action::Response(LinOp::Read(Some(available))))),
@@ -459,17 +480,34 @@ pub async fn lin_shopper(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, n: u64) 
             hold_ms: 600_000,
         };
         world.trace.event(format!("lin-{n} checkout {key} of {qty}"));
-        oracle.borrow_mut().lin.events.push((process, Action::Call(LinOp::Checkout { qty, reserved: None })));
+        {
+            let mut oracle = oracle.borrow_mut();
+            oracle.lin.events.push((process, Action::Call(LinOp::Checkout { qty, reserved: None })));
+            oracle.lin.in_flight.insert(process, (qty, session, key.clone()));
+        }
         let answer = definite(&world, first, |node: Node| {
             let command = command.clone();
             async move { node.shopper(session, command).await }
         })
         .await;
         let mut oracle = oracle.borrow_mut();
+        oracle.lin.in_flight.remove(&process);
+        if oracle.region_lost.is_some() {
+            // Answered after the loss, outside the history checked; still
+            // an acknowledgement the crowd keeps.
+            if let Some(Outcome::Order { order, .. }) = answer {
+                oracle.answers.entry((session, key.clone())).or_default().insert(order.id);
+                let at_ms = world.trace.now_ms();
+                let acked = Acked { session, key, lines: order.lines, told: Told::Reserved, at_ms };
+                oracle.acked.insert(order.id, acked);
+            }
+            return;
+        }
         let reserved = match answer {
             Some(Outcome::Order { order, .. }) => {
                 oracle.answers.entry((session, key.clone())).or_default().insert(order.id);
-                let acked = Acked { session, key: key.clone(), lines: order.lines, told: Told::Reserved };
+                let at_ms = world.trace.now_ms();
+                let acked = Acked { session, key: key.clone(), lines: order.lines, told: Told::Reserved, at_ms };
                 oracle.acked.insert(order.id, acked);
                 true
             }

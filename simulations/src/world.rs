@@ -7,13 +7,15 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use cluster::fence::Fence;
+use cluster::transport::{GroupHandler, Isolation, PeerForwarder};
 use cluster::{ActorLimits, Group, GroupConfig, Node, NodeConfig, NodeSpec, Role, Topology};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::clock::SimClock;
 use crate::disk::Disk;
-use crate::net::{Net, SimForwarder, SimNetwork};
+use crate::net::{Net, SimLink, SimNetwork};
 use crate::trace::Trace;
 
 /// (id, region, zone, role) of every node.
@@ -72,10 +74,16 @@ fn rare_paths(rng: &mut StdRng, trace: &Trace, topology: Topology) -> NodeConfig
     NodeConfig { group, topology, tls: None, actors, expiry_tick_ms: 200, join: false }
 }
 
-/// One node's machine: its disk and clock outlive its crashes.
+/// One node's machine: its disk, clock and fence outlive its crashes.
 struct Machine {
     disk: Disk,
     clock: Arc<SimClock>,
+    /// The generation fence, as its disk keeps it (see `cluster::fence`).
+    fence: Fence,
+    /// Its data was wiped: it waits to be added, never bootstrapping.
+    join: bool,
+    /// Its whole region is lost: it stays down until the region returns.
+    lost: bool,
     /// The running node; `None` while it is down or starting.
     node: Option<Node>,
     /// A start is under way (opening the database, starting Raft): a second
@@ -101,6 +109,8 @@ pub struct World {
     /// Every clock jump's size, added up: how far the leader's clock may be
     /// behind the replicated clock, which delays expiry by as much.
     jumped_ms: std::cell::Cell<u64>,
+    /// This run loses the primary region (see `crate::region`).
+    pub region_loss: bool,
 }
 
 impl World {
@@ -125,19 +135,24 @@ impl World {
         let machines = SHAPE
             .iter()
             .map(|&(id, ..)| {
-                (
-                    id,
-                    Machine {
-                        disk: Disk::default(),
-                        clock: Arc::new(SimClock::default()),
-                        node: None,
-                        starting: false,
-                        lives: 0,
-                    },
-                )
+                let machine = Machine {
+                    disk: Disk::default(),
+                    clock: Arc::new(SimClock::default()),
+                    fence: fresh_fence(&topology, id),
+                    join: false,
+                    lost: false,
+                    node: None,
+                    starting: false,
+                    lives: 0,
+                };
+                (id, machine)
             })
             .collect();
         let config = rare_paths(&mut seeds, &trace, topology.clone());
+        let region_loss = seeds.gen_range(0..4) == 0;
+        if region_loss {
+            trace.event("this run loses the primary region");
+        }
         World {
             trace,
             net,
@@ -147,6 +162,7 @@ impl World {
             config,
             failures: RefCell::new(Vec::new()),
             jumped_ms: std::cell::Cell::new(0),
+            region_loss,
         }
     }
 
@@ -176,9 +192,18 @@ impl World {
         self.topology.nodes.iter().filter(|n| n.zone == zone).map(|n| n.id).collect()
     }
 
-    /// The shopper-facing nodes (zones a and b).
+    /// The nodes of region `region`.
+    pub fn region(&self, region: &str) -> Vec<u64> {
+        self.topology.nodes.iter().filter(|n| n.region == region).map(|n| n.id).collect()
+    }
+
+    /// The shopper-facing nodes: zones a and b, and in a run that loses
+    /// the primary region the DR region's too, where shoppers go then.
     pub fn endpoints(&self) -> Vec<u64> {
-        self.topology.nodes.iter().filter(|n| n.region == "primary").map(|n| n.id).collect()
+        if self.region_loss {
+            return self.ids();
+        }
+        self.region("primary")
     }
 
     /// Node `id` if it is up.
@@ -205,7 +230,7 @@ impl World {
     /// Starts node `id` from what its disk holds (nothing, the first time;
     /// the lowest id then bootstraps the cluster).
     pub async fn start(&self, id: u64) -> Result<(), String> {
-        let (disk, clock, first) = {
+        let (disk, clock, fence, bootstrap) = {
             let mut machines = self.machines.borrow_mut();
             let machine = machines.get_mut(&id).expect("a node of the topology");
             if machine.node.is_some() || machine.starting {
@@ -216,23 +241,38 @@ impl World {
                 self.trace.event(format!("node {id} stays down: its disk fails"));
                 return Ok(());
             }
+            if machine.lost {
+                self.trace.event(format!("node {id} stays down: its region is lost"));
+                return Ok(());
+            }
             machine.starting = true;
             machine.lives += 1;
-            (machine.disk.clone(), machine.clock.clone(), machine.lives == 1)
+            // What it heard of before still holds; nothing confirms it yet.
+            machine.fence = machine.fence.restarted();
+            let bootstrap = machine.lives == 1 && !machine.join && self.topology.bootstrapper() == Some(id);
+            (machine.disk.clone(), machine.clock.clone(), machine.fence.clone(), bootstrap)
         };
-        let started = self.open(id, disk, clock, first).await;
+        let started = self.open(id, disk, clock, fence, bootstrap).await;
         let mut machines = self.machines.borrow_mut();
         let machine = machines.get_mut(&id).expect("checked");
         machine.starting = false;
-        let node = started?;
-        self.net.attach(id, node.group().clone());
+        let (node, handler) = started?;
+        self.net.attach(id, handler);
         machine.node = Some(node);
         self.trace.event(format!("node {id} up"));
         Ok(())
     }
 
-    /// Opens node `id`'s database and group and assembles the node.
-    async fn open(&self, id: u64, disk: Disk, clock: Arc<SimClock>, first: bool) -> Result<Node, String> {
+    /// Opens node `id`'s database and group and assembles the node, with
+    /// the handler that answers its peers.
+    async fn open(
+        &self,
+        id: u64,
+        disk: Disk,
+        clock: Arc<SimClock>,
+        fence: Fence,
+        bootstrap: bool,
+    ) -> Result<(Node, GroupHandler), String> {
         let database = redb::Builder::new()
             .set_cache_size(4 << 20)
             .create_with_backend(disk.incarnation())
@@ -244,14 +284,19 @@ impl World {
             replicas: self.topology.replicas(),
             ..self.config.group.clone()
         };
-        let bootstrap = first && self.topology.bootstrapper() == Some(id);
-        let network = SimNetwork { id, net: self.net.clone() };
+        let link = SimLink { id, net: self.net.clone(), fence: fence.clone() };
+        let network = SimNetwork { link: link.clone() };
+        let timeout = std::time::Duration::from_millis(self.config.actors.request_timeout_ms);
+        let forwarder = Arc::new(PeerForwarder::over(Arc::new(link), timeout));
         let group =
             Group::open_on(&config, Arc::new(database), clock.clone(), network, self.topology.members(), bootstrap)
                 .await
                 .map_err(|e| format!("node {id}: open its group: {e}"))?
-                .with_forwarder(Arc::new(SimForwarder { id, net: self.net.clone() }));
-        Ok(Node::with_group(group, &self.config, clock))
+                .with_fence(fence.clone())
+                .with_forwarder(forwarder.clone());
+        let handler =
+            GroupHandler::new(id, BTreeMap::from([(0, group.clone())]), Isolation::default()).with_fence(fence);
+        Ok((Node::with_peers(group, &self.config, clock, forwarder, handler.clone()), handler))
     }
 
     /// Kills node `id` like a power cut: its Raft stops, what its disk had
@@ -263,6 +308,45 @@ impl World {
         let _ = node.group().raft().shutdown().await;
         self.machines.borrow()[&id].disk.crash();
         self.trace.event(format!("node {id} crashed"));
+    }
+
+    /// Loses the nodes of `region` at once, as a disaster would: each is
+    /// cut like a power cut and stays down until [`World::return_region`].
+    pub async fn lose_region(&self, region: &str) {
+        for id in self.region(region) {
+            self.machines.borrow_mut().get_mut(&id).expect("a node of the topology").lost = true;
+            self.crash(id).await;
+        }
+        self.trace.event(format!("region {region:?} lost"));
+    }
+
+    /// The nodes of `region` come back, each from what its disk holds.
+    pub async fn return_region(&self, region: &str) {
+        self.trace.event(format!("region {region:?} returns"));
+        for id in self.region(region) {
+            self.machines.borrow_mut().get_mut(&id).expect("a node of the topology").lost = false;
+            if let Err(error) = self.start(id).await {
+                self.fail(format!("the returning region: {error}"));
+            }
+        }
+    }
+
+    /// What an operator does to a returning node before it rejoins: stops
+    /// it, wipes its data (its fence with it), and starts it with
+    /// `join = true`, to wait until the group adds it.
+    pub async fn wipe(&self, id: u64) {
+        self.crash(id).await;
+        {
+            let mut machines = self.machines.borrow_mut();
+            let machine = machines.get_mut(&id).expect("a node of the topology");
+            machine.disk = Disk::default();
+            machine.fence = fresh_fence(&self.topology, id);
+            machine.join = true;
+        }
+        self.trace.event(format!("node {id} wiped"));
+        if let Err(error) = self.start(id).await {
+            self.fail(format!("starting node {id} wiped: {error}"));
+        }
     }
 
     /// Makes node `id`'s disk fail (or recover).
@@ -299,4 +383,12 @@ impl World {
             }
         }
     }
+}
+
+/// Node `id`'s fence before it ever ran: no generation heard of, and every
+/// node's region known, so that it needs a node of another region to
+/// confirm it before it leads writes, as a production node does.
+fn fresh_fence(topology: &Topology, id: u64) -> Fence {
+    let regions = topology.nodes.iter().map(|spec| (spec.id, spec.region.clone())).collect();
+    Fence::in_memory(topology.node(id).map(|spec| spec.region.clone()), regions)
 }

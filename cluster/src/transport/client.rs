@@ -271,11 +271,7 @@ impl PeerClient {
         } else {
             self.exchange(request, timeout).await
         };
-        match &result {
-            Err(TransportError::Refused { refusal: Refusal::Fenced(generation), .. }) => self.fence.learn(*generation),
-            Ok(_) if self.elsewhere && fenced => self.fence.confirm(),
-            _ => {}
-        }
+        self.fence.heard(self.elsewhere, fenced, &result);
         metrics::counter!("surge_transport_calls_total", "kind" => kind, "result" => result_label(&result))
             .increment(1);
         result

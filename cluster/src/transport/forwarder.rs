@@ -19,21 +19,65 @@ use crate::group::{Forwarder, Group};
 use crate::status::NodeStatus;
 use crate::ProposeError;
 
-/// Sends a follower's batches and read-index requests to the leader over the
-/// node's shared [`PeerClients`].
-pub struct PeerForwarder {
+/// How one node's requests reach another node and come back answered: the
+/// mutual-TLS clients in production ([`TlsLink`]), the simulated network in
+/// the simulator. Whatever carries them stamps each request with the
+/// sender's fence and lets the fence hear the answer (see
+/// [`crate::fence::Fence::heard`]).
+pub trait PeerLink: Send + Sync + 'static {
+    /// Sends `request` to node `node` and waits up to `timeout` for its
+    /// answer; a refusal comes back as [`TransportError::Refused`].
+    fn call(
+        &self,
+        node: u64,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportError>>;
+}
+
+/// The production [`PeerLink`]: the node's shared [`PeerClients`], each node
+/// at its address in the topology.
+pub struct TlsLink {
     clients: PeerClients,
-    /// Peer address of every node, by id (from the topology).
+    /// Peer address of every node, by id.
     peers: BTreeMap<u64, String>,
+}
+
+impl PeerLink for TlsLink {
+    fn call(
+        &self,
+        node: u64,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportError>> {
+        let Some(addr) = self.peers.get(&node) else {
+            let error = TransportError::Unreachable { addr: format!("node {node}"), reason: "no peer address".into() };
+            return Box::pin(async move { Err(error) });
+        };
+        let client = self.clients.get(node, addr);
+        Box::pin(async move { client.call(request, timeout).await })
+    }
+}
+
+/// Sends a follower's batches and read-index requests to the leader, and a
+/// node's operator requests (status, copies, transfer steps, isolation) to
+/// other nodes, over a [`PeerLink`].
+pub struct PeerForwarder {
+    link: Arc<dyn PeerLink>,
     /// Bound on one forwarded call, transport and the leader's commit included.
     timeout: Duration,
 }
 
 impl PeerForwarder {
-    /// A forwarder that reaches node `id` at `peers[id]`, waiting at most
-    /// `timeout` for each answer.
+    /// A forwarder that reaches node `id` at `peers[id]` over `clients`,
+    /// waiting at most `timeout` for each answer.
     pub fn new(clients: PeerClients, peers: BTreeMap<u64, String>, timeout: Duration) -> PeerForwarder {
-        PeerForwarder { clients, peers, timeout }
+        PeerForwarder::over(Arc::new(TlsLink { clients, peers }), timeout)
+    }
+
+    /// A forwarder over `link`, waiting at most `timeout` for each answer.
+    pub fn over(link: Arc<dyn PeerLink>, timeout: Duration) -> PeerForwarder {
+        PeerForwarder { link, timeout }
     }
 
     /// Asks node `node` for its view of itself and its groups.
@@ -71,14 +115,9 @@ impl PeerForwarder {
         }
     }
 
-    fn call(&self, leader: u64, group: u32, body: PeerBody) -> BoxFuture<'static, Result<PeerResponse, ProposeError>> {
-        let Some(addr) = self.peers.get(&leader) else {
-            let error = ProposeError::Unavailable(format!("no peer address for leader {leader}"));
-            return Box::pin(async move { Err(error) });
-        };
-        let client = self.clients.get(leader, addr);
-        let timeout = self.timeout;
-        Box::pin(async move { client.call(PeerRequest::new(group, body), timeout).await.map_err(propose_error) })
+    fn call(&self, node: u64, group: u32, body: PeerBody) -> BoxFuture<'static, Result<PeerResponse, ProposeError>> {
+        let call = self.link.call(node, PeerRequest::new(group, body), self.timeout);
+        Box::pin(async move { call.await.map_err(propose_error) })
     }
 }
 

@@ -37,7 +37,7 @@ pub mod wire;
 
 pub use certs::{write_dev_certs, CertError, DevCa, NodeCertificate};
 pub use client::{ClientLimits, PeerClient, TransportError};
-pub use forwarder::{GroupHandler, PeerForwarder};
+pub use forwarder::{GroupHandler, PeerForwarder, PeerLink, TlsLink};
 pub use isolation::Isolation;
 pub use network::{PeerClients, PeerConnection, PeerNetwork, RaftHandler};
 pub use server::{serve, PeerHandler, PeerServer, ServerLimits};

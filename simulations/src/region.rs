@@ -1,0 +1,290 @@
+//! Losing the primary region, in a quarter of the runs: the whole region
+//! goes dark at a random moment, sometimes just after the DR region was cut
+//! off for a while and is still catching up. An operator then does what
+//! `docs/operations.md` says, against whatever else goes wrong meanwhile:
+//!
+//! 1. forces a failover on the DR node with the most advanced copy
+//!    (`Node::start_failover`), retrying while it is refused;
+//! 2. lets the lost region return from its disks: its nodes must learn
+//!    they are fenced and take no write, which a probe checks by trying
+//!    one on each of them in turn until the failback;
+//! 3. fails back: reconciles with the lost primary's copy, wipes the
+//!    returning nodes and rejoins them (`Node::start_failback`, twice);
+//! 4. sometimes switches writes home.
+//!
+//! What the crowd was told meanwhile is checked as in every run, except
+//! that an acknowledgement the failover's report names may be lost (see
+//! [`crate::checkers`]).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use cluster::{DrillReport, FailoverPreview, Node};
+use domain::{GroupState, SessionId};
+use rand::Rng;
+
+use crate::faults::{Fault, Scheduled};
+use crate::workload::Oracle;
+use crate::world::World;
+
+/// The region that takes writes, and the one that takes over.
+const LOST: &str = "primary";
+const DR: &str = "dr";
+/// How long the operator keeps trying each step before the run fails.
+const STEP_MAX: Duration = Duration::from_secs(60);
+/// Between two tries of a refused step.
+const RETRY_EVERY: Duration = Duration::from_millis(300);
+
+/// When the region is lost and how the operator goes about it, drawn from
+/// the seed.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub at_ms: u64,
+    /// From the loss until the operator forces the failover.
+    pub failover_after_ms: u64,
+    /// From the failover until the lost region returns...
+    pub return_after_ms: u64,
+    /// ...and from then until the operator fails back.
+    pub failback_after_ms: u64,
+    /// Writes go home once the region has rejoined.
+    pub home: bool,
+    /// The DR region cut off before the loss, healing this soon before
+    /// it: the loss then hits while the DR copy catches up.
+    pub catch_up: Option<Scheduled>,
+}
+
+/// Draws the plan of a run that loses its region between `from_ms` and
+/// `until_ms`.
+pub fn plan(world: &World, from_ms: u64, until_ms: u64) -> Plan {
+    world.draw(|rng| {
+        let at_ms = rng.gen_range(from_ms + 6_000..until_ms);
+        let catch_up = rng.gen_bool(0.5).then(|| {
+            let for_ms = rng.gen_range(2_000..12_000).min(at_ms - from_ms);
+            let healed_before = rng.gen_range(0..600).min(for_ms / 2);
+            Scheduled {
+                at_ms: at_ms - for_ms,
+                for_ms: for_ms - healed_before,
+                fault: Fault::Isolate { nodes: world.region(DR) },
+            }
+        });
+        Plan {
+            at_ms,
+            failover_after_ms: rng.gen_range(100..3_000),
+            return_after_ms: rng.gen_range(500..5_000),
+            failback_after_ms: rng.gen_range(1_000..8_000),
+            home: rng.gen_bool(0.5),
+            catch_up,
+        }
+    })
+}
+
+/// What the checkers need to know of a region loss.
+#[derive(Debug, Default)]
+pub struct Lost {
+    pub at_ms: u64,
+    /// The linearizability history's length at the loss...
+    pub lin_cut: usize,
+    /// ...and the checkout each of its processes had in flight then, if
+    /// any: (qty, session, key).
+    pub lin_in_flight: BTreeMap<usize, (u64, SessionId, String)>,
+    /// What the forced failover reported it may have lost.
+    pub failover: Option<FailoverPreview>,
+    /// When the lost region came back: fenced, it acknowledges nothing
+    /// from then on.
+    pub returned_at_ms: Option<u64>,
+    /// The lost primary's most advanced copy, read when it returned.
+    pub old_copy: Option<GroupState>,
+}
+
+impl Lost {
+    /// Whether the failover named `order` as possibly lost (or its payment
+    /// as in doubt).
+    pub fn names(&self, order: u64) -> bool {
+        self.failover.as_ref().is_some_and(|failover| failover.names(order))
+    }
+}
+
+/// Runs the plan; each step that cannot be done in time fails the run.
+pub async fn run(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, plan: Plan) {
+    tokio::time::sleep(Duration::from_millis(plan.at_ms.saturating_sub(world.trace.now_ms()))).await;
+    {
+        let mut oracle = oracle.borrow_mut();
+        let lost = Lost {
+            at_ms: world.trace.now_ms(),
+            lin_cut: oracle.lin.events.len(),
+            lin_in_flight: oracle.lin.in_flight.clone(),
+            ..Lost::default()
+        };
+        oracle.region_lost = Some(lost);
+    }
+    world.lose_region(LOST).await;
+
+    tokio::time::sleep(Duration::from_millis(plan.failover_after_ms)).await;
+    match fail_over(&world).await {
+        Ok(failover) => {
+            world.trace.event(format!("failover reported: {failover:?}"));
+            oracle.borrow_mut().region_lost.as_mut().expect("set above").failover = Some(failover);
+        }
+        Err(why) => world.fail(format!("forced failover: {why}")),
+    }
+
+    tokio::time::sleep(Duration::from_millis(plan.return_after_ms)).await;
+    oracle.borrow_mut().region_lost.as_mut().expect("set above").returned_at_ms = Some(world.trace.now_ms());
+    world.return_region(LOST).await;
+    let probes = probe_fence(&world, Duration::from_millis(plan.failback_after_ms)).await;
+    if let Err(why) = fail_back(&world, &oracle).await {
+        world.fail(format!("failback: {why}"));
+        return;
+    }
+    let old_copy = oracle.borrow().region_lost.as_ref().and_then(|lost| lost.old_copy.clone());
+    if let Some(token) =
+        probes.iter().find(|token| old_copy.as_ref().is_some_and(|c| c.session_by_token(token).is_some()))
+    {
+        world.fail(format!("the fenced old primary opened a session for probe token {token} though it answered no"));
+    }
+    if plan.home {
+        crate::faults::switch(&world, LOST);
+    }
+}
+
+/// While the old primary is back and not yet wiped, `for_` long: tries a
+/// write (opening a session) on each of its nodes in turn, as a client
+/// that still knows only them would. Every one must be refused: the
+/// region is fenced. Returns the probes' tokens; the caller checks that
+/// none of them took effect unseen (an answer lost on the way back).
+async fn probe_fence(world: &World, for_: Duration) -> Vec<String> {
+    let until = tokio::time::Instant::now() + for_;
+    let mut tokens = Vec::new();
+    let returning = world.region(LOST);
+    let mut next = 0;
+    while tokio::time::Instant::now() < until {
+        let id = returning[next % returning.len()];
+        next += 1;
+        if let Some(node) = world.node(id) {
+            let token = format!("{:064x}", u64::MAX - tokens.len() as u64);
+            tokens.push(token.clone());
+            let write = node.open_session("fence-probe".into(), token);
+            match tokio::time::timeout(Duration::from_secs(2), write).await {
+                Ok(Ok(outcome)) => {
+                    world.fail(format!("node {id} of the fenced old primary took a write: {outcome:?}"));
+                    tokens.pop();
+                    return tokens;
+                }
+                Ok(Err(refused)) => world.trace.event(format!("fence probe on node {id}: {refused}")),
+                Err(_) => world.trace.event(format!("fence probe on node {id}: no answer")),
+            }
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+    tokens
+}
+
+/// Forces the failover on the most advanced DR node that is up, again and
+/// again until one completes; returns its report's cost.
+async fn fail_over(world: &World) -> Result<FailoverPreview, String> {
+    let deadline = tokio::time::Instant::now() + STEP_MAX;
+    let mut last = String::from("never tried");
+    while tokio::time::Instant::now() < deadline {
+        let mut candidates: Vec<(u64, Node)> = world
+            .region(DR)
+            .into_iter()
+            .filter_map(|id| world.node(id))
+            .map(|node| (node.group().status().applied_index, node))
+            .collect();
+        candidates.sort_by_key(|(applied, node)| (std::cmp::Reverse(*applied), node.id()));
+        for (_, node) in candidates {
+            match node.start_failover(DR, "simulator").await {
+                Ok(report) => {
+                    world.trace.event(format!("failover {} forced on node {}", report.id, node.id()));
+                    let report = finished(&node, report.id).await?;
+                    if report.state == "completed" {
+                        return report.failover.ok_or_else(|| "a completed failover without its cost".into());
+                    }
+                    last = format!("failover on node {} {}: {:?}", node.id(), report.state, report.failure);
+                }
+                Err(refused) => last = format!("node {} refused: {refused}", node.id()),
+            }
+            world.trace.event(last.clone());
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+    Err(format!("none completed in {STEP_MAX:?}; last: {last}"))
+}
+
+/// Reconciles with the returned region, wipes its nodes, and rejoins them
+/// until all are members of the group again.
+async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String> {
+    // Reconcile: every returning node must answer with its copy.
+    let deadline = tokio::time::Instant::now() + STEP_MAX;
+    // A settlement that committed though its drill failed counts.
+    while !leader(world).is_some_and(|leader| leader.read_local(GroupState::failover_settled)) {
+        match failback_once(world).await {
+            Ok(report) => world.trace.event(format!(
+                "failback {}: {:?}, reconciliation {:?}",
+                report.state, report.failure, report.reconciliation
+            )),
+            Err(why) => world.trace.event(format!("failback not started: {why}")),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("no reconciliation in {STEP_MAX:?}"));
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+    // What the checkers decide in-flight checkouts by: the copy reconcile read.
+    let old_copy = world
+        .region(LOST)
+        .into_iter()
+        .filter_map(|id| world.node(id))
+        .max_by_key(|node| node.group().status().applied_index)
+        .map(|node| node.read_local(GroupState::clone));
+    oracle.borrow_mut().region_lost.as_mut().expect("lost").old_copy = old_copy;
+
+    for id in world.region(LOST) {
+        world.wipe(id).await;
+    }
+    let deadline = tokio::time::Instant::now() + STEP_MAX;
+    loop {
+        if let Some(leader) = leader(world) {
+            let members = leader.group().raft().metrics().borrow().membership_config.membership().nodes().count();
+            if members == world.ids().len() {
+                world.trace.event("the lost region rejoined");
+                return Ok(());
+            }
+        }
+        match failback_once(world).await {
+            Ok(report) => world.trace.event(format!("rejoin {}: {:?}", report.state, report.failure)),
+            Err(why) => world.trace.event(format!("rejoin not started: {why}")),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("the region did not rejoin in {STEP_MAX:?}"));
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
+
+/// One failback, asked of the leader, until it finishes.
+async fn failback_once(world: &World) -> Result<DrillReport, String> {
+    let leader = leader(world).ok_or("no leader")?;
+    let report = leader.start_failback(LOST, "simulator").await.map_err(|e| e.to_string())?;
+    finished(&leader, report.id).await
+}
+
+/// The node of the DR region that leads, if any.
+fn leader(world: &World) -> Option<Node> {
+    world.region(DR).into_iter().filter_map(|id| world.node(id)).find(|node| node.group().is_leader())
+}
+
+/// Drill `id` of `node` once it has finished.
+async fn finished(node: &Node, id: u64) -> Result<DrillReport, String> {
+    let deadline = tokio::time::Instant::now() + STEP_MAX;
+    loop {
+        match node.drill_report(id) {
+            Some(report) if report.state != "running" => return Ok(report),
+            Some(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Some(_) => return Err(format!("drill {id} still running after {STEP_MAX:?}")),
+            None => return Err(format!("drill {id} is not on record")),
+        }
+    }
+}
