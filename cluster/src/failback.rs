@@ -5,10 +5,13 @@
 //! promoted region). It does what is due of two steps:
 //!
 //! 1. **Reconcile**, once per failover. Every node of the returning region
-//!    must answer with its copy, none wiped yet: the lost primary's last
-//!    leader applied every order it acknowledged, and the one that applied
-//!    most holds them all. Its copy is read whole and compared with this
-//!    one (`GroupState::reconcile`): the orders the two disagree on go into
+//!    must answer with its copy, none wiped yet: every order the lost
+//!    primary acknowledged is in the logs of a majority of its voters, and
+//!    the longest log holds them all (but see below). That node's copy is
+//!    read whole, with every entry of its log applied, committed or not
+//!    (after a crash a node may know less as committed than its leader
+//!    acknowledged, and fenced, it has no leader to tell it), and compared
+//!    with this one (`GroupState::reconcile`): the orders the two disagree on go into
 //!    the report for an operator to settle, and the units the failover took
 //!    out of sale that nobody bought go back on sale (`SettleFailover`).
 //! 2. **Rejoin**: returning nodes whose data the operator has wiped (and
@@ -76,16 +79,18 @@ pub(crate) async fn plan(node: &Node, from: &str, requested_by: &str) -> Result<
     let reconcile_from = if settled {
         None
     } else {
-        // Every copy counts: the lost primary's last leader applied every
-        // order it acknowledged, and a follower's copy may lack some.
+        // Every copy counts: the longest log holds every order the lost
+        // primary acknowledged, and another may lack some.
         if let Some((&id, _)) = answers.iter().find(|(_, status)| status.as_ref().is_none_or(wiped)) {
             return Err(DrillError::CopyUnreachable(id));
         }
         answers
             .iter()
-            .filter_map(|(id, status)| status.as_ref().filter(|s| holds_old_copy(s)).map(|s| (s.applied_index, *id)))
+            .filter_map(|(id, status)| {
+                status.as_ref().filter(|s| holds_old_copy(s)).map(|s| (s.last_log_index, s.applied_index, *id))
+            })
             .max()
-            .map(|(_, id)| id)
+            .map(|(_, _, id)| id)
     };
     let rejoin: Vec<u64> = answers
         .iter()

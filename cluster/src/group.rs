@@ -125,6 +125,8 @@ pub struct Group {
     id: u32,
     raft: Raft<TypeConfig>,
     state: StateReader,
+    /// Reads this node's log, for [`Group::copy_with_log`].
+    log: storage::LogStore<TypeConfig>,
     clock: Arc<dyn Clock>,
     /// Reaches the leader when this node is a follower.
     forwarder: Option<Arc<dyn Forwarder>>,
@@ -243,6 +245,7 @@ impl Group {
             storage::from_database::<TypeConfig>(database).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let state = state_machine.reader();
         let durable_commits = log.durable_commits();
+        let log_reader = log.clone();
         let log_state = log.get_log_state().await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let recovered_log = log_state.last_log_id.map_or(0, |id| id.index);
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
@@ -260,6 +263,7 @@ impl Group {
             clock,
             forwarder: None,
             lease,
+            log: log_reader,
             may_lead: config.may_lead,
             region: config.region.clone(),
             holds: Arc::default(),
@@ -457,6 +461,17 @@ impl Group {
     /// included), but it may lag a newer leader.
     pub fn read_local<T>(&self, read: impl FnOnce(&GroupState) -> T) -> T {
         self.state.read(read)
+    }
+
+    /// This replica's copy with every entry of its log applied, committed
+    /// or not: what failback reconciles with. A node of a lost primary
+    /// that restarted may know less as committed than its last leader
+    /// applied and acknowledged, and, fenced, has no leader to tell it.
+    pub fn copy_with_log(&self) -> Result<GroupState, ProposeError> {
+        let (state, applied) = self.state.read_at(Clone::clone);
+        self.log
+            .with_whole_log(&state, applied)
+            .map_err(|e| ProposeError::Unavailable(format!("reading this node's log: {e}")))
     }
 
     /// Whether this node believes it leads the group. A hint, not a lease:

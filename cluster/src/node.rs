@@ -282,10 +282,11 @@ impl Node {
         }
     }
 
-    /// Node `node`'s applied state, whole (this node's own, if asked).
+    /// Node `node`'s copy, whole, with its whole log applied (this node's
+    /// own, if asked; see [`Group::copy_with_log`]).
     pub(crate) async fn copy_of(&self, node: u64) -> Result<GroupState, ProposeError> {
         match &self.peers {
-            _ if node == self.id() => Ok(self.read_local(Clone::clone)),
+            _ if node == self.id() => self.group.copy_with_log(),
             Some(peers) => peers.forwarder.copy_of(node).await,
             None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
         }

@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use cluster::{DrillReport, FailoverPreview, Node};
-use domain::{GroupState, SessionId};
+use domain::{GroupState, Reconciliation, SessionId};
 use rand::Rng;
 
 use crate::faults::{Fault, Scheduled};
@@ -96,6 +96,8 @@ pub struct Lost {
     pub returned_at_ms: Option<u64>,
     /// The lost primary's most advanced copy, read when it returned.
     pub old_copy: Option<GroupState>,
+    /// What the failback found to settle, when its report came back.
+    pub reconciliation: Option<Reconciliation>,
 }
 
 impl Lost {
@@ -221,10 +223,15 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
     // A settlement that committed though its drill failed counts.
     while !leader(world).is_some_and(|leader| leader.read_local(GroupState::failover_settled)) {
         match failback_once(world).await {
-            Ok(report) => world.trace.event(format!(
-                "failback {}: {:?}, reconciliation {:?}",
-                report.state, report.failure, report.reconciliation
-            )),
+            Ok(report) => {
+                world.trace.event(format!(
+                    "failback {}: {:?}, reconciliation {:?}",
+                    report.state, report.failure, report.reconciliation
+                ));
+                if report.reconciliation.is_some() {
+                    oracle.borrow_mut().region_lost.as_mut().expect("lost").reconciliation = report.reconciliation;
+                }
+            }
             Err(why) => world.trace.event(format!("failback not started: {why}")),
         }
         if tokio::time::Instant::now() > deadline {
@@ -237,8 +244,11 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
         .region(LOST)
         .into_iter()
         .filter_map(|id| world.node(id))
-        .max_by_key(|node| node.group().status().applied_index)
-        .map(|node| node.read_local(GroupState::clone));
+        .max_by_key(|node| {
+            let status = node.group().status();
+            (status.last_log_index, status.applied_index)
+        })
+        .and_then(|node| node.group().copy_with_log().ok());
     oracle.borrow_mut().region_lost.as_mut().expect("lost").old_copy = old_copy;
 
     for id in world.region(LOST) {

@@ -8,8 +8,10 @@ use std::ops::RangeBounds;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use domain::GroupState;
 use openraft::storage::LogFlushed;
 use openraft::storage::RaftLogStorage;
+use openraft::EntryPayload;
 use openraft::LogId;
 use openraft::LogState;
 use openraft::OptionalSend;
@@ -105,6 +107,22 @@ impl<C: SurgeTypeConfig> LogStore<C> {
             entries.push(decode_entry::<C>(index.value(), bytes.value())?);
         }
         Ok(entries)
+    }
+
+    /// `state`, applied up to log index `applied`, with every later entry
+    /// of this log applied to it too, committed or not: a superset of what
+    /// this node's copy may have acknowledged. A node that crashed may know
+    /// less as committed than it had applied (the commit index is saved
+    /// without fsync), and with no leader to tell it, its applied state
+    /// lacks the tail; this copy does not.
+    pub fn with_whole_log(&self, state: &GroupState, applied: u64) -> Result<GroupState, StoreError> {
+        let mut state = state.clone();
+        for entry in self.read_entries((Bound::Excluded(applied), Bound::Unbounded))? {
+            if let EntryPayload::Normal(request) = entry.payload {
+                state.apply(&request);
+            }
+        }
+        Ok(state)
     }
 
     /// Reads the first and last log state in one snapshot of the database.

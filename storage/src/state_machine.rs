@@ -88,15 +88,29 @@ impl<C> Debug for StateMachineStore<C> {
 /// only writer, once per batch of applied entries) and the node's readers.
 /// Reads are short closures, so the lock is never held across an await.
 #[derive(Clone, Debug, Default)]
-pub struct StateReader(Arc<RwLock<GroupState>>);
+pub struct StateReader(Arc<RwLock<Applied>>);
+
+/// The applied state and the index of the last entry in it, changed together.
+#[derive(Debug, Default)]
+struct Applied {
+    state: GroupState,
+    index: u64,
+}
 
 impl StateReader {
     /// Runs `read` on the state as applied so far.
     pub fn read<T>(&self, read: impl FnOnce(&GroupState) -> T) -> T {
-        read(&self.0.read().expect("group state lock poisoned"))
+        read(&self.0.read().expect("group state lock poisoned").state)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, GroupState> {
+    /// Runs `read` on the state as applied so far, and says up to which
+    /// log index that is.
+    pub fn read_at<T>(&self, read: impl FnOnce(&GroupState) -> T) -> (T, u64) {
+        let applied = self.0.read().expect("group state lock poisoned");
+        (read(&applied.state), applied.index)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Applied> {
         self.0.write().expect("group state lock poisoned")
     }
 }
@@ -117,7 +131,10 @@ impl<C: SurgeTypeConfig> StateMachineStore<C> {
             db,
             last_applied: applied.last_applied,
             last_membership: applied.last_membership,
-            group: StateReader(Arc::new(RwLock::new(applied.group))),
+            group: StateReader(Arc::new(RwLock::new(Applied {
+                index: applied.last_applied.map_or(0, |id| id.index),
+                state: applied.group,
+            }))),
             snapshots_built: 0,
             _config: std::marker::PhantomData,
         })
@@ -133,11 +150,12 @@ impl<C: SurgeTypeConfig> StateMachineStore<C> {
     /// Applies entries in order and returns one response per entry.
     fn apply_entries(&mut self, entries: impl Iterator<Item = C::Entry>) -> Vec<Response> {
         let mut responses = Vec::with_capacity(entries.size_hint().0);
-        let mut group = self.group.write();
+        let mut applied = self.group.write();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
+            applied.index = entry.log_id.index;
             let response = match entry.payload {
-                EntryPayload::Normal(request) => group.apply(&request),
+                EntryPayload::Normal(request) => applied.state.apply(&request),
                 // Blank entries (a new leader's first entry) change nothing.
                 EntryPayload::Blank => Response::default(),
                 EntryPayload::Membership(membership) => {
@@ -157,7 +175,7 @@ impl<C: SurgeTypeConfig> StateMachineStore<C> {
         write_snapshot(&self.db, meta, data, WriteMode::Replace)?;
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
-        *self.group.write() = group;
+        *self.group.write() = Applied { state: group, index: meta.last_log_id.map_or(0, |id| id.index) };
         Ok(())
     }
 }

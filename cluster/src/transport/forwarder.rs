@@ -239,8 +239,11 @@ impl GroupHandler {
             }
             PeerBody::Campaign => Ok(PeerResponse::Done(group.campaign().await)),
             PeerBody::Copy => {
-                let copy = group.read_local(storage::codec::encode);
-                Ok(PeerResponse::Copy(copy.map_err(|e| ProposeError::Unavailable(format!("encoding the copy: {e}")))))
+                let copy = group.copy_with_log().and_then(|copy| {
+                    storage::codec::encode(&copy)
+                        .map_err(|e| ProposeError::Unavailable(format!("encoding the copy: {e}")))
+                });
+                Ok(PeerResponse::Copy(copy))
             }
             PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
             _ => self.raft.dispatch(request).await,

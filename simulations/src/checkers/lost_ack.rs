@@ -3,7 +3,8 @@
 //! paid and one told cancelled is cancelled. In a run that lost its primary
 //! region: unless the forced failover's report named it (every lost
 //! acknowledgement is reported), and none was told after the old primary
-//! returned: it is fenced, and takes no write.
+//! returned: it is fenced, and takes no write. Failback must list it for
+//! an operator to settle.
 
 use domain::{Order, OrderStatus};
 
@@ -20,6 +21,10 @@ pub fn check(view: &Final<'_>) -> Result<(), String> {
                         "order {id} was lost, told {:?} at {} ms, after the fenced old primary returned",
                         acked.told, acked.at_ms
                     ));
+                }
+                let listed = |r: &domain::Reconciliation| r.orders_to_settle.iter().any(|order| order.id == id);
+                if lost.reconciliation.as_ref().is_some_and(|r| !listed(r)) {
+                    return Err(format!("order {id} was lost, told {:?}, and failback did not list it", acked.told));
                 }
                 continue;
             }
