@@ -149,3 +149,24 @@ async fn stale_snapshot_build_does_not_replace_a_newer_installed_snapshot() {
     let current = sm.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, newer.meta, "the newer snapshot stays current");
 }
+
+/// Failback reconciles with a returning node's copy. After a crash the node
+/// may know less as committed than its leader acknowledged (the commit index
+/// is saved without fsync), and no leader will tell it more, so its applied
+/// state lacks the tail; the copy with its whole log applied does not.
+#[tokio::test]
+async fn the_whole_log_copy_has_every_logged_entry_though_the_commit_index_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("group.redb");
+    let everything = {
+        let (mut log, mut sm) = storage::open::<TypeConfig>(&path).unwrap();
+        log.blocking_append(entries(1..=10)).await.unwrap();
+        sm.apply(entries(1..=10)).await.unwrap();
+        sm.reader().read(GroupState::clone)
+    };
+
+    let (log, sm) = storage::open::<TypeConfig>(&path).unwrap();
+    let (applied, index) = sm.reader().read_at(GroupState::clone);
+    assert_eq!((index, &applied), (0, &GroupState::default()), "nothing committed is known: nothing replayed");
+    assert_eq!(log.with_whole_log(&applied, index).unwrap(), everything);
+}
