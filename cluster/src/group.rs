@@ -309,7 +309,9 @@ impl Group {
     /// now, if it may not: its copy is fenced by a newer generation; or it
     /// leads a group with members in another region and none of them has
     /// answered it since it started, so it cannot know whether a failover
-    /// there fenced it.
+    /// there fenced it (a node in that case that does not lead says so at
+    /// once, rather than letting openraft take the batch as it wins an
+    /// election).
     fn fence_refusal(&self) -> Option<ProposeError> {
         let fence = self.fence();
         if let Some(generation) = fence.fenced_by() {
@@ -323,11 +325,17 @@ impl Group {
         }
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
-        (metrics.state.is_leader() && self.spans_regions(&metrics)).then(|| {
-            ProposeError::Unavailable(
-                "this leader has not heard from another region since it started; it takes writes once it has".into(),
-            )
-        })
+        if !self.spans_regions(&metrics) {
+            return None;
+        }
+        if !metrics.state.is_leader() {
+            // Not passed through to openraft: a batch that did so while this
+            // node campaigned would reach the log once it leads, unchecked.
+            return Some(ProposeError::NotLeader { leader: metrics.current_leader.filter(|&l| l != metrics.id) });
+        }
+        Some(ProposeError::Unavailable(
+            "this leader has not heard from another region since it started; it takes writes once it has".into(),
+        ))
     }
 
     /// Whether the group has a member (voter or learner) other than this

@@ -55,6 +55,10 @@ pub struct GroupState {
     generation: u64,
     /// The latest generation whose failover failback has settled.
     settled_generation: u64,
+    /// What the latest forced failover reported it may have cost: part of
+    /// the copy the new group is founded from, so the report outlives the
+    /// node that promoted it.
+    last_failover: Option<Failover>,
 }
 
 /// A SKU's sale, stock, and how much of it each shopper holds or bought.
@@ -684,7 +688,7 @@ impl GroupState {
         self.next_order += unsettled.values().sum::<u64>();
         self.next_session += SESSIONS_SKIPPED_AT_FAILOVER;
         self.in_doubt.extend(self.deadlines.iter().map(|&(_, order)| order));
-        Failover {
+        let failover = Failover {
             generation: self.generation,
             epoch: self.epoch,
             region: region.to_string(),
@@ -692,7 +696,15 @@ impl GroupState {
             unsettled,
             orders_maybe_lost: first..self.next_order,
             payments_in_doubt: self.deadlines.iter().map(|&(_, order)| order).collect(),
-        }
+        };
+        self.last_failover = Some(failover.clone());
+        failover
+    }
+
+    /// What the latest forced failover of this copy's history reported it
+    /// may have cost, if there was one.
+    pub fn last_failover(&self) -> Option<&Failover> {
+        self.last_failover.as_ref()
     }
 
     /// Failback: compares `lost`, the copy of the primary this copy was

@@ -372,6 +372,14 @@ pub struct Failover {
     pub payments_in_doubt: Vec<OrderId>,
 }
 
+impl Failover {
+    /// Whether it names `order`: as an id the lost primary may have
+    /// acknowledged, or as an order whose payment is in doubt.
+    pub fn names(&self, order: OrderId) -> bool {
+        self.orders_maybe_lost.contains(&order) || self.payments_in_doubt.contains(&order)
+    }
+}
+
 /// What failback found comparing the lost primary's copy with the promoted
 /// one (see [`GroupState::reconcile`](crate::GroupState::reconcile)).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,8 +21,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use cluster::{DrillReport, FailoverPreview, Node};
-use domain::{GroupState, Reconciliation, SessionId};
+use cluster::{DrillReport, Node};
+use domain::{Failover, GroupState, Reconciliation, SessionId};
 use rand::Rng;
 
 use crate::faults::{Fault, Scheduled};
@@ -90,7 +90,7 @@ pub struct Lost {
     /// any: (qty, session, key).
     pub lin_in_flight: BTreeMap<usize, (u64, SessionId, String)>,
     /// What the forced failover reported it may have lost.
-    pub failover: Option<FailoverPreview>,
+    pub failover: Option<Failover>,
     /// When the lost region came back: fenced, it acknowledges nothing
     /// from then on.
     pub returned_at_ms: Option<u64>,
@@ -184,11 +184,16 @@ async fn probe_fence(world: &World, for_: Duration) -> Vec<String> {
 }
 
 /// Forces the failover on the most advanced DR node that is up, again and
-/// again until one completes; returns its report's cost.
-async fn fail_over(world: &World) -> Result<FailoverPreview, String> {
+/// again until one has founded the new group; returns the cost it
+/// reported, as the promoted copy keeps it (`GroupState::last_failover`):
+/// the drill's own report dies with its node if that node crashes midway.
+async fn fail_over(world: &World) -> Result<Failover, String> {
     let deadline = tokio::time::Instant::now() + STEP_MAX;
     let mut last = String::from("never tried");
     while tokio::time::Instant::now() < deadline {
+        if let Some(failover) = promoted(world) {
+            return Ok(failover);
+        }
         let mut candidates: Vec<(u64, Node)> = world
             .region(DR)
             .into_iter()
@@ -200,19 +205,34 @@ async fn fail_over(world: &World) -> Result<FailoverPreview, String> {
             match node.start_failover(DR, "simulator").await {
                 Ok(report) => {
                     world.trace.event(format!("failover {} forced on node {}", report.id, node.id()));
-                    let report = finished(&node, report.id).await?;
-                    if report.state == "completed" {
-                        return report.failover.ok_or_else(|| "a completed failover without its cost".into());
+                    // Until it ends, or founds the group and its node crashes.
+                    while promoted(world).is_none() && tokio::time::Instant::now() < deadline {
+                        match node.drill_report(report.id) {
+                            Some(report) if report.state == "running" => {}
+                            other => {
+                                last = format!("failover on node {}: {:?}", node.id(), other.map(|r| r.failure));
+                                break;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    last = format!("failover on node {} {}: {:?}", node.id(), report.state, report.failure);
+                    break;
                 }
                 Err(refused) => last = format!("node {} refused: {refused}", node.id()),
             }
             world.trace.event(last.clone());
         }
+        world.trace.event(last.clone());
         tokio::time::sleep(RETRY_EVERY).await;
     }
     Err(format!("none completed in {STEP_MAX:?}; last: {last}"))
+}
+
+/// The failover a DR node's copy was promoted with, once one was.
+fn promoted(world: &World) -> Option<Failover> {
+    world.region(DR).into_iter().filter_map(|id| world.node(id)).find_map(|node| {
+        node.read_local(|state| (state.primary_region() == Some(DR)).then(|| state.last_failover().cloned()).flatten())
+    })
 }
 
 /// Reconciles with the returned region, wipes its nodes, and rejoins them

@@ -368,11 +368,11 @@ pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u6
                 }
             }
         }
-        // Only the newest generation's copies: an old primary's, fenced
-        // after a failover, will never be promoted.
-        let newest = seen.iter().map(|s| s.state.generation()).max().unwrap_or(0);
-        seen.retain(|s| s.state.generation() == newest);
-        if let Some(broken) = promotion_breaks(&seen, &down) {
+        // Once the region is lost, a second failover is not checked: while
+        // the rejoined copy catches up it is not safe to promote (see
+        // docs/simulation.md).
+        let region_lost = oracle.borrow().region_lost.is_some();
+        if let Some(broken) = promotion_breaks(&seen, &down).filter(|_| !region_lost) {
             world.trace.event(format!("a failover now would break: {broken}"));
             oracle.borrow_mut().promotion_breaks.push(format!("at {} ms: {broken}", world.trace.now_ms()));
         }
