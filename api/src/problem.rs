@@ -117,6 +117,9 @@ impl ApiError {
             ApiError::Drill(DrillError::NoFailover | DrillError::NothingToFailBack(_)) => {
                 (StatusCode::CONFLICT, "nothing-to-fail-back", "Nothing to fail back")
             }
+            ApiError::Drill(DrillError::CopyUnbounded { .. }) => {
+                (StatusCode::CONFLICT, "copy-unbounded", "The copy cannot bound what a failover would lose")
+            }
             ApiError::Drill(DrillError::Fenced(_)) => {
                 (StatusCode::CONFLICT, "fenced", "This node's copy was superseded by a failover")
             }

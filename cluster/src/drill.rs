@@ -263,6 +263,20 @@ pub enum DrillError {
     /// This node's copy is fenced by a newer generation.
     #[error("this node is fenced by generation {0}: a failover promoted another copy already")]
     Fenced(u64),
+    /// The copy holds no escrow grant of its generation yet: the writing
+    /// region sold straight from stock until its first one, so what it
+    /// may have sold that the copy lacks has no bound.
+    #[error(
+        "this copy has applied no escrow grant of generation {generation}: region {region:?} sold from all of \
+         its stock until its first grant, so what a failover would lose cannot be bounded; wait until the \
+         copy has caught up past it"
+    )]
+    CopyUnbounded {
+        /// The copy's generation.
+        generation: u64,
+        /// The region that takes writes.
+        region: String,
+    },
 }
 
 /// The drills a node ran, newest last. Cheap to clone.

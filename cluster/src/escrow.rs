@@ -11,10 +11,13 @@
 //!   finds it short at once doubles it once), so a hot SKU soon has a
 //!   block that outlasts a confirmation round trip and a cold one keeps a
 //!   small one;
-//! - the **DR copy** (every learner), once it has *applied* a grant,
-//!   confirms it (`Command::ConfirmEscrow`), forwarded to the leader like
-//!   any write from a follower. Only then may its units be held: the copy
-//!   confirms nothing it would not have if it were promoted. A learner
+//! - the **DR copy** (every learner in another region than the leader),
+//!   once it has *applied* a grant, confirms it (`Command::ConfirmEscrow`),
+//!   forwarded to the leader like any write from a follower. Only then may
+//!   its units be held: the copy confirms nothing it would not have if it
+//!   were promoted. A learner of the leader's own region (the promoted
+//!   region's other nodes after a failover, a node rejoining its zone)
+//!   confirms nothing: the loss of the region takes it too. A learner
 //!   fsyncs the commit index it learns, so a crash cannot take it back
 //!   below what it confirmed: on restart it applies as far again. Failover
 //!   promotes the most advanced copy of the region, which has applied every
@@ -160,7 +163,7 @@ impl Tender {
             self.durable_commits.store(learner, Ordering::Relaxed);
             if state.is_leader() && group.has_copy_elsewhere() {
                 self.grant(&group);
-            } else if learner {
+            } else if learner && group.leader_is_elsewhere() {
                 self.confirm(&group);
             }
         }

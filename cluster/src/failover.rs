@@ -13,8 +13,12 @@
 //!    partition, not a lost region: a switchover is the tool), or while any
 //!    node of its own region does not (the missing one may have the most
 //!    advanced copy, which alone has every escrow grant the region
-//!    confirmed), or while another node's copy is ahead of its own. A
-//!    failover that stopped before step 4 may be forced again.
+//!    confirmed), or while another node's copy is ahead of its own, or
+//!    while its copy holds no escrow grant: the writing region sold from
+//!    all of its stock until its first one (at its start, and after a
+//!    failback until the rejoined copy catches up past it), so nothing
+//!    bounds what it sold that the copy lacks. A failover that stopped
+//!    before step 4 may be forced again.
 //! 2. It applies `fail_over` to a clone of its copy: escrowed units out of
 //!    sale, the order ids the old primary may have used skipped, a new
 //!    epoch, and a new **generation**.
@@ -81,6 +85,10 @@ pub struct FailoverPreview {
     /// Orders pending payment in the copy, whose payment the lost primary
     /// may have taken.
     pub payments_in_doubt: Vec<u64>,
+    /// Whether the copy holds an escrow grant, which makes the figures
+    /// above a bound. Without one a forced failover is refused
+    /// (`409 copy-unbounded`).
+    pub bounded: bool,
 }
 
 /// The preview from `node`'s copy. Refused on a node of the region that
@@ -92,8 +100,9 @@ pub fn preview(node: &Node) -> Result<FailoverPreview, DrillError> {
     }
     let applied_index = node.group().raft().metrics().borrow().last_applied.map_or(0, |id| id.index);
     let mut copy = node.read_local(Clone::clone);
+    let bounded = copy.escrow_is_on();
     let cost = copy.fail_over(&region);
-    Ok(FailoverPreview::of(node, applied_index, cost))
+    Ok(FailoverPreview::of(node, applied_index, bounded, cost))
 }
 
 impl FailoverPreview {
@@ -104,7 +113,7 @@ impl FailoverPreview {
             || self.payments_in_doubt.contains(&order)
     }
 
-    fn of(node: &Node, applied_index: u64, cost: domain::Failover) -> FailoverPreview {
+    fn of(node: &Node, applied_index: u64, bounded: bool, cost: domain::Failover) -> FailoverPreview {
         FailoverPreview {
             node: node.id(),
             region: cost.region,
@@ -118,6 +127,7 @@ impl FailoverPreview {
             orders_maybe_lost_from: cost.orders_maybe_lost.start,
             orders_maybe_lost_to: cost.orders_maybe_lost.end,
             payments_in_doubt: cost.payments_in_doubt,
+            bounded,
         }
     }
 }
@@ -177,6 +187,11 @@ pub(crate) async fn plan(node: &Node, to: &str, requested_by: &str) -> Result<(D
     if let Some((&ahead, status)) = region_nodes.iter().find(|(_, status)| status.applied_index > mine) {
         return Err(DrillError::CopyBehind { node: ahead, applied_index: status.applied_index, own: mine });
     }
+    // Escrow bounds what the lost region sold that this copy lacks; until
+    // the copy holds a grant, nothing does (`GroupState::fail_over`).
+    if !node.read_local(domain::GroupState::escrow_is_on) {
+        return Err(DrillError::CopyUnbounded { generation: own_generation, region: lost });
+    }
     let report = DrillReport {
         nodes: region_nodes.keys().copied().collect(),
         region: Some(region),
@@ -203,9 +218,10 @@ async fn promote(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String>
     let group = node.group();
     let applied_index = group.raft().metrics().borrow().last_applied.map_or(0, |id| id.index);
     let mut state = node.read_local(Clone::clone);
+    let bounded = state.escrow_is_on();
     let cost = state.fail_over(&region);
     let generation = cost.generation;
-    let preview = FailoverPreview::of(node, applied_index, cost);
+    let preview = FailoverPreview::of(node, applied_index, bounded, cost);
     log.note(format!(
         "promoting node {}'s copy at log index {applied_index} ({}): {} units out of sale, \
          order ids {}..{} may be lost, {} payments in doubt",

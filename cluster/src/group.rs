@@ -352,6 +352,14 @@ impl Group {
         self.spans_regions(&self.raft.metrics().borrow())
     }
 
+    /// Whether the leader this node follows is in another region: only
+    /// then is this node's copy one that a failover would promote in the
+    /// leader's place, and only then may it confirm escrow.
+    pub(crate) fn leader_is_elsewhere(&self) -> bool {
+        let leader = self.raft.metrics().borrow().current_leader;
+        leader.is_some_and(|leader| self.fence().is_elsewhere(leader))
+    }
+
     /// Waits until this group has a leader and this replica has applied
     /// every entry in its log, or `timeout` passes. After a restart that
     /// means the log has been replayed, so local reads (session tokens) see

@@ -661,9 +661,13 @@ impl GroupState {
     /// - sessions it opened are unknown here; the copy's session ids start
     ///   past any it could have given out.
     ///
-    /// Before escrow is on (the DR copy never confirmed a grant), the old
-    /// primary held units straight from what was available, so all of it
-    /// is unsettled.
+    /// Before escrow is on (the copy holds no grant of its generation), the
+    /// old primary held units straight from what was available: all of it
+    /// is unsettled here, but that is no bound. An order there could expire
+    /// and its units be sold again, any number of times, to orders outside
+    /// the skipped ids, and a pending order here may have lost its units
+    /// there. A forced failover refuses such a copy; only a preview runs
+    /// this on one.
     pub fn fail_over(&mut self, region: &str) -> Failover {
         self.epoch = self.epoch.max(self.frozen.take().unwrap_or(0)) + 1;
         self.primary_region = Some(region.to_string());

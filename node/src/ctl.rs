@@ -319,6 +319,12 @@ fn render_cost(preview: &FailoverPreview, headline: &str) -> String {
     let lost = if from == to { "none".to_string() } else { format!("ids {from} to {}", to - 1) };
     out.push_str(&format!("  orders that may be lost           {lost}\n"));
     out.push_str(&format!("  payments in doubt                 {:?}\n", preview.payments_in_doubt));
+    if !preview.bounded {
+        out.push_str(
+            "  not a bound: the copy holds no escrow grant yet, so a forced failover is refused \
+             (409 copy-unbounded)\n",
+        );
+    }
     out
 }
 

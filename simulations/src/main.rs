@@ -17,6 +17,7 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use domain::mutation::Mutation;
 use simulations::sim::{self, Options};
+use simulations::workload::SecondFailovers;
 
 /// Run seeds of the whole-topology simulation and check every invariant.
 ///
@@ -137,6 +138,8 @@ struct Totals {
     /// failovers lost (every one reported, or the run failed).
     region_losses: u64,
     lost_reported: usize,
+    /// Second failovers the sampler tried after those losses.
+    second_failovers: SecondFailovers,
     failed: Vec<u64>,
     /// When to print the next progress line.
     next_progress: u64,
@@ -157,6 +160,8 @@ impl Totals {
         if let Some(lost) = report.lost_reported {
             self.region_losses += 1;
             self.lost_reported += lost;
+            self.second_failovers.promoted += report.second_failovers.promoted;
+            self.second_failovers.refused += report.second_failovers.refused;
         }
         if !report.failures.is_empty() {
             print_report(&report, wall);
@@ -181,6 +186,11 @@ impl Totals {
         println!(
             "{} runs lost the primary region; their failovers lost {} acknowledgements, each named in the report",
             self.region_losses, self.lost_reported
+        );
+        println!(
+            "after those losses, the sampler promoted a copy again (a second failover) {} times, none overselling \
+             or losing an acknowledgement unreported; {} times a failover would have refused it (no escrow grant)",
+            self.second_failovers.promoted, self.second_failovers.refused
         );
     }
 }

@@ -19,7 +19,7 @@ use crate::checkers::{self, Final};
 use crate::faults;
 use crate::region;
 use crate::trace::Trace;
-use crate::workload::{self, Oracle, Told, HOLD_MS};
+use crate::workload::{self, Oracle, SecondFailovers, Told, HOLD_MS};
 use crate::world::World;
 
 /// Shoppers in a run.
@@ -55,6 +55,8 @@ pub struct Report {
     /// In a run that lost its primary region: the acknowledgements the
     /// failover lost, that its report named (an unnamed one fails the run).
     pub lost_reported: Option<usize>,
+    /// In such a run: second failovers the sampler tried after failback.
+    pub second_failovers: SecondFailovers,
 }
 
 thread_local! {
@@ -99,12 +101,23 @@ fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
     let system = actix_rt::System::with_tokio_rt(|| runtime);
     let trace = Trace::new(keep, echo);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| system.block_on(simulate(seed, trace.clone()))));
-    let Found { mut failures, simulated_ms, acked, unknown, lost_reported } =
+    let Found { mut failures, simulated_ms, acked, unknown, lost_reported, second_failovers } =
         outcome.unwrap_or_else(|_| Found { simulated_ms: trace.now_ms(), ..Found::default() });
     failures
         .extend(PANICS.with(|panics| panics.borrow_mut().drain(..).map(|p| format!("panic: {p}")).collect::<Vec<_>>()));
     let (hash, events) = trace.digest();
-    Report { seed, failures, hash, events, trace: trace.events(), simulated_ms, acked, unknown, lost_reported }
+    Report {
+        seed,
+        failures,
+        hash,
+        events,
+        trace: trace.events(),
+        simulated_ms,
+        acked,
+        unknown,
+        lost_reported,
+        second_failovers,
+    }
 }
 
 /// What [`simulate`] found.
@@ -115,6 +128,7 @@ struct Found {
     acked: usize,
     unknown: u64,
     lost_reported: Option<usize>,
+    second_failovers: SecondFailovers,
 }
 
 /// The run itself, inside the simulated runtime.
@@ -187,7 +201,7 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
     }
     let replicas = converged(&world).await;
     let mut failures = world.failures();
-    let (acked, unknown, lost_reported) = {
+    let (acked, unknown, lost_reported, second_failovers) = {
         let oracle = oracle.borrow();
         let mut lost_reported = None;
         match replicas {
@@ -205,13 +219,13 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
             }
             Err(why) => failures.push(format!("replicas converge: {why}")),
         }
-        (oracle.acked.len(), oracle.unknown, lost_reported)
+        (oracle.acked.len(), oracle.unknown, lost_reported, oracle.second_failovers)
     };
     for failure in &failures {
         trace.event(format!("FAILED {failure}"));
     }
     world.stop().await;
-    Found { failures, simulated_ms: trace.now_ms(), acked, unknown, lost_reported }
+    Found { failures, simulated_ms: trace.now_ms(), acked, unknown, lost_reported, second_failovers }
 }
 
 /// Acknowledged orders that `state` lacks, or holds otherwise than the

@@ -16,8 +16,9 @@ use rand::Rng;
 use todc_utils::linearizability::history::Action;
 use tokio::time::Instant;
 
-use crate::checkers::promotable::{promotion_breaks, Seen};
+use crate::checkers::promotable::{sample, Sampled, Seen};
 use crate::clock::EPOCH_MS;
+use crate::trace::Trace;
 use crate::world::World;
 
 /// The flash-sale SKU and two ordinary ones.
@@ -72,12 +73,39 @@ pub struct Oracle {
     pub violations: Vec<Sighting>,
     /// What a failover at the moment the sampler looked would have broken.
     pub promotion_breaks: Vec<String>,
+    /// After the region's loss, how often the sampler promoted the
+    /// rejoined region's copy back, and how often a failover would have
+    /// refused it (no escrow grant yet).
+    pub second_failovers: SecondFailovers,
     /// Simulated ms from the end of the faults until a checkout succeeded.
     pub recovered_after_ms: Option<u64>,
     /// The history of the linearizability SKU.
     pub lin: LinHistory,
     /// The primary region's loss, in a run that loses it.
     pub region_lost: Option<crate::region::Lost>,
+}
+
+impl Oracle {
+    /// Records what the failover sampler found.
+    fn sampled(&mut self, sampled: Sampled, trace: &Trace) {
+        let second = u64::from(self.region_lost.is_some());
+        match sampled {
+            Sampled::Nothing => {}
+            Sampled::Refused => self.second_failovers.refused += second,
+            Sampled::Safe => self.second_failovers.promoted += second,
+            Sampled::Breaks(broken) => {
+                trace.event(format!("a failover now would break: {broken}"));
+                self.promotion_breaks.push(format!("at {} ms: {broken}", trace.now_ms()));
+            }
+        }
+    }
+}
+
+/// Second failovers the sampler tried, in a run that lost its region.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SecondFailovers {
+    pub promoted: u64,
+    pub refused: u64,
 }
 
 /// One replica's stock of one SKU, as the sampler saw it break an invariant.
@@ -368,14 +396,8 @@ pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u6
                 }
             }
         }
-        // Once the region is lost, a second failover is not checked: while
-        // the rejoined copy catches up it is not safe to promote (see
-        // docs/simulation.md).
-        let region_lost = oracle.borrow().region_lost.is_some();
-        if let Some(broken) = promotion_breaks(&seen, &down).filter(|_| !region_lost) {
-            world.trace.event(format!("a failover now would break: {broken}"));
-            oracle.borrow_mut().promotion_breaks.push(format!("at {} ms: {broken}", world.trace.now_ms()));
-        }
+        let sampled = sample(&seen, &down);
+        oracle.borrow_mut().sampled(sampled, &world.trace);
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

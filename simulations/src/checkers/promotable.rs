@@ -1,10 +1,12 @@
-//! Unplanned failover is safe at every moment: were the primary region
+//! Unplanned failover is safe at every moment: were the writing region
 //! lost now, the most advanced copy outside it, promoted with
 //! `GroupState::fail_over`, would sell no unit the primary may have sold,
 //! and would name every order (and payment) the primary acknowledged that
 //! it lacks. The sampler promotes a clone of that copy every 250 simulated
 //! ms, against every node of the writing region ahead of it, and records
-//! what broke.
+//! what broke. A copy a forced failover refuses (it holds no escrow grant)
+//! is counted, not promoted. After a region loss this is a second failover:
+//! from the promoted region back to the rejoined one.
 
 use std::collections::BTreeSet;
 
@@ -21,22 +23,56 @@ pub struct Seen {
     pub state: GroupState,
 }
 
-/// What would break if the copy were promoted now, if anything. `down`
-/// names the regions with a node down: a failover promotes the most
-/// advanced node of the region, and a node that is down may be it (its
-/// disk survives), so the check waits until they are all up.
-pub fn promotion_breaks(seen: &[Seen], down: &BTreeSet<String>) -> Option<String> {
-    let newest = seen.iter().max_by_key(|s| s.applied)?;
-    let writing = newest.state.primary_region().unwrap_or("primary").to_string();
-    if down.iter().any(|region| *region != writing) {
-        return None;
+/// What one sample found.
+pub enum Sampled {
+    /// No copy to promote: none outside the writing region, or a node down.
+    Nothing,
+    /// The copy holds no escrow grant: a forced failover refuses it.
+    Refused,
+    /// Promoted, and nothing broke.
+    Safe,
+    /// Promoted, and this broke.
+    Breaks(String),
+}
+
+/// Promotes the copy a failover would promote now, if any. `down` names
+/// the regions with a node down: a failover promotes the most advanced
+/// node of the region, and a node that is down may be it (its disk
+/// survives), so the check waits until they are all up.
+pub fn sample(seen: &[Seen], down: &BTreeSet<String>) -> Sampled {
+    // Only copies of the newest generation: an older one is a lost
+    // primary's, fenced, and no failover promotes it.
+    let Some(generation) = seen.iter().map(|s| s.state.generation()).max() else {
+        return Sampled::Nothing;
+    };
+    let seen: Vec<&Seen> = seen.iter().filter(|s| s.state.generation() == generation).collect();
+    let Some(newest) = seen.iter().max_by_key(|s| s.applied) else {
+        return Sampled::Nothing;
+    };
+    let writing = newest.state.primary_region().unwrap_or("primary");
+    if down.iter().any(|region| region != writing) {
+        return Sampled::Nothing;
     }
-    let copy = seen.iter().filter(|s| s.region != writing).max_by_key(|s| s.applied)?;
-    let mut promoted = copy.state.clone();
-    let failover = promoted.fail_over("sampled");
+    let Some(copy) = seen.iter().filter(|s| s.region != writing).max_by_key(|s| s.applied) else {
+        return Sampled::Nothing;
+    };
+    if !copy.state.escrow_is_on() {
+        return Sampled::Refused;
+    }
     // Against every node of the writing region that is ahead of the copy
     // (one behind it holds a prefix of what the copy has).
-    for primary in seen.iter().filter(|s| s.region == writing && s.applied > copy.applied) {
+    let ahead = seen.iter().copied().filter(|s| s.region == writing && s.applied > copy.applied);
+    match breaks(copy, ahead) {
+        Some(broken) => Sampled::Breaks(broken),
+        None => Sampled::Safe,
+    }
+}
+
+/// What promoting `copy` would break against the nodes `ahead` of it.
+fn breaks<'a>(copy: &Seen, ahead: impl Iterator<Item = &'a Seen>) -> Option<String> {
+    let mut promoted = copy.state.clone();
+    let failover = promoted.fail_over("sampled");
+    for primary in ahead {
         for view in promoted.sku_views() {
             let sku = &view.sale.sku;
             let total = view.stock.total.max(primary.state.sku_view(sku).map_or(0, |v| v.stock.total));
