@@ -7,7 +7,10 @@
 //! 1. **Reconcile**, once per failover. Every node of the returning region
 //!    must answer with its copy, none wiped yet: every order the lost
 //!    primary acknowledged is in the logs of a majority of its voters, and
-//!    the longest log holds them all (but see below). That node's copy is
+//!    the most up-to-date log holds them all: the one with the highest
+//!    last term, then the longest, as Raft compares logs for a vote (a
+//!    longer log can be a deposed leader's tail, lacking entries a later
+//!    leader committed). That node's copy is
 //!    read whole, with every entry of its log applied, committed or not
 //!    (after a crash a node may know less as committed than its leader
 //!    acknowledged, and fenced, it has no leader to tell it), and compared
@@ -79,18 +82,14 @@ pub(crate) async fn plan(node: &Node, from: &str, requested_by: &str) -> Result<
     let reconcile_from = if settled {
         None
     } else {
-        // Every copy counts: the longest log holds every order the lost
-        // primary acknowledged, and another may lack some.
+        // Every copy counts: the most up-to-date log holds every order the
+        // lost primary acknowledged, and another may lack some.
         if let Some((&id, _)) = answers.iter().find(|(_, status)| status.as_ref().is_none_or(wiped)) {
             return Err(DrillError::CopyUnreachable(id));
         }
-        answers
-            .iter()
-            .filter_map(|(id, status)| {
-                status.as_ref().filter(|s| holds_old_copy(s)).map(|s| (s.last_log_index, s.applied_index, *id))
-            })
-            .max()
-            .map(|(_, _, id)| id)
+        most_up_to_date(
+            answers.iter().filter_map(|(&id, status)| status.as_ref().filter(|s| holds_old_copy(s)).map(|s| (id, s))),
+        )
     };
     let rejoin: Vec<u64> = answers
         .iter()
@@ -112,6 +111,13 @@ pub(crate) async fn plan(node: &Node, from: &str, requested_by: &str) -> Result<
     };
     node.drills().begin(report.clone())?;
     Ok((report, Plan { reconcile_from, rejoin }))
+}
+
+/// The node whose log is the most up to date, as Raft compares logs for a
+/// vote (highest last term, then longest), and of those the most applied:
+/// it holds every entry the group committed.
+fn most_up_to_date<'a>(copies: impl Iterator<Item = (u64, &'a GroupStatus)>) -> Option<u64> {
+    copies.max_by_key(|(id, s)| (s.last_log_term, s.last_log_index, s.applied_index, *id)).map(|(id, _)| id)
 }
 
 /// Carries a planned failback out and records its report.
@@ -180,5 +186,29 @@ async fn rejoin(node: &Node, log: &Timeline, nodes: &[u64]) -> Result<(), String
             return Err(format!("nodes {behind:?} did not catch up within {SETTLE_MAX:?}"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(last_log_term: u64, last_log_index: u64, applied_index: u64) -> GroupStatus {
+        GroupStatus { last_log_term, last_log_index, applied_index, ..GroupStatus::default() }
+    }
+
+    #[test]
+    fn failback_reconciles_with_the_log_a_later_leader_wrote_not_the_longest() {
+        // Node 1 led term 2 and logged 100 entries before it was deposed;
+        // node 2 then led term 3, committed up to 90 on nodes 2 and 3, and
+        // acknowledged it. Node 1's longer log lacks entries 81 to 90 of
+        // term 3.
+        let (deposed, later, follower) = (copy(2, 100, 80), copy(3, 90, 90), copy(3, 88, 88));
+        let copies = [(1, &deposed), (2, &later), (3, &follower)];
+        assert_eq!(most_up_to_date(copies.into_iter()), Some(2));
+        // Of logs that end alike, the one applied furthest.
+        let (behind, ahead) = (copy(3, 90, 85), copy(3, 90, 90));
+        assert_eq!(most_up_to_date([(5, &ahead), (6, &behind)].into_iter()), Some(5));
+        assert_eq!(most_up_to_date(std::iter::empty()), None);
     }
 }

@@ -791,6 +791,7 @@ impl Group {
             leader: metrics.current_leader,
             term: metrics.current_term,
             last_log_index,
+            last_log_term: self.log.last_log_id().ok().flatten().map_or(0, |log_id| log_id.leader_id.term),
             applied_index: metrics.last_applied.map_or(0, |log_id| log_id.index),
             snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
             commit_index,

@@ -29,7 +29,7 @@ pub struct ReplicaLag {
 }
 
 /// One group as one of its replicas sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupStatus {
     /// The group's id.
@@ -42,6 +42,12 @@ pub struct GroupStatus {
     pub term: u64,
     /// The last index in the replica's log.
     pub last_log_index: u64,
+    /// The term of that last entry. A log is more up to date than another
+    /// if its last term is higher, or equal and it is longer: Raft's rule
+    /// for a vote, under which the most up-to-date log holds every
+    /// committed entry.
+    #[serde(default)]
+    pub last_log_term: u64,
     /// The last index the replica has applied to its state machine.
     pub applied_index: u64,
     /// The last index in the replica's latest snapshot.

@@ -266,7 +266,7 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
         .filter_map(|id| world.node(id))
         .max_by_key(|node| {
             let status = node.group().status();
-            (status.last_log_index, status.applied_index)
+            (status.last_log_term, status.last_log_index, status.applied_index)
         })
         .and_then(|node| node.group().copy_with_log().ok());
     oracle.borrow_mut().region_lost.as_mut().expect("lost").old_copy = old_copy;

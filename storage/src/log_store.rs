@@ -125,6 +125,12 @@ impl<C: SurgeTypeConfig> LogStore<C> {
         Ok(state)
     }
 
+    /// The id of the last entry in the log (or of the last one purged, if
+    /// the log is empty since).
+    pub fn last_log_id(&self) -> Result<Option<LogId<u64>>, StoreError> {
+        Ok(self.read_log_state()?.last_log_id)
+    }
+
     /// Reads the first and last log state in one snapshot of the database.
     fn read_log_state(&self) -> Result<LogState<C>, StoreError> {
         let txn = self.db.begin_read()?;
