@@ -236,8 +236,12 @@ pub enum DrillError {
     /// hold orders no other copy has.
     #[error("node {0} does not answer with its copy; it may be the most advanced")]
     CopyUnreachable(u64),
-    /// Another node of the region has a more advanced copy.
-    #[error("node {node} has applied up to log index {applied_index}, this node only {own}: ask node {node}")]
+    /// Another node of the region has a more advanced copy, or an equal
+    /// one and a lower id.
+    #[error(
+        "node {node} has applied up to log index {applied_index} (this node {own}), and a failover promotes the \
+         most advanced copy, the lowest id of equal ones: ask node {node}"
+    )]
     CopyBehind {
         /// The node to ask.
         node: u64,

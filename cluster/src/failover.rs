@@ -13,7 +13,9 @@
 //!    partition, not a lost region: a switchover is the tool), or while any
 //!    node of its own region does not (the missing one may have the most
 //!    advanced copy, which alone has every escrow grant the region
-//!    confirmed), or while another node's copy is ahead of its own, or
+//!    confirmed), or while another node's copy is ahead of its own or
+//!    equal to it with a lower id (so two failovers forced at once on two
+//!    nodes cannot both go on), or
 //!    while its copy holds no escrow grant: the writing region sold from
 //!    all of its stock until its first one (at its start, and after a
 //!    failback until the rejoined copy catches up past it), so nothing
@@ -183,8 +185,12 @@ pub(crate) async fn plan(node: &Node, to: &str, requested_by: &str) -> Result<(D
     if let Some(generation) = fenced.filter(|&g| region_nodes.values().any(|status| status.generation >= g)) {
         return Err(DrillError::Fenced(generation));
     }
+    // The most advanced copy, and of equal ones (the same applied index is
+    // the same copy) the lowest id: failovers forced on two nodes at once
+    // cannot both pass, and found two groups of one generation.
     let mine = region_nodes.get(&node.id()).map_or(0, |status| status.applied_index);
-    if let Some((&ahead, status)) = region_nodes.iter().find(|(_, status)| status.applied_index > mine) {
+    let first = |id: u64, applied: u64| (applied, std::cmp::Reverse(id)) > (mine, std::cmp::Reverse(node.id()));
+    if let Some((&ahead, status)) = region_nodes.iter().find(|(&id, status)| first(id, status.applied_index)) {
         return Err(DrillError::CopyBehind { node: ahead, applied_index: status.applied_index, own: mine });
     }
     // Escrow bounds what the lost region sold that this copy lacks; until

@@ -288,7 +288,10 @@ async fn failover_preview(api: &Api<'_>, region: &str) -> anyhow::Result<Failove
         match api.at(&format!("{scheme}://{address}")).get("/v1/admin/failover/preview").await {
             Ok(answer) => {
                 let preview: FailoverPreview = serde_json::from_value(answer)?;
-                if best.as_ref().is_none_or(|best| preview.applied_index > best.applied_index) {
+                // The node a failover promotes: the most advanced copy,
+                // the lowest id of equal ones.
+                let rank = |p: &FailoverPreview| (p.applied_index, std::cmp::Reverse(p.node));
+                if best.as_ref().is_none_or(|best| rank(&preview) > rank(best)) {
                     best = Some(preview);
                 }
             }

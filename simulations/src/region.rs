@@ -50,6 +50,9 @@ pub struct Plan {
     pub failback_after_ms: u64,
     /// Writes go home once the region has rejoined.
     pub home: bool,
+    /// A second operator forces the failover on the other DR nodes at the
+    /// same moment: at most one of them may go on.
+    pub racing: bool,
     /// The DR region cut off before the loss, healing this soon before
     /// it: the loss then hits while the DR copy catches up.
     pub catch_up: Option<Scheduled>,
@@ -76,6 +79,7 @@ pub fn plan(world: &World, from_ms: u64, until_ms: u64) -> Plan {
             failback_after_ms: rng.gen_range(1_000..8_000),
             home: rng.gen_bool(0.5),
             catch_up,
+            racing: rng.gen_bool(0.5),
         }
     })
 }
@@ -124,7 +128,7 @@ pub async fn run(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, plan: Plan) {
     world.lose_region(LOST).await;
 
     tokio::time::sleep(Duration::from_millis(plan.failover_after_ms)).await;
-    match fail_over(&world).await {
+    match fail_over(&world, plan.racing).await {
         Ok(failover) => {
             world.trace.event(format!("failover reported: {failover:?}"));
             oracle.borrow_mut().region_lost.as_mut().expect("set above").failover = Some(failover);
@@ -183,11 +187,32 @@ async fn probe_fence(world: &World, for_: Duration) -> Vec<String> {
     tokens
 }
 
+/// The copy failback reconciles with, whole: the most up-to-date log of
+/// the returning region's. Waits (bounded) until all its nodes are up, as
+/// failback did; a fault may take one down just after.
+async fn old_copy(world: &World) -> Option<GroupState> {
+    let deadline = tokio::time::Instant::now() + STEP_MAX;
+    let returning = world.region(LOST);
+    while returning.iter().any(|&id| world.node(id).is_none()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    returning
+        .into_iter()
+        .filter_map(|id| world.node(id))
+        .max_by_key(|node| {
+            let status = node.group().status();
+            (status.last_log_term, status.last_log_index, status.applied_index)
+        })
+        .and_then(|node| node.group().copy_with_log().ok())
+}
+
 /// Forces the failover on the most advanced DR node that is up, again and
 /// again until one has founded the new group; returns the cost it
 /// reported, as the promoted copy keeps it (`GroupState::last_failover`):
 /// the drill's own report dies with its node if that node crashes midway.
-async fn fail_over(world: &World) -> Result<Failover, String> {
+/// `racing`: the first time, a second operator forces it on every other DR
+/// node at once.
+async fn fail_over(world: &World, mut racing: bool) -> Result<Failover, String> {
     let deadline = tokio::time::Instant::now() + STEP_MAX;
     let mut last = String::from("never tried");
     while tokio::time::Instant::now() < deadline {
@@ -201,6 +226,21 @@ async fn fail_over(world: &World) -> Result<Failover, String> {
             .map(|node| (node.group().status().applied_index, node))
             .collect();
         candidates.sort_by_key(|(applied, node)| (std::cmp::Reverse(*applied), node.id()));
+        if std::mem::take(&mut racing) {
+            for (_, node) in candidates.iter().skip(1) {
+                let (node, trace) = (node.clone(), world.trace.clone());
+                actix_rt::spawn(async move {
+                    match node.start_failover(DR, "a second operator").await {
+                        Ok(report) => {
+                            trace.event(format!("racing failover {} forced on node {}", report.id, node.id()))
+                        }
+                        Err(refused) => {
+                            trace.event(format!("racing failover refused by node {}: {refused}", node.id()))
+                        }
+                    }
+                });
+            }
+        }
         for (_, node) in candidates {
             match node.start_failover(DR, "simulator").await {
                 Ok(report) => {
@@ -249,7 +289,13 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
                     report.state, report.failure, report.reconciliation
                 ));
                 if report.reconciliation.is_some() {
-                    oracle.borrow_mut().region_lost.as_mut().expect("lost").reconciliation = report.reconciliation;
+                    // What the checkers decide in-flight checkouts by: the
+                    // copy reconcile read, read again at once.
+                    let old_copy = old_copy(world).await;
+                    let mut oracle = oracle.borrow_mut();
+                    let lost = oracle.region_lost.as_mut().expect("lost");
+                    lost.reconciliation = report.reconciliation;
+                    lost.old_copy = old_copy;
                 }
             }
             Err(why) => world.trace.event(format!("failback not started: {why}")),
@@ -259,18 +305,6 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
         }
         tokio::time::sleep(RETRY_EVERY).await;
     }
-    // What the checkers decide in-flight checkouts by: the copy reconcile read.
-    let old_copy = world
-        .region(LOST)
-        .into_iter()
-        .filter_map(|id| world.node(id))
-        .max_by_key(|node| {
-            let status = node.group().status();
-            (status.last_log_term, status.last_log_index, status.applied_index)
-        })
-        .and_then(|node| node.group().copy_with_log().ok());
-    oracle.borrow_mut().region_lost.as_mut().expect("lost").old_copy = old_copy;
-
     for id in world.region(LOST) {
         world.wipe(id).await;
     }
