@@ -305,6 +305,13 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
         }
         tokio::time::sleep(RETRY_EVERY).await;
     }
+    // A settlement whose report was lost (its coordinator crashed) still
+    // read a copy: read it now.
+    if oracle.borrow().region_lost.as_ref().is_some_and(|lost| lost.old_copy.is_none()) {
+        let old_copy = old_copy(world).await;
+        oracle.borrow_mut().region_lost.as_mut().expect("lost").old_copy = old_copy;
+    }
+
     for id in world.region(LOST) {
         world.wipe(id).await;
     }
