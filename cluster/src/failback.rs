@@ -30,7 +30,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use domain::{Command, GroupState, Outcome};
+use domain::{GroupState, Outcome};
 use openraft::BasicNode;
 use tokio::time::Instant;
 
@@ -151,7 +151,7 @@ async fn reconcile(node: &Node, log: &Timeline, source: u64) -> Result<(), Strin
         reconciliation.units_sold_there,
         reconciliation.units_returned
     ));
-    let settle = Command::SettleFailover { generation, returned: reconciliation.units_returned.clone() };
+    let settle = reconciliation.settlement(generation);
     match node.operator(settle).await {
         Ok(Outcome::Settled { replayed: false, .. }) => {}
         Ok(Outcome::Settled { replayed: true, .. }) => log.note("settled already: nothing returned now"),

@@ -137,7 +137,9 @@ impl GroupState {
             Command::Thaw { epoch } => self.thaw(*epoch),
             Command::GrantEscrow { sku, units } => self.grant_escrow(sku, *units),
             Command::ConfirmEscrow { through } => self.confirm_escrow(*through),
-            Command::SettleFailover { generation, returned } => self.settle_failover(*generation, returned),
+            Command::SettleFailover { generation, returned, paid_there } => {
+                self.settle_failover(*generation, returned, paid_there)
+            }
         };
         result.unwrap_or_else(Outcome::Rejected)
     }
@@ -252,7 +254,12 @@ impl GroupState {
         Ok(Outcome::Escrow { granted: self.escrow_granted, confirmed: self.escrow_confirmed })
     }
 
-    fn settle_failover(&mut self, generation: u64, returned: &BTreeMap<String, u64>) -> Result<Outcome, Rejection> {
+    fn settle_failover(
+        &mut self,
+        generation: u64,
+        returned: &BTreeMap<String, u64>,
+        paid_there: &BTreeSet<OrderId>,
+    ) -> Result<Outcome, Rejection> {
         if generation == 0 || generation != self.generation {
             return Err(Rejection::Invalid(format!(
                 "no failover of generation {generation} to settle (this copy is of generation {})",
@@ -274,6 +281,9 @@ impl GroupState {
         for (sku, units) in returned {
             self.skus.get_mut(sku).expect("checked above").stock.return_unsettled(*units);
         }
+        // The lost primary is fenced: an order pending there now will never
+        // be paid there, and its units were not sold again there.
+        self.in_doubt.retain(|order| paid_there.contains(order));
         self.settled_generation = generation;
         Ok(Outcome::Settled { generation, replayed: false })
     }
@@ -721,7 +731,9 @@ impl GroupState {
     /// nobody bought, and go back on sale. (An order pending there will
     /// never be paid there: the lost primary is fenced. One paid there and
     /// still pending here is listed, and holds its units here until it is
-    /// paid or expires.)
+    /// paid, or expires and leaves them out of sale: they were sold there.
+    /// [`Reconciliation::settlement`] says which; every other order whose
+    /// payment was in doubt gives its units back to sale if it expires.)
     pub fn reconcile(&self, lost: &GroupState) -> Reconciliation {
         let mut reconciliation = Reconciliation::default();
         for there in lost.orders.values() {

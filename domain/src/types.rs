@@ -1,7 +1,7 @@
 //! The vocabulary of the replicated log: commands in, outcomes out, and the
 //! records a shopper or operator can read back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -185,8 +185,11 @@ pub enum Command {
     /// Failback after the forced failover that made generation
     /// `generation`: each SKU's `returned` units go from `unsettled` back
     /// on sale (see [`GroupState::reconcile`](crate::GroupState::reconcile)).
-    /// Once per generation; a repeat changes nothing.
-    SettleFailover { generation: u64, returned: BTreeMap<String, u64> },
+    /// Of the orders whose payment was in doubt, only those the lost
+    /// primary had paid (`paid_there`) stay in doubt: if they expire here
+    /// their units were sold there and stay out of sale; the others' come
+    /// back on sale. Once per generation; a repeat changes nothing.
+    SettleFailover { generation: u64, returned: BTreeMap<String, u64>, paid_there: BTreeSet<OrderId> },
 }
 
 impl Command {
@@ -393,6 +396,17 @@ pub struct Reconciliation {
     /// Units per SKU the failover took out of sale that nobody bought:
     /// they go back on sale.
     pub units_returned: BTreeMap<String, u64>,
+}
+
+impl Reconciliation {
+    /// The command that settles it, for the failover of `generation`.
+    pub fn settlement(&self, generation: u64) -> Command {
+        Command::SettleFailover {
+            generation,
+            returned: self.units_returned.clone(),
+            paid_there: self.orders_to_settle.iter().filter(|o| o.there == OrderStatus::Paid).map(|o| o.id).collect(),
+        }
+    }
 }
 
 /// One order the two copies disagree on.

@@ -270,8 +270,7 @@ fn fail_over_at(history: Vec<Step>, cut: usize, after: Vec<Step>) {
     // lost primary's pending orders will never be paid (it is fenced), its
     // paid ones stay counted.
     let reconciliation = copy.state.reconcile(&primary.state);
-    let returned = reconciliation.units_returned.clone();
-    let settle = Command::SettleFailover { generation: failover.generation, returned };
+    let settle = reconciliation.settlement(failover.generation);
     assert_eq!(apply(&mut copy.state, now, settle.clone()), Outcome::Settled { generation: 1, replayed: false });
     let settled = copy.state.clone();
     assert_eq!(apply(&mut copy.state, now, settle), Outcome::Settled { generation: 1, replayed: true });
@@ -325,4 +324,40 @@ fn a_switchover_hands_escrow_to_the_new_dr_copy_to_confirm_again() {
     assert_eq!((state.escrow_granted(), state.escrow_confirmed()), (3, 2));
     apply(&mut state, 1, Command::ConfirmEscrow { through: 3 });
     assert_eq!((state.holdable("hot"), state.holdable("cold")), (4, 2));
+}
+
+#[test]
+fn after_failback_an_order_in_doubt_that_expires_returns_its_units_unless_it_was_paid_there() {
+    let mut state = opened();
+    apply(&mut state, 1, grant("hot", 6));
+    apply(&mut state, 1, Command::ConfirmEscrow { through: 1 });
+    let open = Command::OpenSession { shopper: "ann".into(), token_hash: format!("{:064x}", 1) };
+    let Outcome::SessionOpened { session } = apply(&mut state, 1, open) else { panic!("no session") };
+    let Outcome::Order { order: unpaid, .. } = apply(&mut state, 1, checkout(session, "a", "hot", 2)) else {
+        panic!("no order")
+    };
+    let Outcome::Order { order: paid, .. } = apply(&mut state, 1, checkout(session, "b", "hot", 1)) else {
+        panic!("no order")
+    };
+    // The primary takes one payment after the DR copy's last entry, and is lost.
+    let mut primary = state.clone();
+    assert!(matches!(apply(&mut primary, 2, Command::Pay { session, order: paid.id }), Outcome::Order { .. }));
+    let mut copy = state;
+    let failover = copy.fail_over("dr");
+    assert_eq!(failover.payments_in_doubt, vec![unpaid.id, paid.id]);
+
+    // Failback settles before either order expires here.
+    let reconciliation = copy.reconcile(&primary);
+    let settled = apply(&mut copy, 3, reconciliation.settlement(failover.generation));
+    assert_eq!(settled, Outcome::Settled { generation: 1, replayed: false });
+    assert_eq!(copy.sku_view("hot").unwrap().stock.unsettled, 0, "the unsold escrow went back on sale");
+
+    // Both expire here. The one the lost primary never saw paid gives its
+    // two units back to sale; the one it sold keeps its unit out of sale.
+    apply(&mut copy, 3 + HOLD_MS, Command::ConfirmEscrow { through: 0 });
+    let stock = copy.sku_view("hot").unwrap().stock;
+    assert_eq!((stock.held, stock.unsettled, stock.for_sale()), (0, 1, 5), "{stock:?}");
+    // The lost primary is fenced: of its orders only the paid one counts.
+    let sold_there = u64::from(paid.lines[0].qty);
+    assert_eq!(stock.for_sale() + stock.held + stock.sold + sold_there, stock.total);
 }
