@@ -137,8 +137,8 @@ impl GroupState {
             Command::Thaw { epoch } => self.thaw(*epoch),
             Command::GrantEscrow { sku, units } => self.grant_escrow(sku, *units),
             Command::ConfirmEscrow { through } => self.confirm_escrow(*through),
-            Command::SettleFailover { generation, returned, paid_there } => {
-                self.settle_failover(*generation, returned, paid_there)
+            Command::SettleFailover { generation, returned, kept_in_doubt } => {
+                self.settle_failover(*generation, returned, kept_in_doubt)
             }
         };
         result.unwrap_or_else(Outcome::Rejected)
@@ -258,7 +258,7 @@ impl GroupState {
         &mut self,
         generation: u64,
         returned: &BTreeMap<String, u64>,
-        paid_there: &BTreeSet<OrderId>,
+        kept_in_doubt: &BTreeSet<OrderId>,
     ) -> Result<Outcome, Rejection> {
         if generation == 0 || generation != self.generation {
             return Err(Rejection::Invalid(format!(
@@ -283,7 +283,7 @@ impl GroupState {
         }
         // The lost primary is fenced: an order pending there now will never
         // be paid there, and its units were not sold again there.
-        self.in_doubt.retain(|order| paid_there.contains(order));
+        self.in_doubt.retain(|order| kept_in_doubt.contains(order));
         self.settled_generation = generation;
         Ok(Outcome::Settled { generation, replayed: false })
     }
@@ -763,6 +763,24 @@ impl GroupState {
                 reconciliation.units_returned.insert(code.clone(), free);
             }
         }
+        let paid_there = reconciliation.orders_to_settle.iter().filter(|order| order.there == OrderStatus::Paid);
+        reconciliation.kept_in_doubt =
+            paid_there.map(|order| order.id).filter(|id| self.in_doubt.contains(id)).collect();
+        reconciliation
+    }
+
+    /// Failback when the copies of the returning nodes `copies_lost` are
+    /// gone for good (an operator says so); `lost` is the most up-to-date
+    /// of the other copies, if any survived. The orders it has are listed
+    /// as by [`GroupState::reconcile`]. But an order only a lost copy knew
+    /// may have sold any unsettled unit, or paid any order in doubt: no
+    /// unit goes back on sale and every payment in doubt stays in doubt.
+    /// The failover's undersell stays, reported; nothing is sold twice.
+    pub fn reconcile_without(&self, lost: Option<&GroupState>, copies_lost: Vec<u64>) -> Reconciliation {
+        let mut reconciliation = lost.map(|lost| self.reconcile(lost)).unwrap_or_default();
+        reconciliation.units_returned.clear();
+        reconciliation.kept_in_doubt = self.in_doubt.clone();
+        reconciliation.copies_lost = copies_lost;
         reconciliation
     }
 

@@ -185,11 +185,12 @@ pub enum Command {
     /// Failback after the forced failover that made generation
     /// `generation`: each SKU's `returned` units go from `unsettled` back
     /// on sale (see [`GroupState::reconcile`](crate::GroupState::reconcile)).
-    /// Of the orders whose payment was in doubt, only those the lost
-    /// primary had paid (`paid_there`) stay in doubt: if they expire here
-    /// their units were sold there and stay out of sale; the others' come
-    /// back on sale. Once per generation; a repeat changes nothing.
-    SettleFailover { generation: u64, returned: BTreeMap<String, u64>, paid_there: BTreeSet<OrderId> },
+    /// Of the orders whose payment was in doubt, only `kept_in_doubt` stay
+    /// in doubt (those the lost primary had paid, or every one if a copy of
+    /// it was lost): if they expire here their units may have been sold
+    /// there and stay out of sale; the others' come back on sale. Once per
+    /// generation; a repeat changes nothing.
+    SettleFailover { generation: u64, returned: BTreeMap<String, u64>, kept_in_doubt: BTreeSet<OrderId> },
 }
 
 impl Command {
@@ -396,6 +397,17 @@ pub struct Reconciliation {
     /// Units per SKU the failover took out of sale that nobody bought:
     /// they go back on sale.
     pub units_returned: BTreeMap<String, u64>,
+    /// Orders pending in the promoted copy whose payment stays in doubt:
+    /// paid there, or with a copy lost, every one in doubt. Unpaid, their
+    /// units stay out of sale; every other order in doubt gives its units
+    /// back to sale if it expires.
+    #[serde(default)]
+    pub kept_in_doubt: BTreeSet<OrderId>,
+    /// Returning nodes whose copies an operator declared lost for good and
+    /// that were not read. Orders only they knew are not listed, so no unit
+    /// goes back on sale and every payment in doubt stays in doubt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies_lost: Vec<u64>,
 }
 
 impl Reconciliation {
@@ -404,7 +416,7 @@ impl Reconciliation {
         Command::SettleFailover {
             generation,
             returned: self.units_returned.clone(),
-            paid_there: self.orders_to_settle.iter().filter(|o| o.there == OrderStatus::Paid).map(|o| o.id).collect(),
+            kept_in_doubt: self.kept_in_doubt.clone(),
         }
     }
 }

@@ -149,6 +149,7 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 /// One copy of the state and what its own answers told it.
+#[derive(Clone)]
 struct Copy {
     state: GroupState,
     sessions: Vec<SessionId>,
@@ -272,6 +273,19 @@ fn fail_over_at(history: Vec<Step>, cut: usize, after: Vec<Step>) {
         assert!(promised <= total, "{sku}: {promised} units promised, {total} exist");
     }
 
+    // Failback without the lost primary's copy, its disks gone for good:
+    // nothing goes back on sale, every payment in doubt stays in doubt, and
+    // the copy sells on. Nothing is sold twice, counting what the lost
+    // primary sold that this copy does not hold.
+    let mut blind = copy.clone();
+    let settle = blind.state.reconcile_without(None, vec![1]).settlement(failover.generation);
+    assert_eq!(apply(&mut blind.state, now, settle), Outcome::Settled { generation: 1, replayed: false });
+    let mut blind_now = now;
+    for step in &after {
+        blind.run(step, &mut blind_now, u64::MAX, &mut tokens);
+    }
+    assert_sold_once(&blind.state, &primary.state, "failback without the lost copy");
+
     // Failback: the lost primary comes back; what nobody bought there goes
     // back on sale, and the copy sells on. Still nothing is sold twice: the
     // lost primary's pending orders will never be paid (it is fenced), its
@@ -291,17 +305,31 @@ fn fail_over_at(history: Vec<Step>, cut: usize, after: Vec<Step>) {
     for step in &after {
         copy.run(step, &mut now, u64::MAX, &mut tokens);
     }
+    assert_sold_once(&copy.state, &primary.state, "failback");
+}
+
+/// No unit of `here`, the promoted copy, is sold or held, or on sale, that
+/// `there`, the lost primary, sold: those must stay out of sale for good.
+fn assert_sold_once(here: &GroupState, there: &GroupState, after: &str) {
     for sku in SKUS {
-        let stock = copy.state.sku_view(sku).unwrap().stock;
-        let sold_there = reconciliation.units_sold_there.get(sku).copied().unwrap_or(0);
+        let stock = here.sku_view(sku).unwrap().stock;
+        let sold_there = sold_only_there(there, here, sku);
         assert!(
-            stock.held + stock.sold + sold_there <= stock.total,
-            "{sku}: {} held and {} sold here, {sold_there} sold there only, {} exist: {reconciliation:?}",
-            stock.held,
-            stock.sold,
-            stock.total
+            stock.for_sale() + stock.held + stock.sold + sold_there <= stock.total,
+            "after {after}, {sku}: {stock:?} here, {sold_there} sold there only"
         );
     }
+}
+
+/// Units of `sku` in orders `there` has paid that hold nothing `here`.
+fn sold_only_there(there: &GroupState, here: &GroupState, sku: &str) -> u64 {
+    let holds_here =
+        |id| here.order_by_id(id).is_some_and(|o| matches!(o.status, OrderStatus::PendingPayment | OrderStatus::Paid));
+    there
+        .orders()
+        .filter(|order| order.status == OrderStatus::Paid && !holds_here(order.id))
+        .flat_map(|order| order.lines.iter().filter(|line| line.sku == sku).map(|line| u64::from(line.qty)))
+        .sum()
 }
 
 proptest! {
@@ -333,19 +361,28 @@ fn a_switchover_hands_escrow_to_the_new_dr_copy_to_confirm_again() {
     assert_eq!((state.holdable("hot"), state.holdable("cold")), (4, 2));
 }
 
-#[test]
-fn after_failback_an_order_in_doubt_that_expires_returns_its_units_unless_it_was_paid_there() {
+/// A primary with all 6 hot units in escrow its DR copy confirmed, and a
+/// session that placed two orders from it, pending payment: `unpaid` of 2
+/// units and `paid` (paid later, in some tests) of 1.
+fn two_orders_pending() -> (GroupState, SessionId, Order, Order) {
     let mut state = opened();
     apply(&mut state, 1, grant("hot", 6));
     apply(&mut state, 1, Command::ConfirmEscrow { through: 1 });
     let open = Command::OpenSession { shopper: "ann".into(), token_hash: format!("{:064x}", 1) };
     let Outcome::SessionOpened { session } = apply(&mut state, 1, open) else { panic!("no session") };
-    let Outcome::Order { order: unpaid, .. } = apply(&mut state, 1, checkout(session, "a", "hot", 2)) else {
-        panic!("no order")
-    };
-    let Outcome::Order { order: paid, .. } = apply(&mut state, 1, checkout(session, "b", "hot", 1)) else {
-        panic!("no order")
-    };
+    let unpaid = placed(apply(&mut state, 1, checkout(session, "a", "hot", 2)));
+    let paid = placed(apply(&mut state, 1, checkout(session, "b", "hot", 1)));
+    (state, session, unpaid, paid)
+}
+
+fn placed(outcome: Outcome) -> Order {
+    let Outcome::Order { order, .. } = outcome else { panic!("no order: {outcome:?}") };
+    order
+}
+
+#[test]
+fn after_failback_an_order_in_doubt_that_expires_returns_its_units_unless_it_was_paid_there() {
+    let (state, session, unpaid, paid) = two_orders_pending();
     // The primary takes one payment after the DR copy's last entry, and is lost.
     let mut primary = state.clone();
     assert!(matches!(apply(&mut primary, 2, Command::Pay { session, order: paid.id }), Outcome::Order { .. }));
@@ -367,4 +404,42 @@ fn after_failback_an_order_in_doubt_that_expires_returns_its_units_unless_it_was
     // The lost primary is fenced: of its orders only the paid one counts.
     let sold_there = u64::from(paid.lines[0].qty);
     assert_eq!(stock.for_sale() + stock.held + stock.sold + sold_there, stock.total);
+}
+
+#[test]
+fn failback_without_a_lost_copy_returns_no_unit_and_keeps_every_payment_in_doubt() {
+    let (state, session, unpaid, paid) = two_orders_pending();
+    // After the DR copy's last entry the primary takes a payment, which
+    // one of its nodes has, then sells two more units only its leader
+    // logged; that leader's disk is lost for good.
+    let mut survivor = state.clone();
+    assert!(matches!(apply(&mut survivor, 2, Command::Pay { session, order: paid.id }), Outcome::Order { .. }));
+    let mut leader = survivor.clone();
+    let more = placed(apply(&mut leader, 2, checkout(session, "c", "hot", 2)));
+    assert!(matches!(apply(&mut leader, 2, Command::Pay { session, order: more.id }), Outcome::Order { .. }));
+    let mut copy = state;
+    let failover = copy.fail_over("dr");
+    assert_eq!(failover.unsettled["hot"], 3);
+
+    // Reconciled with the survivor as if it were complete, the three
+    // unsettled units would go back on sale, and two of them were sold.
+    assert_eq!(copy.reconcile(&survivor).units_returned["hot"], 3);
+
+    let partly = copy.reconcile_without(Some(&survivor), vec![1]);
+    assert_eq!(partly.orders_to_settle.iter().map(|order| order.id).collect::<Vec<_>>(), vec![paid.id]);
+    assert_eq!(partly.kept_in_doubt, BTreeSet::from([unpaid.id, paid.id]));
+    assert!(partly.units_returned.is_empty());
+    assert_eq!(partly.copies_lost, vec![1]);
+    let blind = copy.reconcile_without(None, vec![1, 2, 3, 4]);
+    assert!(blind.orders_to_settle.is_empty() && blind.units_returned.is_empty());
+    assert_eq!(blind.kept_in_doubt, partly.kept_in_doubt);
+
+    let settled = apply(&mut copy, 3, partly.settlement(failover.generation));
+    assert_eq!(settled, Outcome::Settled { generation: 1, replayed: false });
+    // Both in-doubt orders expire here: neither gives its units back.
+    apply(&mut copy, 3 + HOLD_MS, Command::ConfirmEscrow { through: 0 });
+    let stock = copy.sku_view("hot").unwrap().stock;
+    assert_eq!((stock.for_sale(), stock.held, stock.sold, stock.unsettled), (0, 0, 0, 6), "{stock:?}");
+    let sold_there = u64::from(paid.lines[0].qty + more.lines[0].qty);
+    assert!(stock.for_sale() + stock.held + stock.sold + sold_there <= stock.total);
 }
