@@ -248,6 +248,13 @@ pub struct Failover {
 pub struct Failback {
     /// The region the failover lost, e.g. `primary`.
     pub from: String,
+    /// Nodes of that region whose disks are gone for good. The
+    /// reconciliation goes without their copies: it lists what the other
+    /// copies have, returns no unit to sale and keeps every payment in
+    /// doubt in doubt. Name none unless the disks are truly lost: a node
+    /// that is only down may hold orders no other copy has.
+    #[serde(default)]
+    pub copies_lost: Vec<u64>,
 }
 
 /// `POST /v1/admin/drills/zone-loss`: cut every node of a zone off from the

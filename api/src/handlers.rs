@@ -425,12 +425,14 @@ pub async fn start_failover(
     responses((status = 202, body = DrillReport, description = "started; poll its Location"),
         (status = 409, body = Problem, description = "not the leader, no failover happened, a node of the region \
             does not answer, or nothing is due"),
-        (status = 422, body = Problem, description = "no such region")))]
+        (status = 422, body = Problem, description = "no such region, or a lost copy named outside it")))]
 /// Fails back after a forced failover, from the region it lost. Ask the
 /// group's leader. Once per failover, every node of that region must
 /// answer: the most advanced one's copy is compared with this region's,
 /// the orders they disagree on are reported for an operator to settle,
-/// and the units nobody bought go back on sale. Then the region's nodes
+/// and the units nobody bought go back on sale. Nodes whose disks are gone
+/// for good may be named in `copies_lost`: the reconciliation then goes
+/// without them and returns no unit to sale. Then the region's nodes
 /// whose data was wiped (started with `join = true`) join as learners: the
 /// DR copy again. Answers at once; the report fills in as it runs.
 pub async fn start_failback(
@@ -438,7 +440,7 @@ pub async fn start_failback(
     state: web::Data<AppState>,
     body: web::Json<Failback>,
 ) -> Result<HttpResponse> {
-    let report = state.node.start_failback(&body.from, "operator").await?;
+    let report = state.node.start_failback(&body.from, &body.copies_lost, "operator").await?;
     Ok(HttpResponse::Accepted()
         .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
         .json(report))

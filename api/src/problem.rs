@@ -90,7 +90,10 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable")
             }
             ApiError::Drill(
-                DrillError::UnknownZone(_) | DrillError::UnknownRegion(_) | DrillError::BadDuration { .. },
+                DrillError::UnknownZone(_)
+                | DrillError::UnknownRegion(_)
+                | DrillError::BadDuration { .. }
+                | DrillError::NotOfRegion { .. },
             ) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request"),
             ApiError::Drill(DrillError::CoordinatorInZone { .. }) => {
                 (StatusCode::CONFLICT, "coordinator-in-zone", "Ask a node outside the zone")

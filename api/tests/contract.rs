@@ -494,6 +494,18 @@ async fn operations_endpoints_answer() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _, _) = send(&h.app, drill(json!({"zone": "a"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A failback: nothing to fail back from, and a lost copy must be one
+    // of the returning region's nodes.
+    let failback = |body: serde_json::Value| {
+        TestRequest::post().uri("/v1/admin/failback").insert_header(bearer(OPERATOR)).set_json(body)
+    };
+    let (status, problem, _) = send(&h.app, failback(json!({"from": "primary"}))).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/already-primary")));
+    let (status, problem, _) = send(&h.app, failback(json!({"from": "primary", "copies_lost": [9]}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(problem["detail"].as_str().unwrap().contains("node 9 is not of region \"primary\""), "{problem}");
+    let (status, _, _) = send(&h.app, failback(json!({"from": "primary", "copies_lost": "all"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, drills, _) =
         send(&h.app, TestRequest::get().uri("/v1/admin/drills").insert_header(bearer(OPERATOR))).await;
     assert_eq!((status, drills), (StatusCode::OK, json!([])));

@@ -258,6 +258,14 @@ pub enum DrillError {
         /// This node.
         node: u64,
     },
+    /// A failback named a node of another region as one whose copy is lost.
+    #[error("node {node} is not of region {region:?}: only its nodes' copies can be lost to a failback")]
+    NotOfRegion {
+        /// The node named.
+        node: u64,
+        /// The region failing back.
+        region: String,
+    },
     /// A failback needs a forced failover to fail back from.
     #[error("no forced failover happened: move writes back with a switchover")]
     NoFailover,

@@ -17,6 +17,14 @@
 //!    with this one (`GroupState::reconcile`): the orders the two disagree on go into
 //!    the report for an operator to settle, and the units the failover took
 //!    out of sale that nobody bought go back on sale (`SettleFailover`).
+//!
+//!    A node whose disk is gone for good never answers with its copy. The
+//!    operator may name it (`copies_lost`): the reconciliation then reads
+//!    the most up-to-date of the other copies, if any, and lists what that
+//!    one has, but returns no unit to sale and keeps every payment in doubt
+//!    in doubt (`GroupState::reconcile_without`): what only the lost copies
+//!    knew is unknown, so the failover's undersell stays. Without this, a
+//!    region destroyed for ever could never be a DR copy again.
 //! 2. **Rejoin**: returning nodes whose data the operator has wiped (and
 //!    that started with `join = true`, so none founds a cluster of its own)
 //!    join the group as learners and receive its snapshot. The group has a
@@ -43,19 +51,41 @@ const ASK_FOR: Duration = Duration::from_secs(1);
 
 /// What a failback found to do when it was planned.
 pub(crate) struct Plan {
-    /// The returning node whose copy to reconcile with, if reconciling is due.
-    reconcile_from: Option<u64>,
+    /// Whether reconciling is due, and with which copies.
+    reconcile: Option<Reconcile>,
     /// Returning nodes with wiped data, to add as learners.
     rejoin: Vec<u64>,
 }
 
+/// The copies a reconciliation reads, and those it goes without.
+#[derive(Debug, PartialEq, Eq)]
+struct Reconcile {
+    /// The returning node with the most up-to-date copy, if any copy is
+    /// left to read.
+    from: Option<u64>,
+    /// Returning nodes whose copies the operator declared lost for good
+    /// and that did not answer with one: empty for a complete
+    /// reconciliation.
+    lost: Vec<u64>,
+}
+
 /// Checks that this node may fail back from `from` now, records the
-/// failback as running, and returns its first report.
-pub(crate) async fn plan(node: &Node, from: &str, requested_by: &str) -> Result<(DrillReport, Plan), DrillError> {
+/// failback as running, and returns its first report. `copies_lost` are
+/// returning nodes whose disks the operator says are gone for good: the
+/// reconciliation goes without them (see [`GroupState::reconcile_without`]).
+pub(crate) async fn plan(
+    node: &Node,
+    from: &str,
+    copies_lost: &[u64],
+    requested_by: &str,
+) -> Result<(DrillReport, Plan), DrillError> {
     let topology = node.topology();
     let returning: Vec<u64> = topology.nodes.iter().filter(|spec| spec.region == from).map(|spec| spec.id).collect();
     if returning.is_empty() {
         return Err(DrillError::UnknownRegion(from.to_string()));
+    }
+    if let Some(&stranger) = copies_lost.iter().find(|id| !returning.contains(id)) {
+        return Err(DrillError::NotOfRegion { node: stranger, region: from.to_string() });
     }
     if node.primary_region() == from {
         return Err(DrillError::AlreadyPrimary(from.to_string()));
@@ -74,34 +104,17 @@ pub(crate) async fn plan(node: &Node, from: &str, requested_by: &str) -> Result<
     };
     let answers: BTreeMap<u64, Option<GroupStatus>> =
         futures::future::join_all(returning.iter().map(|&id| ask(id))).await.into_iter().collect();
-    let members: Vec<u64> =
-        node.group().raft().metrics().borrow().membership_config.membership().nodes().map(|(id, _)| *id).collect();
-    let holds_old_copy = |status: &GroupStatus| status.generation < generation && status.last_log_index > 0;
+    let members = node.group().members();
     let wiped = |status: &GroupStatus| status.generation == 0 && status.last_log_index == 0;
 
-    let reconcile_from = if settled {
-        None
-    } else {
-        // Every copy counts: the most up-to-date log holds every order the
-        // lost primary acknowledged, and another may lack some.
-        if let Some((&id, _)) = answers.iter().find(|(_, status)| status.as_ref().is_none_or(wiped)) {
-            return Err(DrillError::CopyUnreachable(id));
-        }
-        most_up_to_date(
-            answers.iter().filter_map(|(&id, status)| status.as_ref().filter(|s| holds_old_copy(s)).map(|s| (id, s))),
-        )
-    };
+    let reconcile = if settled { None } else { Some(copies_to_read(&answers, generation, copies_lost)?) };
     let rejoin: Vec<u64> = answers
         .iter()
         .filter(|(id, status)| !members.contains(id) && status.as_ref().is_some_and(wiped))
         .map(|(id, _)| *id)
         .collect();
-    if reconcile_from.is_none() && rejoin.is_empty() {
-        let why = if settled {
-            format!("the failover is settled, and no node of {from:?} has wiped data to rejoin with")
-        } else {
-            format!("no node of {from:?} holds the lost primary's copy to reconcile with")
-        };
+    if reconcile.is_none() && rejoin.is_empty() {
+        let why = format!("the failover is settled, and no node of {from:?} has wiped data to rejoin with");
         return Err(DrillError::NothingToFailBack(why));
     }
     let report = DrillReport {
@@ -110,7 +123,33 @@ pub(crate) async fn plan(node: &Node, from: &str, requested_by: &str) -> Result<
         ..DrillReport::started("failback", node.id(), requested_by, node.clock_ms())
     };
     node.drills().begin(report.clone())?;
-    Ok((report, Plan { reconcile_from, rejoin }))
+    Ok((report, Plan { reconcile, rejoin }))
+}
+
+/// Which copies of the returning region a reconciliation reads, from
+/// their nodes' `answers` (`None`: no answer). Every copy counts: the most
+/// up-to-date log holds every order the lost primary acknowledged, and
+/// another may lack some. So every node must answer with its copy intact,
+/// but those in `copies_lost` that do not.
+fn copies_to_read(
+    answers: &BTreeMap<u64, Option<GroupStatus>>,
+    generation: u64,
+    copies_lost: &[u64],
+) -> Result<Reconcile, DrillError> {
+    let holds_old_copy = |status: &GroupStatus| status.generation < generation && status.last_log_index > 0;
+    let mut lost = Vec::new();
+    for (&id, status) in answers {
+        if !status.as_ref().is_some_and(holds_old_copy) {
+            if !copies_lost.contains(&id) {
+                return Err(DrillError::CopyUnreachable(id));
+            }
+            lost.push(id);
+        }
+    }
+    let from = most_up_to_date(
+        answers.iter().filter_map(|(&id, status)| status.as_ref().filter(|s| holds_old_copy(s)).map(|s| (id, s))),
+    );
+    Ok(Reconcile { from, lost })
 }
 
 /// The node whose log is the most up to date, as Raft compares logs for a
@@ -124,8 +163,8 @@ fn most_up_to_date<'a>(copies: impl Iterator<Item = (u64, &'a GroupStatus)>) -> 
 pub(crate) async fn run(node: Node, id: u64, plan: Plan) {
     let log = Timeline::new(&node, id);
     let outcome = async {
-        if let Some(source) = plan.reconcile_from {
-            reconcile(&node, &log, source).await?;
+        if let Some(copies) = plan.reconcile {
+            reconcile(&node, &log, copies).await?;
         }
         if !plan.rejoin.is_empty() {
             rejoin(&node, &log, &plan.rejoin).await?;
@@ -136,20 +175,39 @@ pub(crate) async fn run(node: Node, id: u64, plan: Plan) {
     drill::finish(&node, id, outcome).await;
 }
 
-/// Step 1: compare `source`'s copy with this one, report the orders to
-/// settle, and put the units nobody bought back on sale.
-async fn reconcile(node: &Node, log: &Timeline, source: u64) -> Result<(), String> {
-    let lost: GroupState = node.copy_of(source).await.map_err(|e| format!("reading node {source}'s copy: {e}"))?;
+/// Step 1: compare the most up-to-date copy with this one, report the
+/// orders to settle, and put the units nobody bought back on sale; with
+/// copies lost, none.
+async fn reconcile(node: &Node, log: &Timeline, copies: Reconcile) -> Result<(), String> {
+    let old: Option<GroupState> = match copies.from {
+        Some(source) => Some(node.copy_of(source).await.map_err(|e| format!("reading node {source}'s copy: {e}"))?),
+        None => None,
+    };
+    let source = copies.from.map_or("no copy".to_string(), |id| format!("node {id}'s copy"));
+    if !copies.lost.is_empty() {
+        log.note(format!(
+            "the copies of nodes {:?} are lost for good: orders only they knew are not listed, no unit goes back \
+             on sale, every payment in doubt stays in doubt",
+            copies.lost
+        ));
+    }
     let (generation, reconciliation) = node
-        .read(|state| (state.generation(), state.reconcile(&lost)))
+        .read(|state| {
+            let reconciliation = match &old {
+                Some(old) if copies.lost.is_empty() => state.reconcile(old),
+                old => state.reconcile_without(old.as_ref(), copies.lost),
+            };
+            (state.generation(), reconciliation)
+        })
         .await
         .map_err(|e| format!("reading this region's copy: {e}"))?;
     log.note(format!(
-        "node {source}'s copy against generation {generation}: {} orders to settle, units sold there only {:?}, \
-         units back on sale {:?}",
+        "{source} against generation {generation}: {} orders to settle, units sold there only {:?}, \
+         units back on sale {:?}, payments kept in doubt {:?}",
         reconciliation.orders_to_settle.len(),
         reconciliation.units_sold_there,
-        reconciliation.units_returned
+        reconciliation.units_returned,
+        reconciliation.kept_in_doubt
     ));
     let settle = reconciliation.settlement(generation);
     match node.operator(settle).await {
@@ -210,5 +268,27 @@ mod tests {
         let (behind, ahead) = (copy(3, 90, 85), copy(3, 90, 90));
         assert_eq!(most_up_to_date([(5, &ahead), (6, &behind)].into_iter()), Some(5));
         assert_eq!(most_up_to_date(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn a_reconciliation_goes_without_a_copy_only_when_the_operator_names_it_lost() {
+        // After the failover to generation 1: nodes 1 and 2 came back with
+        // the lost primary's copy, node 3 came back empty, node 4 is down.
+        let old = |applied| GroupStatus { generation: 0, ..copy(2, applied, applied) };
+        let answers = BTreeMap::from([(1, Some(old(90))), (2, Some(old(95))), (3, Some(copy(0, 0, 0))), (4, None)]);
+        let copies = |lost: &[u64]| copies_to_read(&answers, 1, lost);
+
+        // Every copy counts: an empty or silent node blocks reconciling...
+        assert!(matches!(copies(&[]), Err(DrillError::CopyUnreachable(3))));
+        assert!(matches!(copies(&[3]), Err(DrillError::CopyUnreachable(4))));
+        // ...until the operator says its disk is gone for good.
+        assert_eq!(copies(&[3, 4]).unwrap(), Reconcile { from: Some(2), lost: vec![3, 4] });
+        // A node named lost whose copy answers is read all the same.
+        assert_eq!(copies(&[2, 3, 4]).unwrap(), Reconcile { from: Some(2), lost: vec![3, 4] });
+        let whole = BTreeMap::from([(1, Some(old(90))), (2, Some(old(95)))]);
+        assert_eq!(copies_to_read(&whole, 1, &[1]).unwrap(), Reconcile { from: Some(2), lost: vec![] });
+        // With every disk lost, no copy is read.
+        let empty = BTreeMap::from([(1, Some(copy(0, 0, 0))), (2, None)]);
+        assert_eq!(copies_to_read(&empty, 1, &[1, 2]).unwrap(), Reconcile { from: None, lost: vec![1, 2] });
     }
 }

@@ -490,6 +490,11 @@ impl Group {
             .map_err(|e| ProposeError::Unavailable(format!("reading this node's log: {e}")))
     }
 
+    /// The group's members, voters and learners, as this node knows them.
+    pub fn members(&self) -> Vec<u64> {
+        self.raft.metrics().borrow().membership_config.membership().nodes().map(|(id, _)| *id).collect()
+    }
+
     /// Whether this node believes it leads the group. A hint, not a lease:
     /// what depends on leadership goes through a proposal or a linearizable read.
     pub fn is_leader(&self) -> bool {

@@ -247,9 +247,16 @@ impl Node {
 
     /// Fails back from `from`, the region a forced failover lost (see
     /// [`crate::failback`]), and returns its first report; it runs on in the
-    /// background. Only the leader can run one.
-    pub async fn start_failback(&self, from: &str, requested_by: &str) -> Result<DrillReport, DrillError> {
-        let (report, plan) = crate::failback::plan(self, from, requested_by).await?;
+    /// background. Only the leader can run one. `copies_lost`: nodes of
+    /// `from` whose disks are gone for good, which the reconciliation
+    /// goes without.
+    pub async fn start_failback(
+        &self,
+        from: &str,
+        copies_lost: &[u64],
+        requested_by: &str,
+    ) -> Result<DrillReport, DrillError> {
+        let (report, plan) = crate::failback::plan(self, from, copies_lost, requested_by).await?;
         actix::spawn(crate::failback::run(self.clone(), report.id, plan));
         Ok(report)
     }

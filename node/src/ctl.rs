@@ -96,6 +96,11 @@ enum CtlCommand {
         /// The region the failover lost, e.g. `primary`.
         #[arg(long)]
         from: String,
+        /// Nodes of that region whose disks are gone for good: reconcile
+        /// without their copies. Orders only they knew go unlisted, and no
+        /// unit goes back on sale. Never name a node that is only down.
+        #[arg(long, value_name = "IDS", value_delimiter = ',')]
+        copies_lost: Vec<u64>,
         /// Print the final report as JSON too.
         #[arg(long)]
         json: bool,
@@ -187,10 +192,10 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             println!("failover {}: region {to} takes writes, from node {}'s copy", report.id, report.coordinator);
             verdict(&promoted, report.id, *json, "the failover").await
         }
-        CtlCommand::Failback { from, json } => {
+        CtlCommand::Failback { from, copies_lost, json } => {
             let leader = api.at(&leader_endpoint(&api).await?);
-            let report: DrillReport =
-                serde_json::from_value(leader.post("/v1/admin/failback", json!({ "from": from })).await?)?;
+            let body = json!({ "from": from, "copies_lost": copies_lost });
+            let report: DrillReport = serde_json::from_value(leader.post("/v1/admin/failback", body).await?)?;
             println!("failback {}: from region {from}, coordinated by node {}", report.id, report.coordinator);
             verdict(&leader, report.id, *json, "the failback").await
         }
@@ -466,8 +471,15 @@ fn render_report(report: &DrillReport) -> String {
     out.push('\n');
     if report.kind == "failback" {
         if let Some(reconciliation) = &report.reconciliation {
+            if !reconciliation.copies_lost.is_empty() {
+                out.push_str(&format!(
+                    "  copies lost for good      nodes {:?}: orders only they knew are not listed\n",
+                    reconciliation.copies_lost
+                ));
+            }
             out.push_str(&format!("  units back on sale        {:?}\n", reconciliation.units_returned));
             out.push_str(&format!("  units sold there only     {:?}\n", reconciliation.units_sold_there));
+            out.push_str(&format!("  payments kept in doubt    {:?}\n", reconciliation.kept_in_doubt));
             out.push_str(&format!("  orders to settle          {}\n", reconciliation.orders_to_settle.len()));
             for order in &reconciliation.orders_to_settle {
                 let here = order.here.map_or("unknown here".to_string(), |status| format!("{status:?} here"));

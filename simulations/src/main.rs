@@ -140,6 +140,10 @@ struct Totals {
     lost_reported: usize,
     /// Second failovers the sampler tried after those losses.
     second_failovers: SecondFailovers,
+    /// Of those runs, the ones whose failback went without copies lost for
+    /// good, and how many copies in all.
+    disks_lost_runs: u64,
+    copies_lost: usize,
     failed: Vec<u64>,
     /// When to print the next progress line.
     next_progress: u64,
@@ -162,6 +166,8 @@ impl Totals {
             self.lost_reported += lost;
             self.second_failovers.promoted += report.second_failovers.promoted;
             self.second_failovers.refused += report.second_failovers.refused;
+            self.disks_lost_runs += u64::from(report.copies_lost > 0);
+            self.copies_lost += report.copies_lost;
         }
         if !report.failures.is_empty() {
             print_report(&report, wall);
@@ -186,6 +192,10 @@ impl Totals {
         println!(
             "{} runs lost the primary region; their failovers lost {} acknowledgements, each named in the report",
             self.region_losses, self.lost_reported
+        );
+        println!(
+            "{} of them lost disks for good: failback went without {} copies, returning none of their units to sale",
+            self.disks_lost_runs, self.copies_lost
         );
         println!(
             "after those losses, the sampler promoted a copy again (a second failover) {} times, none overselling \

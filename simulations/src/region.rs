@@ -7,9 +7,12 @@
 //!    (`Node::start_failover`), retrying while it is refused;
 //! 2. lets the lost region return from its disks: its nodes must learn
 //!    they are fenced and take no write, which a probe checks by trying
-//!    one on each of them in turn until the failback;
-//! 3. fails back: reconciles with the lost primary's copy, wipes the
-//!    returning nodes and rejoins them (`Node::start_failback`, twice);
+//!    one on each of them in turn until the failback. In a third of the
+//!    runs some of those disks are gone for good, those with the most
+//!    up-to-date logs: those nodes come back empty;
+//! 3. fails back: reconciles with the lost primary's copy (naming the
+//!    lost disks' nodes as `copies_lost`, if any), wipes the returning
+//!    nodes and rejoins them (`Node::start_failback`, twice);
 //! 4. sometimes switches writes home.
 //!
 //! What the crowd was told meanwhile is checked as in every run, except
@@ -56,6 +59,11 @@ pub struct Plan {
     /// The DR region cut off before the loss, healing this soon before
     /// it: the loss then hits while the DR copy catches up.
     pub catch_up: Option<Scheduled>,
+    /// How many nodes of the lost region lose their disks for good, those
+    /// with the most up-to-date logs (the worst case: the zone that held
+    /// the leader burned): they return empty, and failback goes without
+    /// their copies.
+    pub disks_lost: usize,
 }
 
 /// Draws the plan of a run that loses its region between `from_ms` and
@@ -80,6 +88,7 @@ pub fn plan(world: &World, from_ms: u64, until_ms: u64) -> Plan {
             home: rng.gen_bool(0.5),
             catch_up,
             racing: rng.gen_bool(0.5),
+            disks_lost: if rng.gen_bool(1.0 / 3.0) { rng.gen_range(1..=world.region(LOST).len()) } else { 0 },
         }
     })
 }
@@ -98,7 +107,8 @@ pub struct Lost {
     /// When the lost region came back: fenced, it acknowledges nothing
     /// from then on.
     pub returned_at_ms: Option<u64>,
-    /// The lost primary's most advanced copy, read when it returned.
+    /// The lost primary's most advanced copy, read when it returned (with
+    /// every disk, even one about to be lost: the checkers' truth).
     pub old_copy: Option<GroupState>,
     /// What the failback found to settle, when its report came back.
     pub reconciliation: Option<Reconciliation>,
@@ -139,14 +149,27 @@ pub async fn run(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, plan: Plan) {
     tokio::time::sleep(Duration::from_millis(plan.return_after_ms)).await;
     oracle.borrow_mut().region_lost.as_mut().expect("set above").returned_at_ms = Some(world.trace.now_ms());
     world.return_region(LOST).await;
+    let mut disks_lost = Vec::new();
+    if plan.disks_lost > 0 {
+        let freshest = freshest_first(&world).await;
+        // What the lost disks held is still the checkers' truth.
+        let old_copy = freshest.first().and_then(|node| node.group().copy_with_log().ok());
+        oracle.borrow_mut().region_lost.as_mut().expect("set above").old_copy = old_copy;
+        disks_lost = freshest.iter().take(plan.disks_lost).map(Node::id).collect();
+        for &id in &disks_lost {
+            world.wipe(id).await;
+        }
+    }
     let probes = probe_fence(&world, Duration::from_millis(plan.failback_after_ms)).await;
-    if let Err(why) = fail_back(&world, &oracle).await {
+    // What the surviving disks hold once the probes are done.
+    let fenced_copy = if disks_lost.is_empty() { None } else { old_copy(&world).await };
+    if let Err(why) = fail_back(&world, &oracle, &disks_lost).await {
         world.fail(format!("failback: {why}"));
         return;
     }
-    let old_copy = oracle.borrow().region_lost.as_ref().and_then(|lost| lost.old_copy.clone());
+    let fenced_copy = fenced_copy.or_else(|| oracle.borrow().region_lost.as_ref().and_then(|l| l.old_copy.clone()));
     if let Some(token) =
-        probes.iter().find(|token| old_copy.as_ref().is_some_and(|c| c.session_by_token(token).is_some()))
+        probes.iter().find(|token| fenced_copy.as_ref().is_some_and(|c| c.session_by_token(token).is_some()))
     {
         world.fail(format!("the fenced old primary opened a session for probe token {token} though it answered no"));
     }
@@ -188,22 +211,27 @@ async fn probe_fence(world: &World, for_: Duration) -> Vec<String> {
 }
 
 /// The copy failback reconciles with, whole: the most up-to-date log of
-/// the returning region's. Waits (bounded) until all its nodes are up, as
-/// failback did; a fault may take one down just after.
+/// the returning region's.
 async fn old_copy(world: &World) -> Option<GroupState> {
+    freshest_first(world).await.first().and_then(|node| node.group().copy_with_log().ok())
+}
+
+/// The returning region's nodes that are up, the most up-to-date log first
+/// (as Raft compares logs for a vote, then the most applied). Waits
+/// (bounded) until all are up, as failback did; a fault may take one down
+/// just after.
+async fn freshest_first(world: &World) -> Vec<Node> {
     let deadline = tokio::time::Instant::now() + STEP_MAX;
     let returning = world.region(LOST);
     while returning.iter().any(|&id| world.node(id).is_none()) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    returning
-        .into_iter()
-        .filter_map(|id| world.node(id))
-        .max_by_key(|node| {
-            let status = node.group().status();
-            (status.last_log_term, status.last_log_index, status.applied_index)
-        })
-        .and_then(|node| node.group().copy_with_log().ok())
+    let mut nodes: Vec<Node> = returning.into_iter().filter_map(|id| world.node(id)).collect();
+    nodes.sort_by_cached_key(|node| {
+        let status = node.group().status();
+        std::cmp::Reverse((status.last_log_term, status.last_log_index, status.applied_index))
+    });
+    nodes
 }
 
 /// Forces the failover on the most advanced DR node that is up, again and
@@ -275,14 +303,16 @@ fn promoted(world: &World) -> Option<Failover> {
     })
 }
 
-/// Reconciles with the returned region, wipes its nodes, and rejoins them
-/// until all are members of the group again.
-async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String> {
-    // Reconcile: every returning node must answer with its copy.
+/// Reconciles with the returned region (going without the copies of
+/// `disks_lost`), wipes its nodes, and rejoins them until all are members
+/// of the group again.
+async fn fail_back(world: &World, oracle: &RefCell<Oracle>, disks_lost: &[u64]) -> Result<(), String> {
+    // Reconcile: every returning node must answer with its copy, but those
+    // whose disks are lost.
     let deadline = tokio::time::Instant::now() + STEP_MAX;
     // A settlement that committed though its drill failed counts.
     while !leader(world).is_some_and(|leader| leader.read_local(GroupState::failover_settled)) {
-        match failback_once(world).await {
+        match failback_once(world, disks_lost).await {
             Ok(report) => {
                 world.trace.event(format!(
                     "failback {}: {:?}, reconciliation {:?}",
@@ -290,12 +320,13 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
                 ));
                 if report.reconciliation.is_some() {
                     // What the checkers decide in-flight checkouts by: the
-                    // copy reconcile read, read again at once.
-                    let old_copy = old_copy(world).await;
+                    // copy reconcile read, read again at once (unless the
+                    // lost disks' truth was read before they were lost).
+                    let old_copy = if disks_lost.is_empty() { old_copy(world).await } else { None };
                     let mut oracle = oracle.borrow_mut();
                     let lost = oracle.region_lost.as_mut().expect("lost");
                     lost.reconciliation = report.reconciliation;
-                    lost.old_copy = old_copy;
+                    lost.old_copy = old_copy.or(lost.old_copy.take());
                 }
             }
             Err(why) => world.trace.event(format!("failback not started: {why}")),
@@ -312,19 +343,31 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
         oracle.borrow_mut().region_lost.as_mut().expect("lost").old_copy = old_copy;
     }
 
-    for id in world.region(LOST) {
+    // Wipe the nodes that still hold the old copy. One whose disk was lost
+    // came back empty, and the reconciling failback may have let it join
+    // already: a member's log must never go back.
+    let deadline = tokio::time::Instant::now() + STEP_MAX;
+    let members = loop {
+        if let Some(leader) = leader(world) {
+            break leader.group().members();
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("no leader to wipe against in {STEP_MAX:?}"));
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    };
+    for id in world.region(LOST).into_iter().filter(|id| !members.contains(id)) {
         world.wipe(id).await;
     }
     let deadline = tokio::time::Instant::now() + STEP_MAX;
     loop {
         if let Some(leader) = leader(world) {
-            let members = leader.group().raft().metrics().borrow().membership_config.membership().nodes().count();
-            if members == world.ids().len() {
+            if leader.group().members().len() == world.ids().len() {
                 world.trace.event("the lost region rejoined");
                 return Ok(());
             }
         }
-        match failback_once(world).await {
+        match failback_once(world, &[]).await {
             Ok(report) => world.trace.event(format!("rejoin {}: {:?}", report.state, report.failure)),
             Err(why) => world.trace.event(format!("rejoin not started: {why}")),
         }
@@ -336,9 +379,9 @@ async fn fail_back(world: &World, oracle: &RefCell<Oracle>) -> Result<(), String
 }
 
 /// One failback, asked of the leader, until it finishes.
-async fn failback_once(world: &World) -> Result<DrillReport, String> {
+async fn failback_once(world: &World, copies_lost: &[u64]) -> Result<DrillReport, String> {
     let leader = leader(world).ok_or("no leader")?;
-    let report = leader.start_failback(LOST, "simulator").await.map_err(|e| e.to_string())?;
+    let report = leader.start_failback(LOST, copies_lost, "simulator").await.map_err(|e| e.to_string())?;
     finished(&leader, report.id).await
 }
 

@@ -57,6 +57,9 @@ pub struct Report {
     pub lost_reported: Option<usize>,
     /// In such a run: second failovers the sampler tried after failback.
     pub second_failovers: SecondFailovers,
+    /// In such a run: the returning nodes whose disks were lost for good,
+    /// whose copies failback went without.
+    pub copies_lost: usize,
 }
 
 thread_local! {
@@ -101,7 +104,7 @@ fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
     let system = actix_rt::System::with_tokio_rt(|| runtime);
     let trace = Trace::new(keep, echo);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| system.block_on(simulate(seed, trace.clone()))));
-    let Found { mut failures, simulated_ms, acked, unknown, lost_reported, second_failovers } =
+    let Found { mut failures, simulated_ms, acked, unknown, lost_reported, second_failovers, copies_lost } =
         outcome.unwrap_or_else(|_| Found { simulated_ms: trace.now_ms(), ..Found::default() });
     failures
         .extend(PANICS.with(|panics| panics.borrow_mut().drain(..).map(|p| format!("panic: {p}")).collect::<Vec<_>>()));
@@ -117,6 +120,7 @@ fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
         unknown,
         lost_reported,
         second_failovers,
+        copies_lost,
     }
 }
 
@@ -128,6 +132,7 @@ struct Found {
     acked: usize,
     unknown: u64,
     lost_reported: Option<usize>,
+    copies_lost: usize,
     second_failovers: SecondFailovers,
 }
 
@@ -201,7 +206,7 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
     }
     let replicas = converged(&world).await;
     let mut failures = world.failures();
-    let (acked, unknown, lost_reported, second_failovers) = {
+    let (acked, unknown, lost_reported, second_failovers, copies_lost) = {
         let oracle = oracle.borrow();
         let mut lost_reported = None;
         match replicas {
@@ -219,13 +224,15 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
             }
             Err(why) => failures.push(format!("replicas converge: {why}")),
         }
-        (oracle.acked.len(), oracle.unknown, lost_reported, oracle.second_failovers)
+        let copies_lost = oracle.region_lost.as_ref().and_then(|lost| lost.reconciliation.as_ref());
+        let copies_lost = copies_lost.map_or(0, |reconciliation| reconciliation.copies_lost.len());
+        (oracle.acked.len(), oracle.unknown, lost_reported, oracle.second_failovers, copies_lost)
     };
     for failure in &failures {
         trace.event(format!("FAILED {failure}"));
     }
     world.stop().await;
-    Found { failures, simulated_ms: trace.now_ms(), acked, unknown, lost_reported, second_failovers }
+    Found { failures, simulated_ms: trace.now_ms(), acked, unknown, lost_reported, second_failovers, copies_lost }
 }
 
 /// Acknowledged orders that `state` lacks, or holds otherwise than the

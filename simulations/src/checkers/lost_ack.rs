@@ -4,7 +4,8 @@
 //! region: unless the forced failover's report named it (every lost
 //! acknowledgement is reported), and none was told after the old primary
 //! returned: it is fenced, and takes no write. Failback must list it for
-//! an operator to settle.
+//! an operator to settle, unless it went without a copy whose disk was
+//! lost for good.
 
 use domain::{Order, OrderStatus};
 
@@ -23,7 +24,7 @@ pub fn check(view: &Final<'_>) -> Result<(), String> {
                     ));
                 }
                 let listed = |r: &domain::Reconciliation| r.orders_to_settle.iter().any(|order| order.id == id);
-                if lost.reconciliation.as_ref().is_some_and(|r| !listed(r)) {
+                if lost.reconciliation.as_ref().is_some_and(|r| r.copies_lost.is_empty() && !listed(r)) {
                     return Err(format!("order {id} was lost, told {:?}, and failback did not list it", acked.told));
                 }
                 continue;
