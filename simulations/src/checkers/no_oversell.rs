@@ -1,8 +1,10 @@
 //! Invariant 1: `sold + held <= total` for every SKU, on every replica, at
 //! every moment the sampler looked and at the end. After a forced
-//! failover, across both regions: what the promoted region sold or holds,
-//! and what shoppers were told they bought from the lost primary and the
-//! promoted region does not hold for them, fit in the stock.
+//! failover, across both regions: what the promoted region sold, holds or
+//! has on sale, and what shoppers were told they bought from the lost
+//! primary and the promoted region does not hold for them, fit in the
+//! stock. (A unit sold there only must stay out of sale here, whether or
+//! not a shopper has bought it again yet.)
 
 use std::collections::BTreeMap;
 
@@ -50,10 +52,13 @@ fn across_regions(view: &Final<'_>) -> Result<(), String> {
         // counts too.
         let restocked = lost.old_copy.as_ref().and_then(|copy| copy.sku_view(code)).map_or(0, |v| v.stock.total);
         let total = sku.stock.total.max(restocked);
-        if sku.stock.sold + sku.stock.held + there > total {
+        if sku.stock.sold + sku.stock.held + sku.stock.for_sale() + there > total {
             return Err(format!(
-                "node {node}, {code}: {} sold and {} held here and {there} sold only in the lost region, of {total}",
-                sku.stock.sold, sku.stock.held
+                "node {node}, {code}: {} sold, {} held and {} on sale here and {there} sold only in the lost region, \
+                 of {total}",
+                sku.stock.sold,
+                sku.stock.held,
+                sku.stock.for_sale()
             ));
         }
     }
