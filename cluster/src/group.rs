@@ -139,6 +139,10 @@ pub struct Group {
     /// Whether this node may campaign when nothing is being transferred,
     /// until a switchover moves writes (see [`Group::may_lead`]).
     may_lead: bool,
+    /// The node started with `join = true`: its data was wiped, and what it
+    /// voted for and logged before is lost. Until a leader has given it a
+    /// log it grants no vote (see [`Group::vote`]).
+    joining: bool,
     /// This node's region.
     region: Option<String>,
     /// What keeps this node from campaigning or heartbeating now; see
@@ -265,6 +269,7 @@ impl Group {
             lease,
             log: log_reader,
             may_lead: config.may_lead,
+            joining: false,
             region: config.region.clone(),
             holds: Arc::default(),
             recovered_log,
@@ -289,6 +294,13 @@ impl Group {
     pub fn with_forwarder(mut self, forwarder: Arc<dyn Forwarder>) -> Group {
         self.forwarder = Some(forwarder);
         tokio::spawn(self.escrow.clone().run(self.clone(), self.tick));
+        self
+    }
+
+    /// Marks the group as its node's after a wipe (`join = true`): see
+    /// [`Group::vote`]. Before the group is handed to its peer handler.
+    pub fn joining(mut self, joining: bool) -> Group {
+        self.joining = joining;
         self
     }
 
@@ -560,6 +572,31 @@ impl Group {
         let mut holds = self.lock_holds();
         holds.elections_held_until = Some(Instant::now() + duration);
         self.apply_holds(&holds);
+    }
+
+    /// Hands a candidate's vote request to Raft, unless this node's data
+    /// was wiped (`join = true`) and no leader has given it a log yet: then
+    /// it answers no. Raft counts on a vote and the log behind it
+    /// surviving; a wiped node that voted with an empty log could elect a
+    /// candidate lacking entries it had helped commit. Found by the
+    /// simulator: the lost primary's region came back with one node's disk
+    /// gone, and while the DR region was down (so none knew the fence yet)
+    /// that node's vote elected a leader without the last committed
+    /// entries, and a follower that had them failed applying.
+    pub async fn vote(
+        &self,
+        rpc: openraft::raft::VoteRequest<u64>,
+    ) -> Result<openraft::raft::VoteResponse<u64>, RaftError<u64>> {
+        if self.joining {
+            let (vote, last_log_index) = {
+                let metrics = self.raft.metrics().borrow().clone();
+                (metrics.vote, metrics.last_log_index)
+            };
+            if last_log_index.is_none() {
+                return Ok(openraft::raft::VoteResponse::new(vote, None, false));
+            }
+        }
+        self.raft.vote(rpc).await
     }
 
     /// Hands a leader's append-entries call (replication or heartbeat) to
@@ -843,5 +880,41 @@ mod tests {
         let mut fine = request(143, 144..=150);
         drop_unmoored_entries(&mut fine);
         assert_eq!(fine.entries.len(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_wiped_node_leaves_votes_to_raft_only_once_a_leader_gave_it_a_log() {
+        // Nodes 1 and 2 of a five-voter group, neither yet told of the
+        // other by a leader: node 2's vote is what node 1 asks for.
+        let members: BTreeMap<u64, BasicNode> = (1..=5).map(|id| (id, BasicNode::new(format!("n{id}")))).collect();
+        let ask = openraft::raft::VoteRequest::new(Vote::new(3, 1), Some(log_id(2, 1, 40)));
+        for (joining, granted) in [(true, false), (false, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = GroupConfig { node_id: 2, ..GroupConfig::default() };
+            let clock = Arc::new(crate::SystemClock);
+            let group = Group::open(&config, dir.path(), clock, crate::network::NoPeers, members.clone(), false)
+                .await
+                .unwrap()
+                .joining(joining);
+            let answer = group.vote(ask.clone()).await.unwrap();
+            assert_eq!(answer.vote_granted, granted, "joining: {joining}, {answer:?}");
+            if joining {
+                // A leader of term 2 gives it entries 0 to 2.
+                let log = AppendEntriesRequest {
+                    vote: Vote::new_committed(2, 1),
+                    prev_log_id: None,
+                    entries: (0..=2).map(|index| blank_ent::<TypeConfig>(2, 1, index)).collect(),
+                    leader_commit: None,
+                };
+                assert!(group.append_entries(log).await.unwrap().is_success());
+                let logged = |m: &openraft::RaftMetrics<u64, BasicNode>| m.last_log_index == Some(2);
+                group.raft().wait(Some(Duration::from_secs(5))).metrics(logged, "entries 0 to 2").await.unwrap();
+                // Raft answers now (no while that leader's lease lasts),
+                // with the log the node has.
+                let answer = group.vote(ask.clone()).await.unwrap();
+                assert_eq!(answer.last_log_id.map(|id| id.index), Some(2), "with a log: {answer:?}");
+            }
+            group.raft().shutdown().await.unwrap();
+        }
     }
 }

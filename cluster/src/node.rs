@@ -391,8 +391,10 @@ async fn open_clustered(
     let clients = PeerClients::new(tls.client.clone(), ClientLimits::default()).with_fence(fence.clone());
     let network = PeerNetwork::new(0, node_id, clients.clone());
     let isolation = clients.isolation().clone();
-    let group =
-        Group::open(&config.group, data_dir, clock, network, members, bootstrap).await?.with_fence(fence.clone());
+    let group = Group::open(&config.group, data_dir, clock, network, members, bootstrap)
+        .await?
+        .joining(config.join)
+        .with_fence(fence.clone());
     let peers = config.topology.nodes.iter().map(|n| (n.id, n.peer.clone())).collect();
     let timeout = Duration::from_millis(config.actors.request_timeout_ms);
     let forwarder = Arc::new(PeerForwarder::new(clients, peers, timeout));

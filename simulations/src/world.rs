@@ -230,7 +230,7 @@ impl World {
     /// Starts node `id` from what its disk holds (nothing, the first time;
     /// the lowest id then bootstraps the cluster).
     pub async fn start(&self, id: u64) -> Result<(), String> {
-        let (disk, clock, fence, bootstrap) = {
+        let (disk, clock, fence, bootstrap, join) = {
             let mut machines = self.machines.borrow_mut();
             let machine = machines.get_mut(&id).expect("a node of the topology");
             if machine.node.is_some() || machine.starting {
@@ -250,9 +250,9 @@ impl World {
             // What it heard of before still holds; nothing confirms it yet.
             machine.fence = machine.fence.restarted();
             let bootstrap = machine.lives == 1 && !machine.join && self.topology.bootstrapper() == Some(id);
-            (machine.disk.clone(), machine.clock.clone(), machine.fence.clone(), bootstrap)
+            (machine.disk.clone(), machine.clock.clone(), machine.fence.clone(), bootstrap, machine.join)
         };
-        let started = self.open(id, disk, clock, fence, bootstrap).await;
+        let started = self.open(id, disk, clock, fence, bootstrap, join).await;
         let mut machines = self.machines.borrow_mut();
         let machine = machines.get_mut(&id).expect("checked");
         machine.starting = false;
@@ -272,6 +272,7 @@ impl World {
         clock: Arc<SimClock>,
         fence: Fence,
         bootstrap: bool,
+        join: bool,
     ) -> Result<(Node, GroupHandler), String> {
         let database = redb::Builder::new()
             .set_cache_size(4 << 20)
@@ -292,6 +293,7 @@ impl World {
             Group::open_on(&config, Arc::new(database), clock.clone(), network, self.topology.members(), bootstrap)
                 .await
                 .map_err(|e| format!("node {id}: open its group: {e}"))?
+                .joining(join)
                 .with_fence(fence.clone())
                 .with_forwarder(forwarder.clone());
         let handler =

@@ -246,6 +246,7 @@ impl GroupHandler {
                 Ok(PeerResponse::Copy(copy))
             }
             PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
+            PeerBody::Vote(rpc) => Ok(PeerResponse::Vote(group.vote(rpc).await)),
             _ => self.raft.dispatch(request).await,
         }
     }
