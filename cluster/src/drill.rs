@@ -4,9 +4,9 @@
 //!
 //! ```text
 //!  baseline ── isolate zone ── probe … probe ── isolation lifts ── probe 3 leases more ── every node caught up
-//!   (one ok)     (t = 0)      first failure ▲   first success ▲   (the rejoining nodes'      ── acknowledged
-//!                                            └─ unavailable ─┘    higher terms can depose       orders read back
-//!                                                                 the leader once more)
+//!   (one ok)     (t = 0)      first failure ▲   first success ▲   (in case the rejoining     ── acknowledged
+//!                                            └─ unavailable ─┘    nodes cost a second           orders read back
+//!                                                                 outage)
 //! ```
 //!
 //! The probe is a synthetic shopper on a sale of its own (`drill-<id>`), so
@@ -88,9 +88,9 @@ pub struct DrillReport {
     /// Longest time checkout was unavailable: from the start of a failed
     /// probe checkout to the end of the next successful one. 0 if none failed.
     pub checkout_unavailable_ms: u64,
-    /// All such stretches added up: the cut itself, and the rejoin after
-    /// the heal (the returning nodes' higher terms can depose the leader
-    /// once more; openraft 0.9 has no pre-vote).
+    /// All such stretches added up: the cut itself, and any after the heal.
+    /// With pre-vote (see [`crate::Group::pre_vote`]) the returning nodes'
+    /// terms have not moved, so they follow the leader and cost none.
     pub checkout_unavailable_total_ms: u64,
     /// Probe checkouts attempted (retries included) and acknowledged while
     /// the zone was cut off or recovering.
@@ -501,9 +501,9 @@ async fn zone_loss(
         }
     }
     let heals_at = Instant::now() + isolate_for;
-    // After the heal the zone's nodes come back with higher terms (openraft
-    // 0.9 has no pre-vote) and may depose the leader once more: keep
-    // probing long enough to see that outage too.
+    // After the heal the zone's nodes rejoin. Pre-vote keeps their terms
+    // from rising while they are cut off, so they should follow the leader
+    // rather than depose it: keep probing long enough to see it if not.
     let watch_until = heals_at + node.group().lease() * 3;
 
     // Probe through the isolation and until checkout works again after it.

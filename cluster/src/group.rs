@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::network::RaftNetworkFactory;
 use openraft::storage::RaftLogStorage;
-use openraft::{BasicNode, Raft, SnapshotPolicy};
+use openraft::{BasicNode, LogId, Raft, SnapshotPolicy};
 use storage::{StateReader, TypeConfig};
 
 use crate::clock::Clock;
@@ -116,6 +116,15 @@ pub trait Forwarder: Send + Sync + 'static {
     /// Asks `leader` for the log index a linearizable read of `group` must
     /// see applied: the leader confirms its leadership with a quorum first.
     fn read_index(&self, leader: u64, group: u32) -> BoxFuture<'static, Result<u64, ProposeError>>;
+
+    /// Asks `voter` whether it would vote now for this node, whose log ends
+    /// at `last_log` (see [`Group::pre_vote`]).
+    fn pre_vote(
+        &self,
+        voter: u64,
+        group: u32,
+        last_log: Option<LogId<u64>>,
+    ) -> BoxFuture<'static, Result<bool, ProposeError>>;
 }
 
 /// A handle on one Raft group. Cheap to clone.
@@ -128,8 +137,10 @@ pub struct Group {
     /// Reads this node's log, for [`Group::copy_with_log`].
     log: storage::LogStore<TypeConfig>,
     clock: Arc<dyn Clock>,
-    /// Reaches the leader when this node is a follower.
-    forwarder: Option<Arc<dyn Forwarder>>,
+    /// Reaches the leader when this node is a follower, and the other
+    /// voters for a pre-vote. Shared by every clone, so that
+    /// [`Group::with_forwarder`] reaches the background tenders too.
+    forwarder: Arc<OnceLock<Arc<dyn Forwarder>>>,
     /// A leader that has heard from no quorum for this long is cut off: by
     /// now the others have elected a new leader, so it fails what it is
     /// asked at once instead of letting it wait for a commit that may never
@@ -197,10 +208,15 @@ struct Holds {
     abdicating_until: Option<Instant>,
     /// A transfer favours another node: this one does not campaign.
     elections_held_until: Option<Instant>,
-    /// When this node last heard from a leader (an append-entries call) or
-    /// led itself. A follower that never campaigns keeps naming its old
-    /// leader for ever, so this, not `current_leader`, says it is stranded.
+    /// When this node last heard from a leader (an append-entries call its
+    /// Raft took, not one of an older term) or led itself. A follower that
+    /// never campaigns keeps naming its old leader for ever, so this, not
+    /// `current_leader`, says it is stranded.
     heard_from_leader: Option<Instant>,
+    /// When a majority of the voters last said they would vote for this
+    /// node (see [`Group::pre_vote`]); openraft's elect switch stays off
+    /// unless that was lately.
+    pre_vote_won_at: Option<Instant>,
 }
 
 impl Group {
@@ -237,9 +253,10 @@ impl Group {
             heartbeat_interval: config.heartbeat_ms,
             election_timeout_min: config.election_timeout_min_ms,
             election_timeout_max: config.election_timeout_max_ms,
-            // Set before Raft starts, so a tiebreaker never campaigns early;
-            // afterwards the hold ticker owns the switch.
-            enable_elect: config.may_lead,
+            // Off until the hold ticker, which owns the switch, turns it on:
+            // at once for a group of one voter, otherwise only after a
+            // pre-vote. A restarted voter would campaign on its first tick.
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
             max_in_snapshot_log_to_keep: config.log_kept_behind_snapshot,
             ..Default::default()
@@ -265,7 +282,7 @@ impl Group {
             raft,
             state,
             clock,
-            forwarder: None,
+            forwarder: Arc::default(),
             lease,
             log: log_reader,
             may_lead: config.may_lead,
@@ -291,8 +308,11 @@ impl Group {
     /// Lets this group's writes and reads reach the leader from a follower,
     /// and starts the escrow tender, which needs that: a DR copy confirms
     /// escrow through the leader. (A group alone has no DR copy.)
-    pub fn with_forwarder(mut self, forwarder: Arc<dyn Forwarder>) -> Group {
-        self.forwarder = Some(forwarder);
+    pub fn with_forwarder(self, forwarder: Arc<dyn Forwarder>) -> Group {
+        if self.forwarder.set(forwarder).is_err() {
+            tracing::warn!("the group already has a forwarder; keeping the first");
+            return self;
+        }
         tokio::spawn(self.escrow.clone().run(self.clone(), self.tick));
         self
     }
@@ -396,7 +416,7 @@ impl Group {
             Err(ProposeError::NotLeader { leader: Some(leader) }) => leader,
             other => return other,
         };
-        match &self.forwarder {
+        match self.forwarder.get() {
             Some(forwarder) => forwarder.forward(leader, self.id, commands).await,
             None => Err(ProposeError::NotLeader { leader: Some(leader) }),
         }
@@ -448,7 +468,7 @@ impl Group {
             Err(ProposeError::NotLeader { leader: Some(leader) }) => leader,
             Err(other) => return Err(other),
         };
-        let forwarder = self.forwarder.as_ref().ok_or(ProposeError::NotLeader { leader: Some(leader) })?;
+        let forwarder = self.forwarder.get().ok_or(ProposeError::NotLeader { leader: Some(leader) })?;
         let index = forwarder.read_index(leader, self.id).await?;
         self.read_at(index, read).await
     }
@@ -608,11 +628,69 @@ impl Group {
     ) -> Result<openraft::raft::AppendEntriesResponse<u64>, RaftError<u64>> {
         drop_unmoored_entries(&mut rpc);
         let now = Instant::now();
-        self.lock_holds().heard_from_leader = Some(now);
         if let Some(commit) = rpc.leader_commit {
             self.lock_sync().leader_commit = Some((commit.index, now));
         }
-        self.raft.append_entries(rpc).await
+        let answer = self.raft.append_entries(rpc).await;
+        // A deposed leader's call, refused for its older term, is not a
+        // leader heard: it must not keep this node from a pre-vote.
+        if matches!(&answer, Ok(reply) if !matches!(reply, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+            self.lock_holds().heard_from_leader = Some(now);
+        }
+        answer
+    }
+
+    /// Pre-vote, on a voter a would-be candidate asks: whether this node
+    /// would vote now for a candidate whose log ends at `candidate_log`.
+    /// Changes nothing here; the vote itself is still Raft's.
+    ///
+    /// openraft 0.9 has no pre-vote: a voter cut off from the others
+    /// campaigns again and again, raising its term each time, and when the
+    /// partition heals its term deposes a healthy leader, a second outage
+    /// after the fault itself. So a voter campaigns only once a majority of
+    /// the voters, itself included, would vote for it ([`Group::tend_holds`]):
+    /// each says yes only if it has heard from no leader for a lease (and
+    /// does not lead, unless it is handing leadership away or is cut off),
+    /// the candidate's log is at least as up to date as its own, and it
+    /// is not a wiped node without a log (see [`Group::vote`]).
+    pub fn pre_vote(&self, candidate_log: Option<LogId<u64>>) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        if self.joining && metrics.last_log_index.is_none() {
+            return false;
+        }
+        let leads = metrics.state.is_leader() && !self.is_abdicating() && !self.cut_off(&metrics);
+        let hears_a_leader = !metrics.state.is_leader()
+            && self.lock_holds().heard_from_leader.is_some_and(|heard| heard.elapsed() <= self.lease);
+        let own_log = match self.log.last_log_id() {
+            Ok(own_log) => own_log,
+            Err(error) => {
+                tracing::warn!(%error, "reading the last log id for a pre-vote failed; answering no");
+                return false;
+            }
+        };
+        !leads && !hears_a_leader && candidate_log >= own_log
+    }
+
+    /// Asks every other voter for a pre-vote (see [`Group::pre_vote`]):
+    /// whether a majority, this node included, would vote for it now. A
+    /// voter that does not answer within a tick says no.
+    async fn wins_pre_vote(&self, voters: &[u64], me: u64) -> bool {
+        let Some(forwarder) = self.forwarder.get() else {
+            return false;
+        };
+        let last_log = match self.log.last_log_id() {
+            Ok(last_log) => last_log,
+            Err(error) => {
+                tracing::warn!(%error, "reading the last log id for a pre-vote failed");
+                return false;
+            }
+        };
+        let asks = voters.iter().filter(|&&voter| voter != me).map(|&voter| {
+            let ask = forwarder.pre_vote(voter, self.id, last_log);
+            async move { matches!(tokio::time::timeout(self.tick, ask).await, Ok(Ok(true))) }
+        });
+        let yes = 1 + futures::future::join_all(asks).await.into_iter().filter(|&yes| yes).count();
+        yes * 2 > voters.len()
     }
 
     /// Whether this node may lead now: the configured answer until a
@@ -664,7 +742,20 @@ impl Group {
     /// leader: if it holds entries the surviving primary nodes lack, it
     /// refuses to vote for them, and the group would wait for the lost zone
     /// forever. Once it leads, [`Group::tend_holds`] hands leadership back.
+    ///
+    /// Even then it campaigns only while its latest pre-vote, at most a
+    /// few ticks old, found a majority ([`Group::pre_vote`]).
     fn apply_holds(&self, holds: &Holds) {
+        let now = Instant::now();
+        let abdicating = holds.abdicating_until.is_some_and(|until| now < until);
+        let won = holds.pre_vote_won_at.is_some_and(|at| now.duration_since(at) <= self.tick * 3);
+        let runtime = self.raft.runtime_config();
+        runtime.heartbeat(!abdicating);
+        runtime.elect(won && self.may_campaign(holds));
+    }
+
+    /// Whether the holds let this node campaign (pre-vote aside).
+    fn may_campaign(&self, holds: &Holds) -> bool {
         let now = Instant::now();
         let abdicating = holds.abdicating_until.is_some_and(|until| now < until);
         let held = holds.elections_held_until.is_some_and(|until| now < until);
@@ -672,9 +763,7 @@ impl Group {
         // A fenced leader keeps heartbeating: its followers learn of the
         // fence from its stamp. A fenced node never campaigns.
         let fenced = self.fence().fenced_by().is_some();
-        let runtime = self.raft.runtime_config();
-        runtime.heartbeat(!abdicating);
-        runtime.elect(!abdicating && !held && !fenced && (self.may_lead() || stranded));
+        !abdicating && !held && !fenced && (self.may_lead() || stranded)
     }
 
     /// Keeps the holds applied as they expire, and has a tiebreaker that had to lead give leadership
@@ -708,12 +797,36 @@ impl Group {
                 self.tend_replicas(&metrics);
             }
             self.note_replica_sync(&metrics);
+            let won = self.pre_vote_if_leaderless(&metrics).await;
             let mut holds = self.lock_holds();
             if metrics.state.is_leader() || holds.heard_from_leader.is_none() {
                 holds.heard_from_leader = Some(Instant::now());
             }
+            if won {
+                holds.pre_vote_won_at = Some(Instant::now());
+            }
             self.apply_holds(&holds);
         }
+    }
+
+    /// Whether this voter may campaign now as far as a pre-vote goes: at
+    /// once when it is the group's only voter; otherwise once it has heard
+    /// from no leader for a lease, the holds let it campaign, and a majority
+    /// of the voters would vote for it.
+    async fn pre_vote_if_leaderless(&self, metrics: &Metrics) -> bool {
+        let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+        if metrics.state.is_leader() || !voters.contains(&metrics.id) {
+            return false;
+        }
+        if voters.len() == 1 {
+            return true;
+        }
+        let leaderless = {
+            let holds = self.lock_holds();
+            let heard_lately = holds.heard_from_leader.is_some_and(|heard| heard.elapsed() <= self.lease);
+            !heard_lately && self.may_campaign(&holds)
+        };
+        leaderless && self.wins_pre_vote(&voters, metrics.id).await
     }
 
     /// On the leader: adds any DR replica missing from the membership as a

@@ -136,7 +136,8 @@ impl PeerHandler for Echo {
                 | PeerBody::Abdicate { .. }
                 | PeerBody::HoldElections { .. }
                 | PeerBody::Campaign
-                | PeerBody::Copy) => return Err(Refusal::Unsupported(other.kind().into())),
+                | PeerBody::Copy
+                | PeerBody::PreVote { .. }) => return Err(Refusal::Unsupported(other.kind().into())),
             })
         })
     }
@@ -956,6 +957,41 @@ async fn a_leader_cut_off_from_its_quorum_fails_fast_and_steps_down_when_it_heal
         assert!(healed.is_ok(), "the old leader did not step down after the heal: {healed:?}");
         let after = trio.groups[&old].read_linearizable(|s| s.sku_view("after").is_some()).await.unwrap();
         assert!(after, "the old leader did not catch up with the write made without it");
+        trio.shutdown().await;
+    })
+    .await;
+}
+
+/// Pre-vote: a voter cut off from the others does not campaign, so its
+/// term stays put and, when it heals, it follows the leader instead of
+/// deposing it (openraft 0.9 alone would have it campaign every election
+/// timeout, and its raised term would cost a second outage after the heal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_cut_off_and_healed_does_not_depose_the_leader() {
+    bounded(90, async {
+        let trio = Trio::start().await;
+        let leader = trio.leader();
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        let term = |id: u64| trio.groups[&id].raft().metrics().borrow().current_term;
+        let term_before = term(leader);
+        let leader_log = trio.groups[&leader].raft().metrics().borrow().last_applied;
+        // While a leader is heard from, nobody would vote for anyone.
+        assert!(!trio.groups[&leader].pre_vote(leader_log), "a leader would vote for another");
+        assert!(!trio.groups[&follower].pre_vote(leader_log), "a follower hearing its leader would vote");
+
+        // Cut off for several election timeouts (0.5 to 1 s here).
+        trio.isolations[&follower].isolate_for(Duration::from_secs(4));
+        trio.groups[&leader].propose(vec![Command::CreateSale(sale("while-cut-off"))]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(term(follower), term_before, "the cut-off voter campaigned and raised its term");
+        trio.isolations[&follower].lift();
+
+        // Healed, it catches up under the same leader, in the same term.
+        let caught_up = trio.groups[&follower].read_linearizable(|s| s.sku_view("while-cut-off").is_some()).await;
+        assert!(caught_up.unwrap(), "the healed voter did not catch up");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!((trio.leader(), term(leader)), (leader, term_before), "the healed voter deposed the leader");
+        assert_eq!(term(follower), term_before);
         trio.shutdown().await;
     })
     .await;

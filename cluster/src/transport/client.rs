@@ -60,8 +60,8 @@ pub struct ClientLimits {
     pub backoff_min_ms: u64,
     /// Longest wait between connection attempts. Kept below the shortest
     /// election timeout: while a client backs off, its heartbeats fail, and
-    /// a follower that hears none for an election timeout starts an election
-    /// that deposes a healthy leader (openraft 0.9 has no pre-vote).
+    /// a follower that hears none for a lease asks for a pre-vote (see
+    /// `crate::Group::pre_vote`); the link should be back before that.
     pub backoff_max_ms: u64,
     /// Largest frame sent or accepted.
     pub frame_max_bytes: usize,

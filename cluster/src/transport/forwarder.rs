@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use domain::{Command, GroupState, Response};
 use futures::future::BoxFuture;
+use openraft::LogId;
 
 use super::client::TransportError;
 use super::isolation::Isolation;
@@ -164,6 +165,21 @@ impl Forwarder for PeerForwarder {
             }
         })
     }
+
+    fn pre_vote(
+        &self,
+        voter: u64,
+        group: u32,
+        last_log: Option<LogId<u64>>,
+    ) -> BoxFuture<'static, Result<bool, ProposeError>> {
+        let call = self.call(voter, group, PeerBody::PreVote { last_log });
+        Box::pin(async move {
+            match call.await? {
+                PeerResponse::PreVote(granted) => Ok(granted),
+                other => Err(mismatch("pre_vote", &other)),
+            }
+        })
+    }
 }
 
 /// The server half for a node's [`Group`]s: Raft RPCs go to the group's
@@ -247,6 +263,7 @@ impl GroupHandler {
             }
             PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
             PeerBody::Vote(rpc) => Ok(PeerResponse::Vote(group.vote(rpc).await)),
+            PeerBody::PreVote { last_log } => Ok(PeerResponse::PreVote(group.pre_vote(last_log))),
             _ => self.raft.dispatch(request).await,
         }
     }

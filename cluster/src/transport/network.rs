@@ -272,7 +272,8 @@ impl RaftHandler {
             | PeerBody::Abdicate { .. }
             | PeerBody::HoldElections { .. }
             | PeerBody::Campaign
-            | PeerBody::Copy) => return Err(Refusal::Unsupported(other.kind().into())),
+            | PeerBody::Copy
+            | PeerBody::PreVote { .. }) => return Err(Refusal::Unsupported(other.kind().into())),
         })
     }
 }

@@ -16,6 +16,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
+use openraft::LogId;
 use serde::{Deserialize, Serialize};
 use storage::codec::{self, CodecError};
 use storage::TypeConfig;
@@ -92,6 +93,13 @@ pub enum PeerBody {
     /// The peer's applied state, whole: failback reads the lost primary's
     /// copy with it.
     Copy,
+    /// Pre-vote, before a voter campaigns: would the peer vote now for a
+    /// candidate whose log ends at `last_log` (see `crate::Group::pre_vote`)?
+    /// Changes nothing on the peer.
+    PreVote {
+        /// The would-be candidate's last log id.
+        last_log: Option<LogId<u64>>,
+    },
 }
 
 impl PeerBody {
@@ -116,6 +124,7 @@ impl PeerBody {
             PeerBody::HoldElections { .. } => "hold_elections",
             PeerBody::Campaign => "campaign",
             PeerBody::Copy => "copy",
+            PeerBody::PreVote { .. } => "pre_vote",
         }
     }
 }
@@ -145,6 +154,8 @@ pub enum PeerResponse {
     Done(Result<(), ProposeError>),
     /// Answers [`PeerBody::Copy`]: the state in `storage::codec` encoding.
     Copy(Result<Vec<u8>, ProposeError>),
+    /// Answers [`PeerBody::PreVote`]: whether the peer would vote.
+    PreVote(bool),
 }
 
 impl PeerResponse {
@@ -160,6 +171,7 @@ impl PeerResponse {
             PeerResponse::Status(_) => "status",
             PeerResponse::Done(_) => "done",
             PeerResponse::Copy(_) => "copy",
+            PeerResponse::PreVote(_) => "pre_vote",
         }
     }
 }
