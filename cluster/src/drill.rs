@@ -506,28 +506,35 @@ async fn zone_loss(
     // rather than depose it: keep probing long enough to see it if not.
     let watch_until = heals_at + node.group().lease() * 3;
 
-    // Probe through the isolation and until checkout works again after it.
+    // Probe through the isolation and until checkout works again after it;
+    // from the heal on, time the zone's catching up at the same time.
     let mut outages = Outages::default();
-    let mut healed_noted = false;
-    loop {
-        outages.probe(&mut probe, log).await;
-        let now = Instant::now();
-        if now >= heals_at && !healed_noted {
-            healed_noted = true;
-            log.note("isolation lifted");
+    let probing = async {
+        let mut healed_noted = false;
+        loop {
+            outages.probe(&mut probe, log).await;
+            let now = Instant::now();
+            if now >= heals_at && !healed_noted {
+                healed_noted = true;
+                log.note("isolation lifted");
+            }
+            if now >= watch_until && !outages.failing() {
+                return Ok(());
+            }
+            if now >= heals_at + SETTLE_MAX {
+                return Err(format!("checkout still failing {} s after the isolation ended", SETTLE_MAX.as_secs()));
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
         }
-        if now >= watch_until && !outages.failing() {
-            break;
-        }
-        if now >= heals_at + SETTLE_MAX {
-            return Err(format!("checkout still failing {} s after the isolation ended", SETTLE_MAX.as_secs()));
-        }
-        tokio::time::sleep(PROBE_EVERY).await;
-    }
-
+    };
     // Every node, the isolated ones included, catches up with what the
-    // leader had committed by now.
-    let caught_up = wait_caught_up(node, heals_at).await;
+    // leader had committed when the isolation ended.
+    let catching_up = async {
+        tokio::time::sleep_until(heals_at).await;
+        wait_caught_up(node, heals_at).await
+    };
+    let (probed, caught_up) = futures::join!(probing, catching_up);
+    probed?;
     match caught_up {
         Some(ms) => log.note(format!("every node caught up {ms} ms after the isolation ended")),
         None => log.note(format!("not every node caught up within {} s", SETTLE_MAX.as_secs())),
