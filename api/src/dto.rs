@@ -257,6 +257,20 @@ pub struct Failback {
     pub copies_lost: Vec<u64>,
 }
 
+/// `POST /v1/admin/replace-node`: take a node whose disk is gone for good
+/// back into the group as a new, wiped member.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceNode {
+    /// The node whose data is gone. It must not answer with a log: stopped,
+    /// or already started wiped with `join = true`.
+    pub node: u64,
+    /// Whether it ends as a voter; by default, what it is now. Say `true`
+    /// when running it again for a voter that a first run left a learner.
+    #[serde(default)]
+    pub voter: Option<bool>,
+}
+
 /// `POST /v1/admin/drills/zone-loss`: cut every node of a zone off from the
 /// cluster for a while and measure what checkout sees.
 #[derive(Debug, Deserialize, ToSchema)]

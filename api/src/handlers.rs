@@ -446,6 +446,28 @@ pub async fn start_failback(
         .json(report))
 }
 
+#[utoipa::path(post, path = "/v1/admin/replace-node", tag = "operator", request_body = ReplaceNode,
+    security(("operator" = [])),
+    responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 409, body = Problem, description = "not the leader, the node leads, is not a member, or \
+            answers with its log"),
+        (status = 422, body = Problem, description = "no such node, or a DR replica asked to be a voter")))]
+/// Replaces a member whose disk is gone for good. Ask the group's leader.
+/// It removes the node from the group, adds it back as a learner with
+/// nothing acknowledged, waits (up to 5 minutes) until the node, started
+/// wiped with `join = true`, has the whole log, then makes it a voter
+/// again if it was one. Answers at once; the report fills in as it runs.
+pub async fn start_replace(
+    _: Operator,
+    state: web::Data<AppState>,
+    body: web::Json<ReplaceNode>,
+) -> Result<HttpResponse> {
+    let report = state.node.start_replace(body.node, body.voter, "operator").await?;
+    Ok(HttpResponse::Accepted()
+        .insert_header((actix_web::http::header::LOCATION, format!("/v1/admin/drills/{}", report.id)))
+        .json(report))
+}
+
 #[utoipa::path(get, path = "/v1/admin/drills", tag = "operator", security(("operator" = [])),
     responses((status = 200, body = Vec<DrillReport>)))]
 /// Every drill on record in the cluster (the latest 100), oldest first: any

@@ -71,6 +71,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     .route("/admin/failover/preview", web::get().to(handlers::failover_preview))
                     .route("/admin/failover", web::post().to(handlers::start_failover))
                     .route("/admin/failback", web::post().to(handlers::start_failback))
+                    .route("/admin/replace-node", web::post().to(handlers::start_replace))
                     .route("/admin/drills/{id}", web::get().to(handlers::get_drill)),
             )
             .default_service(web::to(handlers::not_found)),

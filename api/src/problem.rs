@@ -93,8 +93,19 @@ impl ApiError {
                 DrillError::UnknownZone(_)
                 | DrillError::UnknownRegion(_)
                 | DrillError::BadDuration { .. }
-                | DrillError::NotOfRegion { .. },
+                | DrillError::NotOfRegion { .. }
+                | DrillError::UnknownNode(_)
+                | DrillError::ReplicaVoter(_),
             ) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request"),
+            ApiError::Drill(DrillError::ReplacesLeader(_)) => {
+                (StatusCode::CONFLICT, "replaces-leader", "Move leadership away from the node first")
+            }
+            ApiError::Drill(DrillError::NotAMember(_)) => {
+                (StatusCode::CONFLICT, "not-a-member", "The node is not a member of the group")
+            }
+            ApiError::Drill(DrillError::HoldsItsCopy { .. }) => {
+                (StatusCode::CONFLICT, "holds-its-copy", "The node answers with its log: its disk is not lost")
+            }
             ApiError::Drill(DrillError::CoordinatorInZone { .. }) => {
                 (StatusCode::CONFLICT, "coordinator-in-zone", "Ask a node outside the zone")
             }

@@ -506,6 +506,20 @@ async fn operations_endpoints_answer() {
     assert!(problem["detail"].as_str().unwrap().contains("node 9 is not of region \"primary\""), "{problem}");
     let (status, _, _) = send(&h.app, failback(json!({"from": "primary", "copies_lost": "all"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Replacing a node: not this one, which leads; not one the topology
+    // lacks; and a clear 400 for a body that names no node.
+    let replace = |body: serde_json::Value| {
+        TestRequest::post().uri("/v1/admin/replace-node").insert_header(bearer(OPERATOR)).set_json(body)
+    };
+    let (status, problem, _) = send(&h.app, replace(json!({"node": 1}))).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::CONFLICT, Some("/problems/replaces-leader")));
+    let (status, problem, _) = send(&h.app, replace(json!({"node": 9, "voter": true}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(problem["detail"].as_str().unwrap().contains("no node 9"), "{problem}");
+    let (status, _, _) = send(&h.app, replace(json!({"voter": true}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, _) = send(&h.app, replace(json!({"node": 1})).insert_header(bearer(&token))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, drills, _) =
         send(&h.app, TestRequest::get().uri("/v1/admin/drills").insert_header(bearer(OPERATOR))).await;
     assert_eq!((status, drills), (StatusCode::OK, json!([])));

@@ -289,6 +289,29 @@ pub enum DrillError {
         /// The region that takes writes.
         region: String,
     },
+    /// The topology has no such node.
+    #[error("no node {0} is in the topology")]
+    UnknownNode(u64),
+    /// A DR replica follows as a learner; a replacement cannot make it a
+    /// voter.
+    #[error("node {0} is a DR replica: it follows the group as a learner and cannot be made a voter")]
+    ReplicaVoter(u64),
+    /// The leader cannot remove itself from the group it leads.
+    #[error("node {0} leads the group: move leadership to another node first (`surge ctl transfer-leader`)")]
+    ReplacesLeader(u64),
+    /// The node is not in the group's membership.
+    #[error("node {0} is not a member of the group: nothing to replace")]
+    NotAMember(u64),
+    /// The node answers with a log: its disk is not lost.
+    #[error(
+        "node {node} answers with its log (up to index {last_log_index}): replace only a node whose data is          gone, stopped or started wiped"
+    )]
+    HoldsItsCopy {
+        /// The node.
+        node: u64,
+        /// Its last log index.
+        last_log_index: u64,
+    },
 }
 
 /// The drills a node ran, newest last. Cheap to clone.

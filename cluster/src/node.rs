@@ -261,6 +261,21 @@ impl Node {
         Ok(report)
     }
 
+    /// Replaces node `target`, whose data is gone for good, with a wiped
+    /// node in its place (see [`crate::replace`]), and returns its first
+    /// report; it runs on in the background. Only the leader can run one.
+    /// `voter`: whether the node ends as a voter; by default, what it is now.
+    pub async fn start_replace(
+        &self,
+        target: u64,
+        voter: Option<bool>,
+        requested_by: &str,
+    ) -> Result<DrillReport, DrillError> {
+        let (report, plan) = crate::replace::plan(self, target, voter, requested_by).await?;
+        actix::spawn(crate::replace::run(self.clone(), report.id, plan));
+        Ok(report)
+    }
+
     /// Moves the group's leadership to node `to` (see [`crate::leadership`]).
     pub async fn transfer_leadership(&self, to: u64) -> Result<LeaderMoved, TransferError> {
         leadership::transfer(self, to, self.group.lease(), &self.transferring).await

@@ -105,6 +105,24 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Replace a member whose disk is gone for good (a dead disk, a rebuilt
+    /// machine). Asks the group's leader, which removes the node from the
+    /// group and adds it back as a learner with nothing acknowledged; start
+    /// the node wiped, with `join = true`, and once it has the whole log it
+    /// is a voter again if it was one. Refused while the node answers with
+    /// a log. Exits non-zero if it failed.
+    ReplaceNode {
+        /// The node whose data is gone.
+        #[arg(long)]
+        node: u64,
+        /// End as a voter even if the node is a learner now (a first run
+        /// that timed out leaves a voter a learner).
+        #[arg(long)]
+        voter: bool,
+        /// Print the final report as JSON too.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every drill on record in the cluster (any node lists them all).
     Drills {
         /// Print the raw JSON instead of a summary.
@@ -198,6 +216,13 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             let report: DrillReport = serde_json::from_value(leader.post("/v1/admin/failback", body).await?)?;
             println!("failback {}: from region {from}, coordinated by node {}", report.id, report.coordinator);
             verdict(&leader, report.id, *json, "the failback").await
+        }
+        CtlCommand::ReplaceNode { node, voter, json } => {
+            let leader = api.at(&leader_endpoint(&api).await?);
+            let body = json!({ "node": node, "voter": voter.then_some(true) });
+            let report: DrillReport = serde_json::from_value(leader.post("/v1/admin/replace-node", body).await?)?;
+            println!("replacing node {node}, coordinated by node {} (the leader)", report.coordinator);
+            verdict(&leader, report.id, *json, "the replacement").await
         }
         CtlCommand::Failover { to, force: false, json } => {
             let preview = failover_preview(&api, to).await?;
@@ -469,6 +494,11 @@ fn render_report(report: &DrillReport) -> String {
         out.push_str(&format!(": {failure}"));
     }
     out.push('\n');
+    if report.kind == "replace-node" {
+        let caught_up = report.caught_up_ms.map_or("not within the wait".into(), |ms| format!("{ms} ms after"));
+        out.push_str(&format!("  node {:?} had the whole log {caught_up} it was added back\n", report.nodes));
+        return out;
+    }
     if report.kind == "failback" {
         if let Some(reconciliation) = &report.reconciliation {
             if !reconciliation.copies_lost.is_empty() {
@@ -522,6 +552,7 @@ fn render_report(report: &DrillReport) -> String {
 
 fn one_line(report: &DrillReport) -> String {
     let what = match &report.region {
+        _ if report.kind == "replace-node" => format!("nodes {:?}", report.nodes),
         Some(region) => format!("to region {region}, voters {:?}", report.nodes),
         None => format!("zone {} nodes {:?} for {} ms", report.zone, report.nodes, report.isolated_for_ms),
     };

@@ -5,6 +5,7 @@ mod dr_replication;
 mod failover;
 mod kill_restart;
 mod public_tls;
+mod replace_node;
 mod support;
 mod switchover;
 mod zone_loss;

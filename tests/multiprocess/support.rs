@@ -262,10 +262,13 @@ pub async fn ready(client: &awc::Client, url: &str, within: Duration) {
 
 /// Runs `surge ctl` against `endpoint`.
 pub fn ctl(endpoint: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_surge"))
-        .arg("ctl")
-        .args(["--endpoint", endpoint, "--token", OPERATOR])
-        .args(args)
-        .output()
-        .unwrap()
+    ctl_command(endpoint, args).output().unwrap()
+}
+
+/// `surge ctl` against `endpoint`, not started yet: for a command that
+/// waits while the test does something else.
+pub fn ctl_command(endpoint: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_surge"));
+    command.arg("ctl").args(["--endpoint", endpoint, "--token", OPERATOR]).args(args);
+    command
 }

@@ -1,0 +1,157 @@
+//! **Replacing a member whose disk is gone**: a node of the group lost its
+//! data for good (a dead disk, a rebuilt machine) and comes back wiped, in
+//! its old place.
+//!
+//! openraft 0.9 assumes a member never loses what it acknowledged: a
+//! member that answers with less log than its leader last saw leaves the
+//! leader's replication to it stuck (debug builds panic). So
+//! `surge ctl replace-node --node N`, on the leader:
+//!
+//! 1. removes N from the group: a voter leaves the voters, and the others
+//!    must still make a majority of what is left;
+//! 2. adds N back as a learner, at its address in the topology: a new
+//!    member, with nothing acknowledged;
+//! 3. waits until N has the whole log, for up to [`JOIN_WAIT`]: the
+//!    operator starts it wiped, with `join = true`, so it founds no group
+//!    of its own and votes for no one until a leader has given it a log;
+//! 4. makes N a voter again if it was one (or if asked to).
+//!
+//! Only a node that does not answer with a log may be replaced: one that
+//! is down (as it should be until step 3), or already started wiped. A
+//! node that still holds its copy would give it up for nothing, and the
+//! group would be a copy short while it caught up again.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers};
+use tokio::time::Instant;
+
+use crate::drill::{self, DrillReport, Timeline};
+use crate::{DrillError, Node, Role};
+
+/// How long a replacement waits for the wiped node to start and catch up.
+pub const JOIN_WAIT: Duration = Duration::from_secs(300);
+
+/// How long the node to replace gets to say whether it holds a log.
+const ASK_FOR: Duration = Duration::from_secs(1);
+
+/// Longest wait for one membership change to commit.
+const CHANGE_MAX: Duration = Duration::from_secs(30);
+
+/// What a replacement found to do when it was planned.
+pub(crate) struct Plan {
+    /// The node whose disk is gone.
+    target: u64,
+    /// Its peer address.
+    peer: String,
+    /// Whether it is a voter now: it leaves the voters first.
+    voter_now: bool,
+    /// Whether it ends as a voter.
+    voter_after: bool,
+}
+
+/// Checks that this node may replace node `target` now, records the
+/// replacement as running, and returns its first report. `voter`: whether
+/// the node ends as a voter; by default, what it is now.
+pub(crate) async fn plan(
+    node: &Node,
+    target: u64,
+    voter: Option<bool>,
+    requested_by: &str,
+) -> Result<(DrillReport, Plan), DrillError> {
+    let spec = node.topology().node(target).ok_or(DrillError::UnknownNode(target))?;
+    if voter == Some(true) && spec.role == Role::Replica {
+        return Err(DrillError::ReplicaVoter(target));
+    }
+    let status = node.group().status();
+    if status.role != "leader" {
+        return Err(DrillError::NotLeader { leader: status.leader });
+    }
+    if target == node.id() {
+        return Err(DrillError::ReplacesLeader(target));
+    }
+    let (voters, members) = {
+        let metrics = node.group().raft().metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        (membership.voter_ids().collect::<BTreeSet<u64>>(), node.group().members())
+    };
+    if !members.contains(&target) {
+        return Err(DrillError::NotAMember(target));
+    }
+    let answer = tokio::time::timeout(ASK_FOR, node.node_status(target)).await;
+    let held = answer.ok().and_then(Result::ok).and_then(|status| status.groups.into_iter().next());
+    if let Some(log) = held.filter(|group| group.last_log_index > 0) {
+        return Err(DrillError::HoldsItsCopy { node: target, last_log_index: log.last_log_index });
+    }
+    let voter_now = voters.contains(&target);
+    let report = DrillReport {
+        nodes: vec![target],
+        ..DrillReport::started("replace-node", node.id(), requested_by, node.clock_ms())
+    };
+    node.drills().begin(report.clone())?;
+    let plan = Plan { target, peer: spec.peer.clone(), voter_now, voter_after: voter.unwrap_or(voter_now) };
+    Ok((report, plan))
+}
+
+/// Carries a planned replacement out and records its report.
+pub(crate) async fn run(node: Node, id: u64, plan: Plan) {
+    let log = Timeline::new(&node, id);
+    let outcome = replace(&node, &log, &plan).await;
+    drill::finish(&node, id, outcome).await;
+}
+
+async fn replace(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String> {
+    let raft = node.group().raft();
+    let target = plan.target;
+    let leave = if plan.voter_now {
+        ChangeMembers::RemoveVoters(BTreeSet::from([target]))
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([target]))
+    };
+    match tokio::time::timeout(CHANGE_MAX, raft.change_membership(leave, false)).await {
+        Ok(Ok(_)) => log.note(format!("node {target} left the group")),
+        Ok(Err(error)) => return Err(format!("removing node {target}: {error}")),
+        Err(_) => return Err(format!("removing node {target} did not commit within {CHANGE_MAX:?}")),
+    }
+
+    // The leader re-adds a missing DR replica by itself; either way, once.
+    if !node.group().members().contains(&target) {
+        let added = raft.add_learner(target, BasicNode::new(plan.peer.clone()), false).await;
+        if let Err(error) = added {
+            if !node.group().members().contains(&target) {
+                return Err(format!("adding node {target} back as a learner: {error}"));
+            }
+        }
+    }
+    log.note(format!("node {target} is a learner again, with nothing acknowledged: start it wiped, with join = true"));
+
+    let started = Instant::now();
+    loop {
+        let behind = node.group().status().replica_lag.get(&target).map(|lag| lag.entries);
+        if behind == Some(0) {
+            let ms = started.elapsed().as_millis() as u64;
+            log.update(|report| report.caught_up_ms = Some(ms));
+            log.note(format!("node {target} has the whole log, {ms} ms after it was added"));
+            break;
+        }
+        if started.elapsed() > JOIN_WAIT {
+            let again = if plan.voter_after { " --voter" } else { "" };
+            return Err(format!(
+                "node {target} did not catch up within {JOIN_WAIT:?}; it is a learner now. Start it wiped, with \
+                 join = true, then run `surge ctl replace-node --node {target}{again}` again"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    if plan.voter_after {
+        let join = ChangeMembers::AddVoterIds(BTreeSet::from([target]));
+        match tokio::time::timeout(CHANGE_MAX, raft.change_membership(join, false)).await {
+            Ok(Ok(_)) => log.note(format!("node {target} is a voter again")),
+            Ok(Err(error)) => return Err(format!("making node {target} a voter again: {error}")),
+            Err(_) => return Err(format!("making node {target} a voter did not commit within {CHANGE_MAX:?}")),
+        }
+    }
+    Ok(())
+}
