@@ -449,14 +449,15 @@ pub async fn start_failback(
 #[utoipa::path(post, path = "/v1/admin/replace-node", tag = "operator", request_body = ReplaceNode,
     security(("operator" = [])),
     responses((status = 202, body = DrillReport, description = "started; poll its Location"),
-        (status = 409, body = Problem, description = "not the leader, the node leads, is not a member, or \
-            answers with its log"),
-        (status = 422, body = Problem, description = "no such node, or a DR replica asked to be a voter")))]
+        (status = 409, body = Problem, description = "not the leader, the node leads, or it answers with \
+            its log"),
+        (status = 422, body = Problem, description = "no such node")))]
 /// Replaces a member whose disk is gone for good. Ask the group's leader.
-/// It removes the node from the group, adds it back as a learner with
-/// nothing acknowledged, waits (up to 5 minutes) until the node, started
-/// wiped with `join = true`, has the whole log, then makes it a voter
-/// again if it was one. Answers at once; the report fills in as it runs.
+/// It removes the node from the group (unless it is no member any more),
+/// adds it back as a learner with nothing acknowledged, waits (up to 5
+/// minutes) until the node, started wiped with `join = true`, has the
+/// whole log, then makes it a voter again if it was one or `voter` says
+/// so. Answers at once; the report fills in as it runs.
 pub async fn start_replace(
     _: Operator,
     state: web::Data<AppState>,

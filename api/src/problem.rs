@@ -94,14 +94,10 @@ impl ApiError {
                 | DrillError::UnknownRegion(_)
                 | DrillError::BadDuration { .. }
                 | DrillError::NotOfRegion { .. }
-                | DrillError::UnknownNode(_)
-                | DrillError::ReplicaVoter(_),
+                | DrillError::UnknownNode(_),
             ) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "Invalid request"),
             ApiError::Drill(DrillError::ReplacesLeader(_)) => {
                 (StatusCode::CONFLICT, "replaces-leader", "Move leadership away from the node first")
-            }
-            ApiError::Drill(DrillError::NotAMember(_)) => {
-                (StatusCode::CONFLICT, "not-a-member", "The node is not a member of the group")
             }
             ApiError::Drill(DrillError::HoldsItsCopy { .. }) => {
                 (StatusCode::CONFLICT, "holds-its-copy", "The node answers with its log: its disk is not lost")

@@ -113,6 +113,11 @@ pub struct DrillReport {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub reconciliation: Option<domain::Reconciliation>,
+    /// A node replacement: the node has left the group and is a learner
+    /// again, with nothing acknowledged. It may start wiped from now on,
+    /// not before (see [`crate::replace`]).
+    #[serde(default)]
+    pub added_back: bool,
 }
 
 impl DrillReport {
@@ -142,6 +147,7 @@ impl DrillReport {
             caught_up_ms: None,
             failover: None,
             reconciliation: None,
+            added_back: false,
         }
     }
 }
@@ -292,16 +298,9 @@ pub enum DrillError {
     /// The topology has no such node.
     #[error("no node {0} is in the topology")]
     UnknownNode(u64),
-    /// A DR replica follows as a learner; a replacement cannot make it a
-    /// voter.
-    #[error("node {0} is a DR replica: it follows the group as a learner and cannot be made a voter")]
-    ReplicaVoter(u64),
     /// The leader cannot remove itself from the group it leads.
     #[error("node {0} leads the group: move leadership to another node first (`surge ctl transfer-leader`)")]
     ReplacesLeader(u64),
-    /// The node is not in the group's membership.
-    #[error("node {0} is not a member of the group: nothing to replace")]
-    NotAMember(u64),
     /// The node answers with a log: its disk is not lost.
     #[error(
         "node {node} answers with its log (up to index {last_log_index}): replace only a node whose data is          gone, stopped or started wiped"

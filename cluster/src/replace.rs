@@ -2,10 +2,14 @@
 //! data for good (a dead disk, a rebuilt machine) and comes back wiped, in
 //! its old place.
 //!
-//! openraft 0.9 assumes a member never loses what it acknowledged: a
-//! member that answers with less log than its leader last saw leaves the
-//! leader's replication to it stuck (debug builds panic). So
-//! `surge ctl replace-node --node N`, on the leader:
+//! openraft 0.9 assumes a member never loses what it acknowledged. A
+//! member that answers with less log than its leader last saw trips an
+//! assertion in debug builds, and in release builds its replication can
+//! stall for good (the simulator's `replace-in-place` bug: a DR replica
+//! wiped in place never caught up). And a voter wiped in place still counts
+//! toward the quorum while it holds less than it acknowledged. openraft's
+//! `loosen-follower-log-revert` feature would silence the first and leave
+//! the second. So `surge ctl replace-node --node N`, on the leader:
 //!
 //! 1. removes N from the group: a voter leaves the voters, and the others
 //!    must still make a majority of what is left;
@@ -20,6 +24,13 @@
 //! is down (as it should be until step 3), or already started wiped. A
 //! node that still holds its copy would give it up for nothing, and the
 //! group would be a copy short while it caught up again.
+//!
+//! A replacement cut short (its leader lost, the wait run out) is asked
+//! for again, with `voter` if the node was a voter: the first run's intent
+//! is not kept. A node that is no member at all any more (removed, not yet
+//! added back) skips step 1. A learner that already holds a log, when
+//! asked to be a voter, skips steps 1 and 2: it was added back, and only
+//! its promotion is left.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -28,7 +39,7 @@ use openraft::{BasicNode, ChangeMembers};
 use tokio::time::Instant;
 
 use crate::drill::{self, DrillReport, Timeline};
-use crate::{DrillError, Node, Role};
+use crate::{DrillError, Node};
 
 /// How long a replacement waits for the wiped node to start and catch up.
 pub const JOIN_WAIT: Duration = Duration::from_secs(300);
@@ -45,8 +56,12 @@ pub(crate) struct Plan {
     target: u64,
     /// Its peer address.
     peer: String,
-    /// Whether it is a voter now: it leaves the voters first.
+    /// Whether it is a member now, and a voter: it leaves the group first.
+    member_now: bool,
     voter_now: bool,
+    /// Whether it leaves (if a member) and is added back: all but a
+    /// learner holding a log that is only to be promoted.
+    rebuild: bool,
     /// Whether it ends as a voter.
     voter_after: bool,
 }
@@ -61,12 +76,10 @@ pub(crate) async fn plan(
     requested_by: &str,
 ) -> Result<(DrillReport, Plan), DrillError> {
     let spec = node.topology().node(target).ok_or(DrillError::UnknownNode(target))?;
-    if voter == Some(true) && spec.role == Role::Replica {
-        return Err(DrillError::ReplicaVoter(target));
-    }
     let status = node.group().status();
-    if status.role != "leader" {
-        return Err(DrillError::NotLeader { leader: status.leader });
+    if status.role != "leader" || status.cut_off {
+        // A leader cut off from its quorum could change nothing.
+        return Err(DrillError::NotLeader { leader: status.leader.filter(|_| !status.cut_off) });
     }
     if target == node.id() {
         return Err(DrillError::ReplacesLeader(target));
@@ -76,21 +89,28 @@ pub(crate) async fn plan(
         let membership = metrics.membership_config.membership();
         (membership.voter_ids().collect::<BTreeSet<u64>>(), node.group().members())
     };
-    if !members.contains(&target) {
-        return Err(DrillError::NotAMember(target));
-    }
     let answer = tokio::time::timeout(ASK_FOR, node.node_status(target)).await;
     let held = answer.ok().and_then(Result::ok).and_then(|status| status.groups.into_iter().next());
-    if let Some(log) = held.filter(|group| group.last_log_index > 0) {
-        return Err(DrillError::HoldsItsCopy { node: target, last_log_index: log.last_log_index });
-    }
+    let member_now = members.contains(&target);
     let voter_now = voters.contains(&target);
+    let held_log = held.map_or(0, |group| group.last_log_index);
+    let promote_only = member_now && !voter_now && voter == Some(true);
+    if held_log > 0 && !promote_only {
+        return Err(DrillError::HoldsItsCopy { node: target, last_log_index: held_log });
+    }
     let report = DrillReport {
         nodes: vec![target],
         ..DrillReport::started("replace-node", node.id(), requested_by, node.clock_ms())
     };
     node.drills().begin(report.clone())?;
-    let plan = Plan { target, peer: spec.peer.clone(), voter_now, voter_after: voter.unwrap_or(voter_now) };
+    let plan = Plan {
+        target,
+        peer: spec.peer.clone(),
+        member_now,
+        voter_now,
+        rebuild: held_log == 0,
+        voter_after: voter.unwrap_or(voter_now),
+    };
     Ok((report, plan))
 }
 
@@ -104,30 +124,46 @@ pub(crate) async fn run(node: Node, id: u64, plan: Plan) {
 async fn replace(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String> {
     let raft = node.group().raft();
     let target = plan.target;
-    let leave = if plan.voter_now {
-        ChangeMembers::RemoveVoters(BTreeSet::from([target]))
+    // The switch first: outside the simulator it is a constant `false`.
+    let in_place = domain::mutation::active(domain::mutation::Mutation::ReplaceInPlace);
+    if !plan.rebuild {
+        log.note(format!("node {target} is a learner holding a log: only its promotion is left"));
+    } else if plan.member_now && !in_place {
+        let leave = if plan.voter_now {
+            ChangeMembers::RemoveVoters(BTreeSet::from([target]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([target]))
+        };
+        match tokio::time::timeout(CHANGE_MAX, raft.change_membership(leave, false)).await {
+            Ok(Ok(_)) => log.note(format!("node {target} left the group")),
+            Ok(Err(error)) => return Err(format!("removing node {target}: {error}")),
+            Err(_) => return Err(format!("removing node {target} did not commit within {CHANGE_MAX:?}")),
+        }
     } else {
-        ChangeMembers::RemoveNodes(BTreeSet::from([target]))
-    };
-    match tokio::time::timeout(CHANGE_MAX, raft.change_membership(leave, false)).await {
-        Ok(Ok(_)) => log.note(format!("node {target} left the group")),
-        Ok(Err(error)) => return Err(format!("removing node {target}: {error}")),
-        Err(_) => return Err(format!("removing node {target} did not commit within {CHANGE_MAX:?}")),
+        log.note(format!("node {target} is no member of the group: adding it back"));
     }
 
-    // The leader re-adds a missing DR replica by itself; either way, once.
-    if !node.group().members().contains(&target) {
-        let added = raft.add_learner(target, BasicNode::new(plan.peer.clone()), false).await;
-        if let Err(error) = added {
-            if !node.group().members().contains(&target) {
-                return Err(format!("adding node {target} back as a learner: {error}"));
+    if plan.rebuild {
+        // The leader re-adds a missing DR replica by itself; either way, once.
+        if !node.group().members().contains(&target) {
+            let added = raft.add_learner(target, BasicNode::new(plan.peer.clone()), false).await;
+            if let Err(error) = added {
+                if !node.group().members().contains(&target) {
+                    return Err(format!("adding node {target} back as a learner: {error}"));
+                }
             }
         }
+        log.update(|report| report.added_back = true);
+        log.note(format!(
+            "node {target} is a learner again, with nothing acknowledged: start it wiped, with join = true"
+        ));
     }
-    log.note(format!("node {target} is a learner again, with nothing acknowledged: start it wiped, with join = true"));
 
     let started = Instant::now();
     loop {
+        if !node.group().is_leader() {
+            return Err(format!("this node no longer leads: ask the new leader to replace node {target} again"));
+        }
         let behind = node.group().status().replica_lag.get(&target).map(|lag| lag.entries);
         if behind == Some(0) {
             let ms = started.elapsed().as_millis() as u64;

@@ -4,7 +4,7 @@
 //! check, applying a retried checkout twice, acknowledging a log append
 //! before it is fsynced, a deposed leader acknowledging writes, a leader
 //! selling escrow the DR copy never confirmed, an old primary that ignores
-//! the generation fence. The code
+//! the generation fence, a node with a lost disk taken back in place. The code
 //! paths that would have the bug ask [`active`] first. The simulator's
 //! mutation test switches them on one at a time and expects a failing seed
 //! within a bounded number of runs.
@@ -33,17 +33,22 @@ pub enum Mutation {
     /// after a forced failover leads writes without asking the DR region
     /// first, and goes on when it hears it is fenced.
     IgnoreFence = 6,
+    /// A node whose disk was lost is taken back in place: the replacement
+    /// adds it back without removing it first, so its leader takes the
+    /// empty log for the one the node had acknowledged.
+    ReplaceInPlace = 7,
 }
 
 impl Mutation {
     /// Every mutation, for the test that tries them all.
-    pub const ALL: [Mutation; 6] = [
+    pub const ALL: [Mutation; 7] = [
         Mutation::SkipStockCheck,
         Mutation::ApplyRetryTwice,
         Mutation::AckBeforeFsync,
         Mutation::DeposedLeaderAcks,
         Mutation::ConfirmUnheardEscrow,
         Mutation::IgnoreFence,
+        Mutation::ReplaceInPlace,
     ];
 
     /// Its name on the simulator's command line.
@@ -55,6 +60,7 @@ impl Mutation {
             Mutation::DeposedLeaderAcks => "deposed-leader-acks",
             Mutation::ConfirmUnheardEscrow => "confirm-unheard-escrow",
             Mutation::IgnoreFence => "ignore-fence",
+            Mutation::ReplaceInPlace => "replace-in-place",
         }
     }
 

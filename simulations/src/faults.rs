@@ -32,7 +32,18 @@ pub enum Fault {
     /// DR region, and the failback when it ends, each asked of whichever
     /// node leads then, amid whatever else goes wrong.
     Switchover,
+    /// The node's disk is lost for good. It goes down as in a power cut;
+    /// the fault lasts until a new, empty disk is in. Meanwhile, and after,
+    /// an operator follows docs/operations.md ("Replacing a node whose disk
+    /// is lost"): asks the leader to replace it, starts it wiped once the
+    /// leader has added it back, and asks again whenever a replacement is
+    /// cut short, until it is a member in its old role with the whole log.
+    DiskLost { node: u64 },
 }
+
+/// By then a node whose disk was lost must be a member again with the
+/// whole log: every fault has healed long before.
+const REPLACED_BY_MS: u64 = 80_000;
 
 /// A fault, when it starts and how long it lasts.
 #[derive(Clone, Debug)]
@@ -89,6 +100,14 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
         });
         faults.push(Scheduled { at_ms: at, for_ms, fault });
     }
+    // One disk lost for good in a third of the runs that keep their region:
+    // Raft survives a minority of lost disks, not a majority.
+    if !world.region_loss && world.draw(|rng| rng.gen_range(0..3)) == 0 && until_ms > from_ms + 10_000 {
+        let (at_ms, for_ms, node) = world.draw(|rng| {
+            (rng.gen_range(from_ms..until_ms - 10_000), rng.gen_range(500..8_000), ids[rng.gen_range(0..ids.len())])
+        });
+        faults.push(Scheduled { at_ms, for_ms, fault: Fault::DiskLost { node } });
+    }
     faults
 }
 
@@ -121,9 +140,14 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
         Fault::Storm { weather } => world.net.set_weather(*weather),
         Fault::DiskFails { node } => world.set_disk_failing(*node, true),
         Fault::Switchover => switch(&world, "dr"),
+        Fault::DiskLost { node } => {
+            let voter = was_voter(&world, *node);
+            world.lose_disk(*node).await;
+            replace_disk(&world, *node, voter, at_ms + for_ms).await;
+        }
         _ => {}
     }
-    tokio::time::sleep(Duration::from_millis(for_ms)).await;
+    tokio::time::sleep(Duration::from_millis((at_ms + for_ms).saturating_sub(world.trace.now_ms()))).await;
     for &(from, to) in &cuts {
         world.net.uncut(from, to);
     }
@@ -152,6 +176,89 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
     }
     world.reap().await;
     world.trace.event(format!("healed {fault:?}"));
+}
+
+/// Whether node `id` votes, as the leader (or, with none, the topology)
+/// sees it.
+fn was_voter(world: &World, id: u64) -> bool {
+    match leader(world) {
+        Some(leader) => {
+            leader.group().raft().metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id)
+        }
+        None => world.topology.node(id).is_some_and(|spec| spec.role == cluster::Role::Voter),
+    }
+}
+
+/// The node that leads now, if any (not one cut off from its quorum).
+fn leader(world: &World) -> Option<cluster::Node> {
+    world
+        .ids()
+        .into_iter()
+        .filter_map(|id| world.node(id))
+        .find(|node| node.group().is_leader() && !node.group().is_cut_off())
+}
+
+/// The operator's side of a lost disk (see [`Fault::DiskLost`]): `voter`
+/// says what node `id` was; its new disk is in from `disk_in_at_ms`.
+async fn replace_disk(world: &World, id: u64, voter: bool, disk_in_at_ms: u64) {
+    let mut asked: Option<(cluster::Node, u64)> = None;
+    let mut started = false;
+    loop {
+        if replaced(world, id, voter) {
+            world.disks_replaced.set(world.disks_replaced.get() + 1);
+            let role = if voter { "voter" } else { "learner" };
+            world.trace.event(format!("node {id} replaced: a {role} with the whole log"));
+            return;
+        }
+        if world.trace.now_ms() > REPLACED_BY_MS {
+            world.fail(format!("node {id} lost its disk and was not replaced by {REPLACED_BY_MS} ms"));
+            // Up all the same, so the rest of the run's checks can go on.
+            let _ = world.start_wiped(id).await;
+            return;
+        }
+        let report = asked.as_ref().and_then(|(coordinator, report)| coordinator.drill_report(*report));
+        let added_back = report.as_ref().is_some_and(|report| report.added_back);
+        if added_back && !started && world.trace.now_ms() >= disk_in_at_ms {
+            started = true;
+            world.trace.event(format!("node {id} starts wiped on its new disk"));
+            if let Err(error) = world.start_wiped(id).await {
+                world.fail(format!("starting node {id} on its new disk: {error}"));
+            }
+        }
+        if report.is_none_or(|report| report.state != "running") {
+            asked = match leader(world) {
+                Some(leader) => match leader.start_replace(id, Some(voter), "simulator").await {
+                    Ok(report) => {
+                        world.trace.event(format!(
+                            "replacement {} of node {id} started by node {}",
+                            report.id, report.coordinator
+                        ));
+                        Some((leader, report.id))
+                    }
+                    Err(error) => {
+                        world.trace.event(format!("replacement of node {id} not started: {error}"));
+                        None
+                    }
+                },
+                None => None,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Whether node `id` is up and, as the leader sees it, a member in its
+/// old role with the whole log.
+fn replaced(world: &World, id: u64, voter: bool) -> bool {
+    let Some(leader) = leader(world) else { return false };
+    let metrics = leader.group().raft().metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let role_back = membership.voter_ids().any(|v| v == id) == voter && membership.get_node(&id).is_some();
+    let matched = metrics.replication.as_ref().and_then(|replication| replication.get(&id).copied().flatten());
+    let whole_log = matched.map(|log_id| log_id.index) >= metrics.last_log_index;
+    let up_with_a_log =
+        world.node(id).is_some_and(|node| node.group().raft().metrics().borrow().last_log_index.is_some());
+    up_with_a_log && role_back && whole_log
 }
 
 /// Asks the node that leads now, if any, to move writes to `region`. A

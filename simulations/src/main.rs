@@ -34,7 +34,7 @@ struct Args {
     trace: bool,
     /// Switch a known bug on (skip-stock-check, apply-retry-twice,
     /// ack-before-fsync, deposed-leader-acks, confirm-unheard-escrow,
-    /// ignore-fence): the runs should fail.
+    /// ignore-fence, replace-in-place): the runs should fail.
     #[arg(long, value_parser = parse_mutation)]
     mutation: Option<Mutation>,
     /// Fresh random seeds to run.
@@ -144,6 +144,9 @@ struct Totals {
     /// good, and how many copies in all.
     disks_lost_runs: u64,
     copies_lost: usize,
+    /// Nodes whose disks were lost for good in runs that kept their
+    /// region, all replaced.
+    disks_replaced: usize,
     failed: Vec<u64>,
     /// When to print the next progress line.
     next_progress: u64,
@@ -161,6 +164,7 @@ impl Totals {
         self.simulated_ms += report.simulated_ms;
         self.wall += wall;
         self.acked += report.acked;
+        self.disks_replaced += report.disks_replaced;
         if let Some(lost) = report.lost_reported {
             self.region_losses += 1;
             self.lost_reported += lost;
@@ -196,6 +200,11 @@ impl Totals {
         println!(
             "{} of them lost disks for good: failback went without {} copies, returning none of their units to sale",
             self.disks_lost_runs, self.copies_lost
+        );
+        println!(
+            "in the runs that kept their region, {} nodes lost their disks for good and were replaced \
+             (surge ctl replace-node)",
+            self.disks_replaced
         );
         println!(
             "after those losses, the sampler promoted a copy again (a second failover) {} times, none overselling \

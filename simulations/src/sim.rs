@@ -60,6 +60,9 @@ pub struct Report {
     /// In such a run: the returning nodes whose disks were lost for good,
     /// whose copies failback went without.
     pub copies_lost: usize,
+    /// Nodes whose disks were lost for good and that were replaced (in a
+    /// run that keeps its region).
+    pub disks_replaced: usize,
 }
 
 thread_local! {
@@ -104,8 +107,16 @@ fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
     let system = actix_rt::System::with_tokio_rt(|| runtime);
     let trace = Trace::new(keep, echo);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| system.block_on(simulate(seed, trace.clone()))));
-    let Found { mut failures, simulated_ms, acked, unknown, lost_reported, second_failovers, copies_lost } =
-        outcome.unwrap_or_else(|_| Found { simulated_ms: trace.now_ms(), ..Found::default() });
+    let Found {
+        mut failures,
+        simulated_ms,
+        acked,
+        unknown,
+        lost_reported,
+        second_failovers,
+        copies_lost,
+        disks_replaced,
+    } = outcome.unwrap_or_else(|_| Found { simulated_ms: trace.now_ms(), ..Found::default() });
     failures
         .extend(PANICS.with(|panics| panics.borrow_mut().drain(..).map(|p| format!("panic: {p}")).collect::<Vec<_>>()));
     let (hash, events) = trace.digest();
@@ -121,6 +132,7 @@ fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
         lost_reported,
         second_failovers,
         copies_lost,
+        disks_replaced,
     }
 }
 
@@ -133,6 +145,7 @@ struct Found {
     unknown: u64,
     lost_reported: Option<usize>,
     copies_lost: usize,
+    disks_replaced: usize,
     second_failovers: SecondFailovers,
 }
 
@@ -232,7 +245,17 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
         trace.event(format!("FAILED {failure}"));
     }
     world.stop().await;
-    Found { failures, simulated_ms: trace.now_ms(), acked, unknown, lost_reported, second_failovers, copies_lost }
+    let disks_replaced = world.disks_replaced.get();
+    Found {
+        failures,
+        simulated_ms: trace.now_ms(),
+        acked,
+        unknown,
+        lost_reported,
+        second_failovers,
+        copies_lost,
+        disks_replaced,
+    }
 }
 
 /// Acknowledged orders that `state` lacks, or holds otherwise than the

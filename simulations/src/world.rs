@@ -84,6 +84,9 @@ struct Machine {
     join: bool,
     /// Its whole region is lost: it stays down until the region returns.
     lost: bool,
+    /// Its disk was lost for good and replaced by an empty one: it stays
+    /// down until the operator starts it wiped ([`World::start_wiped`]).
+    disk_lost: bool,
     /// The running node; `None` while it is down or starting.
     node: Option<Node>,
     /// A start is under way (opening the database, starting Raft): a second
@@ -111,6 +114,8 @@ pub struct World {
     jumped_ms: std::cell::Cell<u64>,
     /// This run loses the primary region (see `crate::region`).
     pub region_loss: bool,
+    /// Nodes whose disks were lost for good and that were replaced.
+    pub disks_replaced: std::cell::Cell<usize>,
 }
 
 impl World {
@@ -141,6 +146,7 @@ impl World {
                     fence: fresh_fence(&topology, id),
                     join: false,
                     lost: false,
+                    disk_lost: false,
                     node: None,
                     starting: false,
                     lives: 0,
@@ -163,6 +169,7 @@ impl World {
             failures: RefCell::new(Vec::new()),
             jumped_ms: std::cell::Cell::new(0),
             region_loss,
+            disks_replaced: std::cell::Cell::new(0),
         }
     }
 
@@ -243,6 +250,10 @@ impl World {
             }
             if machine.lost {
                 self.trace.event(format!("node {id} stays down: its region is lost"));
+                return Ok(());
+            }
+            if machine.disk_lost {
+                self.trace.event(format!("node {id} stays down: its disk is being replaced"));
                 return Ok(());
             }
             machine.starting = true;
@@ -338,17 +349,40 @@ impl World {
     /// `join = true`, to wait until the group adds it.
     pub async fn wipe(&self, id: u64) {
         self.crash(id).await;
-        {
-            let mut machines = self.machines.borrow_mut();
-            let machine = machines.get_mut(&id).expect("a node of the topology");
-            machine.disk = Disk::default();
-            machine.fence = fresh_fence(&self.topology, id);
-            machine.join = true;
-        }
+        self.empty_disk(id, false);
         self.trace.event(format!("node {id} wiped"));
         if let Err(error) = self.start(id).await {
             self.fail(format!("starting node {id} wiped: {error}"));
         }
+    }
+
+    /// Loses node `id`'s disk for good, like a power cut that also destroys
+    /// the disk: the node stays down, on a new, empty disk (its fence gone
+    /// with the old one), until the operator starts it wiped.
+    pub async fn lose_disk(&self, id: u64) {
+        self.crash(id).await;
+        self.empty_disk(id, true);
+        self.trace.event(format!("node {id} lost its disk for good"));
+    }
+
+    /// Gives stopped node `id` a new, empty disk and a fresh fence (the old
+    /// one lived on the old disk); it starts with `join = true` from now on.
+    /// `hold`: it stays down until [`World::start_wiped`].
+    fn empty_disk(&self, id: u64, hold: bool) {
+        let mut machines = self.machines.borrow_mut();
+        let machine = machines.get_mut(&id).expect("a node of the topology");
+        machine.disk = Disk::default();
+        machine.fence = fresh_fence(&self.topology, id);
+        machine.join = true;
+        machine.disk_lost = hold;
+    }
+
+    /// Starts node `id` on the empty disk [`World::lose_disk`] left it, with
+    /// `join = true`: what the operator does once the leader has added it
+    /// back (see `cluster::replace`).
+    pub async fn start_wiped(&self, id: u64) -> Result<(), String> {
+        self.machines.borrow_mut().get_mut(&id).expect("a node of the topology").disk_lost = false;
+        self.start(id).await
     }
 
     /// Makes node `id`'s disk fail (or recover).
