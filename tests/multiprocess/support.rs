@@ -97,8 +97,14 @@ impl Drop for Surge {
 }
 
 /// A bounded HTTP client for the tests.
+///
+/// An idle pooled connection is dropped after 2 s, before the server's
+/// keep-alive (actix-web's 5 s) closes it: a request sent on a connection
+/// the server is closing fails with "connector has been disconnected", and
+/// a test that paused for a while (a blocking `surge ctl`) would see that.
 pub fn client() -> awc::Client {
-    awc::Client::builder().timeout(Duration::from_secs(10)).finish()
+    let connector = awc::Connector::new().conn_keep_alive(Duration::from_secs(2));
+    awc::Client::builder().connector(connector).timeout(Duration::from_secs(10)).finish()
 }
 
 /// What an HTTP exchange ended as: a status and JSON body, or no answer.

@@ -246,8 +246,7 @@ async fn checkout_survives_losing_a_zone_and_the_history_is_linearizable() {
     let printed = String::from_utf8_lossy(&drill.stdout);
     println!("{printed}");
     assert!(drill.status.success(), "surge ctl drill failed: {}", String::from_utf8_lossy(&drill.stderr));
-    let (status, drills) =
-        call(&client, "GET", &format!("{}/v1/admin/drills", cluster.api[2]), &[bearer(OPERATOR)], None).await.unwrap();
+    let (status, drills) = get(&client, &format!("{}/v1/admin/drills", cluster.api[2]), &[bearer(OPERATOR)]).await;
     assert_eq!(status, 200);
     let report = &drills[0];
     assert_eq!((report["state"].as_str(), report["nodes"].clone()), (Some("completed"), json!([1, 2])), "{report}");
