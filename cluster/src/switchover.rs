@@ -1,11 +1,16 @@
 //! **Planned switchover**: the region that takes writes moves, with nothing
 //! acknowledged lost.
 //!
+//! 0. Every voter-to-be, the DR replicas among them, must keep up with the
+//!    log: store it up to this drill's own record within [`COPY_MAX`].
+//!    One that cannot is gone or far behind, and the switchover is refused
+//!    while writes still flow.
 //! 1. Every write is refused from a `Freeze` entry on (503, retried with
 //!    the same key): no order is acknowledged that the new region could
 //!    miss.
-//! 2. The leader waits until every voter-to-be, the DR replicas among them,
-//!    has stored the log up to the freeze: the DR copy has everything.
+//! 2. The leader waits until every voter-to-be has stored the log up to the
+//!    freeze: the DR copy has everything. One that takes longer than
+//!    [`COPY_MAX`] was lost since step 0, and the freeze is thawed.
 //! 3. The membership changes (joint consensus): the target region's nodes
 //!    and this leader vote, every other node follows as a learner. That is
 //!    the fence: the old primary's nodes can commit nothing, and they now
@@ -83,6 +88,13 @@ pub(crate) async fn run(node: Node, id: u64, region: String, voters: BTreeSet<u6
 }
 
 async fn switchover(node: &Node, log: &Timeline, id: u64, region: &str, voters: &BTreeSet<u64>) -> Result<(), String> {
+    // Before anything changes, and before the probe sale (whose escrow a
+    // lost DR copy would never confirm): the log as it stands now, this
+    // drill's record included, reaches every voter-to-be.
+    let recorded = node.group().raft().metrics().borrow().last_log_index.unwrap_or(0);
+    wait_for_copy(node, voters, recorded).await.map_err(|why| format!("no switchover, nothing was changed: {why}"))?;
+    log.note(format!("nodes {voters:?} keep up with the log (index {recorded})"));
+
     let mut probe = Probe::open(node, id).await?;
     let mut outages = Outages::default();
     let baseline = Instant::now();
@@ -188,10 +200,18 @@ async fn steps(node: &Node, log: &Timeline, region: &str, voters: &BTreeSet<u64>
     }
 }
 
-/// Waits (bounded) until every node of `voters` has stored the log up to
-/// `index`, as this leader's replication progress says.
+/// How long every voter-to-be may take to store the log up to an entry:
+/// the drill's record before the freeze, the freeze after it. Catching up
+/// from further behind, after a partition say, takes longer: the operator
+/// asks again once `surge ctl status` shows the region's lag gone. A node
+/// that is lost for good (`surge ctl replace-node`) holds writes frozen
+/// this long at most, and the drill's slot free for its replacement.
+const COPY_MAX: Duration = Duration::from_secs(5);
+
+/// Waits, at most [`COPY_MAX`], until every node of `voters` has stored
+/// the log up to `index`, as this leader's replication progress says.
 async fn wait_for_copy(node: &Node, voters: &BTreeSet<u64>, index: u64) -> Result<(), String> {
-    let deadline = Instant::now() + SETTLE_MAX;
+    let deadline = Instant::now() + COPY_MAX;
     loop {
         let metrics = node.group().raft().metrics().borrow().clone();
         let Some(replication) = metrics.replication.filter(|_| metrics.state.is_leader()) else {
@@ -207,7 +227,7 @@ async fn wait_for_copy(node: &Node, voters: &BTreeSet<u64>, index: u64) -> Resul
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(format!("nodes {behind:?} did not receive the log up to the freeze within {SETTLE_MAX:?}"));
+            return Err(format!("nodes {behind:?} did not store the log up to index {index} within {COPY_MAX:?}"));
         }
         tokio::time::sleep(PROBE_EVERY).await;
     }

@@ -101,12 +101,8 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
         faults.push(Scheduled { at_ms: at, for_ms, fault });
     }
     // One disk lost for good in a third of the runs that keep their region:
-    // Raft survives a minority of lost disks, not a majority. Not in a run
-    // that switches over: a switchover waits for every voter it hands
-    // writes to, and one whose disk is lost holds it (and, one drill at a
-    // time, the replacement) until the node is back (docs/simulation.md).
-    let switches = faults.iter().any(|scheduled| matches!(scheduled.fault, Fault::Switchover));
-    if !world.region_loss && !switches && world.draw(|rng| rng.gen_range(0..3)) == 0 && until_ms > from_ms + 10_000 {
+    // Raft survives a minority of lost disks, not a majority.
+    if !world.region_loss && world.draw(|rng| rng.gen_range(0..3)) == 0 && until_ms > from_ms + 10_000 {
         let (at_ms, for_ms, node) = world.draw(|rng| {
             (rng.gen_range(from_ms..until_ms - 10_000), rng.gen_range(500..8_000), ids[rng.gen_range(0..ids.len())])
         });

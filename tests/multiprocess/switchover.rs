@@ -1,7 +1,8 @@
 //! Planned switchover under load, and failback, on six real processes: the
 //! five voters and the DR replica. Shoppers keep checking out through the
 //! primary region's endpoints the whole time; `surge ctl switchover` moves
-//! writes to the DR region and back. Nothing acknowledged is lost, nothing
+//! writes to the DR region and back, after refusing to while the DR
+//! replica is down. Nothing acknowledged is lost, nothing
 //! is oversold, and the voters and leaders end up where each switchover
 //! said.
 
@@ -82,7 +83,7 @@ async fn wait_for_leader_in(client: &awc::Client, endpoint: &str, leaders: &[u64
 
 #[actix_rt::test]
 async fn switchover_under_load_and_failback_lose_nothing() {
-    let cluster = Cluster::start(&WITH_REPLICA);
+    let mut cluster = Cluster::start(&WITH_REPLICA);
     let client = client();
     cluster.ready(&client).await;
     let sale = json!({"sku": SKU, "name": "Switch", "price_minor": 100, "stock": STOCK,
@@ -106,6 +107,24 @@ async fn switchover_under_load_and_failback_lose_nothing() {
             }
         }
     };
+    wait_for_more(40).await;
+
+    // With the DR replica gone, a switchover to its region is refused
+    // before any write is: it could never hand writes to the replica.
+    cluster.kill(6);
+    let refused = ctl(&cluster.api[2], &["switchover", "--to", "dr", "--json"]);
+    let printed = String::from_utf8_lossy(&refused.stdout);
+    println!("{printed}");
+    assert!(!refused.status.success(), "a switchover to a region with a node gone went ahead: {printed}");
+    let report: Value = serde_json::from_str(&printed[printed.find("\n{").expect("a JSON report")..]).unwrap();
+    let failure = report["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("nothing was changed") && failure.contains("[6]"), "{printed}");
+    let froze =
+        report["timeline"].as_array().unwrap().iter().any(|e| e["what"].as_str().unwrap().contains("writes refused"));
+    assert!(!froze, "writes were frozen for a switchover that could not happen: {printed}");
+    let (region, epoch, _) = view(&client, &cluster.api[0]).await;
+    assert_eq!((region.as_str(), epoch), ("primary", 0));
+    cluster.restart(6);
     wait_for_more(40).await;
 
     // Switchover to the DR region, asked through a node that need not lead.
@@ -153,8 +172,15 @@ async fn switchover_under_load_and_failback_lose_nothing() {
     let [available, held, sold, total] = ["available", "held", "sold", "total"].map(|k| sku[k].as_u64().unwrap());
     assert_eq!((available + held + sold, total), (STOCK, STOCK), "{sku}");
     assert_eq!(held, acked.len() as u64, "{sku}");
-    // Both switchovers are on record, on any node.
+    // The three switchovers are on record, on any node: the refused one
+    // and the two that moved writes.
     let (_, drills) = get(&client, &format!("{}/v1/admin/drills", cluster.api[3]), &[bearer(OPERATOR)]).await;
-    let switchovers: Vec<&Value> = drills.as_array().unwrap().iter().filter(|d| d["kind"] == "switchover").collect();
-    assert_eq!(switchovers.len(), 2, "{drills}");
+    let states: Vec<&str> = drills
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["kind"] == "switchover")
+        .map(|d| d["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["failed", "completed", "completed"], "{drills}");
 }
