@@ -81,6 +81,9 @@ pub struct GroupConfig {
     pub escrow_block_min: u64,
     /// The largest escrow block a hot SKU grows to, in units.
     pub escrow_block_max: u64,
+    /// Extra time each durable log write takes: the simulator's slow disk.
+    /// None on a real device.
+    pub log_write_delay: Option<storage::WriteDelay>,
 }
 
 impl Default for GroupConfig {
@@ -97,6 +100,7 @@ impl Default for GroupConfig {
             replicas: BTreeMap::new(),
             escrow_block_min: 16,
             escrow_block_max: 1_024,
+            log_write_delay: None,
         }
     }
 }
@@ -262,8 +266,9 @@ impl Group {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| ProposeError::Unavailable(e.to_string()))?);
-        let (mut log, state_machine) =
+        let (log, state_machine) =
             storage::from_database::<TypeConfig>(database).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let mut log = log.with_write_delay(config.log_write_delay.clone());
         let state = state_machine.reader();
         let durable_commits = log.durable_commits();
         let log_reader = log.clone();

@@ -220,6 +220,7 @@ impl Config {
                 replicas: self.topology().replicas(),
                 escrow_block_min: self.raft.escrow_block_min,
                 escrow_block_max: self.raft.escrow_block_max,
+                log_write_delay: None,
             },
             actors: self.actors.clone(),
             expiry_tick_ms: self.expiry_tick_ms,

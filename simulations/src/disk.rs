@@ -8,13 +8,17 @@
 //! last sync and retires the incarnation: whatever the dead process's
 //! leftover tasks still write goes nowhere, as after a real power cut.
 //! A failing device ([`Disk::set_failing`]) refuses writes and syncs: redb's
-//! commit fails, the storage reports it, and openraft stops the node.
+//! commit fails, the storage reports it, and openraft stops the node. A
+//! slow one ([`Disk::set_slow`]) makes every durable log write wait, as a
+//! dying or overloaded device's fsync does, while openraft waits for it.
 
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use redb::StorageBackend;
+use storage::WriteDelay;
 
 /// One node's device.
 #[derive(Clone, Default)]
@@ -34,6 +38,8 @@ struct Device {
     incarnation: u64,
     /// Writes and syncs fail (a dying device) while set.
     failing: bool,
+    /// How much longer each durable log write takes (a slow device).
+    slow: Duration,
 }
 
 impl Disk {
@@ -51,6 +57,18 @@ impl Disk {
     /// Whether writes and syncs fail now.
     pub fn is_failing(&self) -> bool {
         self.lock().failing
+    }
+
+    /// Makes every durable log write take `slow` longer from now on (zero:
+    /// a healthy device again).
+    pub fn set_slow(&self, slow: Duration) {
+        self.lock().slow = slow;
+    }
+
+    /// The log store's view of how slow the device is, read at each write.
+    pub fn write_delay(&self) -> WriteDelay {
+        let disk = self.clone();
+        WriteDelay::new(move || disk.lock().slow)
     }
 
     /// Power cut: drops unsynced writes and retires the running incarnation.

@@ -28,6 +28,10 @@ pub enum Fault {
     /// The node's disk fails every write and sync; Raft stops the node,
     /// which restarts from its disk when the fault ends.
     DiskFails { node: u64 },
+    /// The node's disk takes `ms` longer for every durable log write (a
+    /// dying or overloaded device): a leader's commits, a follower's
+    /// appends and a candidate's vote all wait for it.
+    SlowDisk { node: u64, ms: u64 },
     /// Not a fault but an operator: a planned switchover of writes to the
     /// DR region, and the failback when it ends, each asked of whichever
     /// node leads then, amid whatever else goes wrong.
@@ -65,7 +69,7 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             break;
         }
         let mut for_ms = world.draw(|rng| rng.gen_range(500..8_000)).min(until_ms - at);
-        let fault = world.draw(|rng| match rng.gen_range(0..14) {
+        let fault = world.draw(|rng| match rng.gen_range(0..15) {
             0 => Fault::Isolate { nodes: vec![ids[rng.gen_range(0..ids.len())]] },
             1 => Fault::Isolate { nodes: world.zone("a") },
             2 => Fault::Isolate { nodes: world.zone("b") },
@@ -79,6 +83,7 @@ pub fn schedule(world: &World, from_ms: u64, until_ms: u64) -> Vec<Scheduled> {
             9 => Fault::Crash { nodes: world.zone(["a", "b"][rng.gen_range(0..2)]) },
             10 => Fault::Crash { nodes: ids.clone() },
             11 => Fault::DiskFails { node: ids[rng.gen_range(0..ids.len())] },
+            14 => Fault::SlowDisk { node: ids[rng.gen_range(0..ids.len())], ms: rng.gen_range(10..1_500) },
             7 => Fault::ClockJump { node: ids[rng.gen_range(0..ids.len())], delta_ms: rng.gen_range(-3_000..3_000) },
             // A run that loses its region does not also switch over (see
             // `crate::region`): the region that takes writes is the one lost.
@@ -139,6 +144,7 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
         Fault::ClockJump { node, delta_ms } => world.jump_clock(*node, *delta_ms),
         Fault::Storm { weather } => world.net.set_weather(*weather),
         Fault::DiskFails { node } => world.set_disk_failing(*node, true),
+        Fault::SlowDisk { node, ms } => world.set_disk_slow(*node, Duration::from_millis(*ms)),
         Fault::Switchover => switch(&world, "dr"),
         Fault::DiskLost { node } => {
             let voter = was_voter(&world, *node);
@@ -171,6 +177,7 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
                 }
             }
         }
+        Fault::SlowDisk { node, .. } => world.set_disk_slow(*node, Duration::ZERO),
         Fault::Switchover => switch(&world, "primary"),
         _ => {}
     }

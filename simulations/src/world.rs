@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cluster::fence::Fence;
 use cluster::transport::{GroupHandler, Isolation, PeerForwarder};
@@ -294,11 +295,12 @@ impl World {
             may_lead: self.topology.may_lead(id),
             region: self.topology.node(id).map(|spec| spec.region.clone()),
             replicas: self.topology.replicas(),
+            log_write_delay: Some(disk.write_delay()),
             ..self.config.group.clone()
         };
         let link = SimLink { id, net: self.net.clone(), fence: fence.clone() };
         let network = SimNetwork { link: link.clone() };
-        let timeout = std::time::Duration::from_millis(self.config.actors.request_timeout_ms);
+        let timeout = Duration::from_millis(self.config.actors.request_timeout_ms);
         let forwarder = Arc::new(PeerForwarder::over(Arc::new(link), timeout));
         let group =
             Group::open_on(&config, Arc::new(database), clock.clone(), network, self.topology.members(), bootstrap)
@@ -388,6 +390,11 @@ impl World {
     /// Makes node `id`'s disk fail (or recover).
     pub fn set_disk_failing(&self, id: u64, failing: bool) {
         self.machines.borrow()[&id].disk.set_failing(failing);
+    }
+
+    /// Makes node `id`'s durable log writes take `slow` longer (zero: heal).
+    pub fn set_disk_slow(&self, id: u64, slow: Duration) {
+        self.machines.borrow()[&id].disk.set_slow(slow);
     }
 
     /// Restarts, from its disk, every node whose Raft stopped on its own (a

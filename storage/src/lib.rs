@@ -39,6 +39,7 @@ use redb::Database;
 
 pub use crate::error::StoreError;
 pub use crate::log_store::LogStore;
+pub use crate::log_store::WriteDelay;
 pub use crate::state_machine::SnapshotBuilder;
 pub use crate::state_machine::StateMachineStore;
 pub use crate::state_machine::StateReader;

@@ -7,10 +7,12 @@ use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use domain::GroupState;
 use openraft::storage::LogFlushed;
 use openraft::storage::RaftLogStorage;
+use openraft::AsyncRuntime;
 use openraft::EntryPayload;
 use openraft::LogId;
 use openraft::LogState;
@@ -47,14 +49,43 @@ pub struct LogStore<C> {
     db: Arc<Database>,
     /// Whether `save_committed` fsyncs; shared by every clone.
     durable_commits: Arc<AtomicBool>,
+    /// How long the device takes to make a write durable, beyond redb's own
+    /// time: the simulator's slow disk. None on a real device.
+    write_delay: Option<WriteDelay>,
     /// Ties the store to one Raft type config without storing a value of it.
     _config: PhantomData<C>,
+}
+
+/// How long a device takes to make each write durable, asked before every
+/// durable log write: a seam for the simulator's slow disk, which sets it
+/// per node while a fault lasts. A real device is as slow as it is.
+#[derive(Clone)]
+pub struct WriteDelay(Arc<dyn Fn() -> Duration + Send + Sync>);
+
+impl WriteDelay {
+    /// A delay `now` reads afresh before each write.
+    pub fn new(now: impl Fn() -> Duration + Send + Sync + 'static) -> Self {
+        WriteDelay(Arc::new(now))
+    }
+}
+
+impl Debug for WriteDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("WriteDelay").field(&(self.0)()).finish()
+    }
 }
 
 impl<C> LogStore<C> {
     /// Wraps a database whose tables [`crate::from_database`] has created.
     pub(crate) fn new(db: Arc<Database>) -> Self {
-        Self { db, durable_commits: Arc::default(), _config: PhantomData }
+        Self { db, durable_commits: Arc::default(), write_delay: None, _config: PhantomData }
+    }
+
+    /// The same store on a device that takes `delay` longer for each durable
+    /// write (append, vote, truncate, purge), while openraft waits for it as
+    /// for a slow fsync.
+    pub fn with_write_delay(self, delay: Option<WriteDelay>) -> Self {
+        Self { write_delay: delay, ..self }
     }
 
     /// The switch that makes `save_committed` fsync. A DR copy turns it on: it
@@ -69,7 +100,12 @@ impl<C> LogStore<C> {
 // Manual impls: derives would demand `C: Clone + Debug` for no reason.
 impl<C> Clone for LogStore<C> {
     fn clone(&self) -> Self {
-        Self { db: self.db.clone(), durable_commits: self.durable_commits.clone(), _config: PhantomData }
+        Self {
+            db: self.db.clone(),
+            durable_commits: self.durable_commits.clone(),
+            write_delay: self.write_delay.clone(),
+            _config: PhantomData,
+        }
     }
 }
 
@@ -80,6 +116,14 @@ impl<C> Debug for LogStore<C> {
 }
 
 impl<C: SurgeTypeConfig> LogStore<C> {
+    /// Waits as long as the device is slow now (see [`WriteDelay`]).
+    async fn device_busy(&self) {
+        let delay = self.write_delay.as_ref().map_or(Duration::ZERO, |delay| (delay.0)());
+        if !delay.is_zero() {
+            C::AsyncRuntime::sleep(delay).await;
+        }
+    }
+
     /// Reads one record of the `LOG_META` table.
     fn read_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -234,6 +278,7 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
         // Durable: a node that forgot its vote could vote twice in one term.
+        self.device_busy().await;
         self.write_meta(schema::KEY_VOTE, vote, true).map_err(to_storage_error(StorageIOError::write_vote))
     }
 
@@ -267,6 +312,7 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
         // The commit fsyncs before it returns, so the entries are on disk when openraft
         // is told they are: an acknowledged append survives a crash. Writing inline
         // (no background flusher) keeps the store single-threaded for the simulator.
+        self.device_busy().await;
         self.write_entries(entries.into_iter()).map_err(to_storage_error(StorageIOError::write_logs))?;
         callback.log_io_completed(Ok(()));
         Ok(())
@@ -274,11 +320,13 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         tracing::debug!(%log_id, "truncate log");
+        self.device_busy().await;
         self.delete_since(log_id.index).map_err(to_storage_error(StorageIOError::write_logs))
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         tracing::debug!(%log_id, "purge log");
+        self.device_busy().await;
         self.purge_upto(log_id).map_err(to_storage_error(StorageIOError::write_logs))
     }
 }
