@@ -100,8 +100,7 @@ pub fn preview(node: &Node) -> Result<FailoverPreview, DrillError> {
     if region == node.primary_region() {
         return Err(DrillError::AlreadyPrimary(region));
     }
-    let applied_index = node.group().raft().metrics().borrow().last_applied.map_or(0, |id| id.index);
-    let mut copy = node.read_local(Clone::clone);
+    let (mut copy, applied_index) = node.group().read_local_at(Clone::clone);
     let bounded = copy.escrow_is_on();
     let cost = copy.fail_over(&region);
     Ok(FailoverPreview::of(node, applied_index, bounded, cost))
@@ -222,8 +221,7 @@ async fn promote(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String>
     let region = node.topology().node(node.id()).map(|spec| spec.region.clone()).unwrap_or_default();
     log.note(format!("region {:?} does not answer; failing over to {region:?}", plan.lost));
     let group = node.group();
-    let applied_index = group.raft().metrics().borrow().last_applied.map_or(0, |id| id.index);
-    let mut state = node.read_local(Clone::clone);
+    let (mut state, applied_index) = group.read_local_at(Clone::clone);
     let bounded = state.escrow_is_on();
     let cost = state.fail_over(&region);
     let generation = cost.generation;

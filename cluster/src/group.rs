@@ -516,6 +516,15 @@ impl Group {
         self.state.read(read)
     }
 
+    /// Like [`Group::read_local`], with the log index the state is applied
+    /// up to. That is the state machine's own count, not openraft's
+    /// metrics: those show an apply only once Raft's core gets to it, and
+    /// a core waiting on a slow disk shows it late. Whatever compares
+    /// copies (which is the most advanced) must use this one.
+    pub fn read_local_at<T>(&self, read: impl FnOnce(&GroupState) -> T) -> (T, u64) {
+        self.state.read_at(read)
+    }
+
     /// This replica's copy with every entry of its log applied, committed
     /// or not: what failback reconciles with. A node of a lost primary
     /// that restarted may know less as committed than its last leader
@@ -952,7 +961,7 @@ impl Group {
             term: metrics.current_term,
             last_log_index,
             last_log_term: self.log.last_log_id().ok().flatten().map_or(0, |log_id| log_id.leader_id.term),
-            applied_index: metrics.last_applied.map_or(0, |log_id| log_id.index),
+            applied_index: self.state.read_at(|_| ()).1,
             snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
             commit_index,
             follower_lag,

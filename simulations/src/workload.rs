@@ -386,8 +386,8 @@ pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u6
                 down.insert(region);
                 continue;
             };
-            let applied = node.group().raft().metrics().borrow().last_applied.map_or(0, |id| id.index);
-            seen.push(Seen { node: id, region, applied, state: node.read_local(Clone::clone) });
+            let (state, applied) = node.group().read_local_at(Clone::clone);
+            seen.push(Seen { node: id, region, applied, state });
             for view in node.read_local(|s| s.sku_views().collect::<Vec<_>>()) {
                 let stock = view.stock;
                 if stock.held + stock.sold > stock.total || !stock.is_conserved() {
