@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let report = sim::run(seed, &Options { echo: args.trace, mutation: args.mutation, ..Options::default() });
         print_report(&report, started.elapsed());
-        if !report.failures.is_empty() {
+        if !report.passed() {
             bail!("seed {seed} failed");
         }
         return Ok(());
@@ -147,6 +147,8 @@ struct Totals {
     /// Nodes whose disks were lost for good in runs that kept their
     /// region, all replaced.
     disks_replaced: usize,
+    /// Disks that were slow for a while.
+    slow_disks: usize,
     failed: Vec<u64>,
     /// When to print the next progress line.
     next_progress: u64,
@@ -160,20 +162,22 @@ impl Totals {
         let report = sim::run(seed, &Options { mutation: self.mutation, ..Options::default() });
         drop(watchdog);
         let wall = started.elapsed();
+        let found = &report.found;
         self.runs += 1;
-        self.simulated_ms += report.simulated_ms;
+        self.simulated_ms += found.simulated_ms;
         self.wall += wall;
-        self.acked += report.acked;
-        self.disks_replaced += report.disks_replaced;
-        if let Some(lost) = report.lost_reported {
+        self.acked += found.acked;
+        self.disks_replaced += found.disks_replaced;
+        self.slow_disks += found.slow_disks;
+        if let Some(lost) = found.lost_reported {
             self.region_losses += 1;
             self.lost_reported += lost;
-            self.second_failovers.promoted += report.second_failovers.promoted;
-            self.second_failovers.refused += report.second_failovers.refused;
-            self.disks_lost_runs += u64::from(report.copies_lost > 0);
-            self.copies_lost += report.copies_lost;
+            self.second_failovers.promoted += found.second_failovers.promoted;
+            self.second_failovers.refused += found.second_failovers.refused;
+            self.disks_lost_runs += u64::from(found.copies_lost > 0);
+            self.copies_lost += found.copies_lost;
         }
-        if !report.failures.is_empty() {
+        if !report.passed() {
             print_report(&report, wall);
             self.failed.push(seed);
         } else if self.runs >= self.next_progress {
@@ -206,6 +210,7 @@ impl Totals {
              (surge ctl replace-node)",
             self.disks_replaced
         );
+        println!("{} times a node's disk was slow for a while (10 to 1,500 ms more a write)", self.slow_disks);
         println!(
             "after those losses, the sampler promoted a copy again (a second failover) {} times, none overselling \
              or losing an acknowledgement unreported; {} times a failover would have refused it (no escrow grant)",
@@ -215,24 +220,25 @@ impl Totals {
 }
 
 fn print_report(report: &sim::Report, wall: Duration) {
-    let verdict = if report.failures.is_empty() { "passed" } else { "FAILED" };
+    let found = &report.found;
+    let verdict = if report.passed() { "passed" } else { "FAILED" };
     println!(
         "seed {} {verdict}: {:.1} simulated s in {:.2} wall s, {} events, {} orders acknowledged, {} checkouts unanswered, trace {}",
         report.seed,
-        report.simulated_ms as f64 / 1000.0,
+        found.simulated_ms as f64 / 1000.0,
         wall.as_secs_f64(),
         report.events,
-        report.acked,
-        report.unknown,
+        found.acked,
+        found.unknown,
         &report.hash[..16]
     );
-    if let Some(lost) = report.lost_reported {
+    if let Some(lost) = found.lost_reported {
         println!("  lost the primary region; the failover lost {lost} acknowledgements, reported");
     }
-    for failure in &report.failures {
+    for failure in &found.failures {
         println!("  {failure}");
     }
-    if !report.failures.is_empty() {
+    if !report.passed() {
         println!("  replay: cargo run -p simulations --release -- --seed {} --trace", report.seed);
     }
 }

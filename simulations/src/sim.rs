@@ -37,17 +37,23 @@ const RUN_MIN_MS: u64 = 60_000;
 /// How long the replicas get to catch up after the heal.
 const CONVERGE_MAX: Duration = Duration::from_secs(30);
 
-/// What one run found.
+/// One run: its seed, its trace, and what it found.
 #[derive(Debug)]
 pub struct Report {
     pub seed: u64,
-    /// Broken properties and other failures; empty when the run passed.
-    pub failures: Vec<String>,
     /// Hash of the full event trace.
     pub hash: String,
     pub events: u64,
     /// The events, when they were kept.
     pub trace: Vec<String>,
+    pub found: Found,
+}
+
+/// What a run found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// Broken properties and other failures; empty when the run passed.
+    pub failures: Vec<String>,
     pub simulated_ms: u64,
     /// Acknowledged orders and checkouts without a definite answer.
     pub acked: usize,
@@ -63,6 +69,15 @@ pub struct Report {
     /// Nodes whose disks were lost for good and that were replaced (in a
     /// run that keeps its region).
     pub disks_replaced: usize,
+    /// Slow-disk faults in the schedule.
+    pub slow_disks: usize,
+}
+
+impl Report {
+    /// Whether every checker held.
+    pub fn passed(&self) -> bool {
+        self.found.failures.is_empty()
+    }
 }
 
 thread_local! {
@@ -107,46 +122,12 @@ fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
     let system = actix_rt::System::with_tokio_rt(|| runtime);
     let trace = Trace::new(keep, echo);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| system.block_on(simulate(seed, trace.clone()))));
-    let Found {
-        mut failures,
-        simulated_ms,
-        acked,
-        unknown,
-        lost_reported,
-        second_failovers,
-        copies_lost,
-        disks_replaced,
-    } = outcome.unwrap_or_else(|_| Found { simulated_ms: trace.now_ms(), ..Found::default() });
-    failures
+    let mut found = outcome.unwrap_or_else(|_| Found { simulated_ms: trace.now_ms(), ..Found::default() });
+    found
+        .failures
         .extend(PANICS.with(|panics| panics.borrow_mut().drain(..).map(|p| format!("panic: {p}")).collect::<Vec<_>>()));
     let (hash, events) = trace.digest();
-    Report {
-        seed,
-        failures,
-        hash,
-        events,
-        trace: trace.events(),
-        simulated_ms,
-        acked,
-        unknown,
-        lost_reported,
-        second_failovers,
-        copies_lost,
-        disks_replaced,
-    }
-}
-
-/// What [`simulate`] found.
-#[derive(Default)]
-struct Found {
-    failures: Vec<String>,
-    simulated_ms: u64,
-    acked: usize,
-    unknown: u64,
-    lost_reported: Option<usize>,
-    copies_lost: usize,
-    disks_replaced: usize,
-    second_failovers: SecondFailovers,
+    Report { seed, hash, events, trace: trace.events(), found }
 }
 
 /// The run itself, inside the simulated runtime.
@@ -167,6 +148,8 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
 
     let region_loss = world.region_loss.then(|| region::plan(&world, FAULTS_FROM_MS, REGION_LOST_BY_MS));
     let mut schedule = faults::schedule(&world, FAULTS_FROM_MS, FAULTS_UNTIL_MS);
+    let slow_disks =
+        schedule.iter().filter(|scheduled| matches!(scheduled.fault, faults::Fault::SlowDisk { .. })).count();
     if let Some(plan) = &region_loss {
         trace.event(format!("region loss planned: {plan:?}"));
         schedule.extend(plan.catch_up.clone());
@@ -255,6 +238,7 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
         second_failovers,
         copies_lost,
         disks_replaced,
+        slow_disks,
     }
 }
 

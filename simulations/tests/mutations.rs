@@ -15,7 +15,7 @@ fn every_known_bug_fails_a_seed_within_a_bounded_number_of_runs() {
         let options = Options { mutation: Some(mutation), ..Options::default() };
         let caught = (1..=SEEDS).find_map(|seed| {
             let report = sim::run(seed, &options);
-            (!report.failures.is_empty()).then_some((seed, report.failures))
+            (!report.passed()).then_some((seed, report.found.failures))
         });
         match caught {
             Some((seed, failures)) => println!("{}: seed {seed} fails: {}", mutation.name(), failures[0]),
