@@ -265,8 +265,9 @@ pub struct ReplaceNode {
     /// The node whose data is gone. It must not answer with a log: stopped,
     /// or already started wiped with `join = true`.
     pub node: u64,
-    /// Whether it ends as a voter; by default, what it is now. Say `true`
-    /// when running it again for a voter that a first run left a learner.
+    /// Whether it ends as a voter. By default: what the latest replacement
+    /// of the node on record that did not complete meant it to be (a run
+    /// cut short is finished by asking again), or else what it is now.
     #[serde(default)]
     pub voter: Option<bool>,
 }

@@ -118,6 +118,11 @@ pub struct DrillReport {
     /// not before (see [`crate::replace`]).
     #[serde(default)]
     pub added_back: bool,
+    /// A node replacement: whether the node ends as a voter. Recorded
+    /// before anything changes, so that asking again after a run was cut
+    /// short finishes what it meant to do.
+    #[serde(default)]
+    pub voter_after: Option<bool>,
 }
 
 impl DrillReport {
@@ -148,6 +153,7 @@ impl DrillReport {
             failover: None,
             reconciliation: None,
             added_back: false,
+            voter_after: None,
         }
     }
 }
@@ -424,22 +430,30 @@ pub(crate) async fn finish(node: &Node, id: u64, outcome: Result<(), String>) {
 }
 
 /// Writes drill `id`'s report as it stands into the replicated state, so
-/// every node lists it and it outlives this node. Retried for a while: a
-/// drill's own cut can leave the group briefly without a leader.
-pub(crate) async fn record(node: &Node, id: u64) {
-    let Some(report) = node.drills().get(id) else { return };
+/// every node lists it and it outlives this node; says whether it did.
+/// Retried for a while: a drill's own cut can leave the group briefly
+/// without a leader.
+pub(crate) async fn record(node: &Node, id: u64) -> bool {
+    let Some(report) = node.drills().get(id) else { return false };
     let record = match serde_json::to_string(&report) {
         Ok(record) => record,
-        Err(error) => return tracing::error!(drill = id, %error, "cannot encode the drill report"),
+        Err(error) => {
+            tracing::error!(drill = id, %error, "cannot encode the drill report");
+            return false;
+        }
     };
     let command = Command::RecordDrill { id, coordinator: report.coordinator, record };
     let started = Instant::now();
     loop {
         match node.operator(command.clone()).await {
-            Ok(Outcome::DrillRecorded) => return,
-            Ok(other) => return tracing::error!(drill = id, ?other, "the drill record was refused"),
+            Ok(Outcome::DrillRecorded) => return true,
+            Ok(other) => {
+                tracing::error!(drill = id, ?other, "the drill record was refused");
+                return false;
+            }
             Err(error) if started.elapsed() > RECORD_MAX => {
-                return tracing::warn!(drill = id, %error, "could not record the drill; it stays on this node only");
+                tracing::warn!(drill = id, %error, "could not record the drill; it stays on this node only");
+                return false;
             }
             Err(_) => tokio::time::sleep(PROBE_EVERY).await,
         }

@@ -26,11 +26,16 @@
 //! group would be a copy short while it caught up again.
 //!
 //! A replacement cut short (its leader lost, the wait run out) is asked
-//! for again, with `voter` if the node was a voter: the first run's intent
-//! is not kept. A node that is no member at all any more (removed, not yet
-//! added back) skips step 1. A learner that already holds a log, when
-//! asked to be a voter, skips steps 1 and 2: it was added back, and only
-//! its promotion is left.
+//! for again, of whichever node leads. Its report is in the replicated
+//! state before step 1, with whether the node ends as a voter; asked
+//! again without saying, a replacement takes that from the latest one of
+//! the node on record that did not complete. Without it, a voter removed
+//! by a run cut short would come back a learner, and the group would be a
+//! voter short for good: four voters, two of them in the zone that is
+//! lost, keep no majority. A node that is no member at all any more
+//! (removed, not yet added back) skips step 1. A learner that already
+//! holds a log, when it is to be a voter, skips steps 1 and 2: it was
+//! added back, and only its promotion is left.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -66,9 +71,10 @@ pub(crate) struct Plan {
     voter_after: bool,
 }
 
-/// Checks that this node may replace node `target` now, records the
+/// Checks that this node may replace node `target` now, notes the
 /// replacement as running, and returns its first report. `voter`: whether
-/// the node ends as a voter; by default, what it is now.
+/// the node ends as a voter; by default, what an earlier replacement of it
+/// cut short meant it to be, or else what it is now.
 pub(crate) async fn plan(
     node: &Node,
     target: u64,
@@ -94,30 +100,38 @@ pub(crate) async fn plan(
     let member_now = members.contains(&target);
     let voter_now = voters.contains(&target);
     let held_log = held.map_or(0, |group| group.last_log_index);
-    let promote_only = member_now && !voter_now && voter == Some(true);
+    let voter_after = voter.or_else(|| unfinished_intent(node, target)).unwrap_or(voter_now);
+    let promote_only = member_now && !voter_now && voter_after;
     if held_log > 0 && !promote_only {
         return Err(DrillError::HoldsItsCopy { node: target, last_log_index: held_log });
     }
     let report = DrillReport {
         nodes: vec![target],
+        voter_after: Some(voter_after),
         ..DrillReport::started("replace-node", node.id(), requested_by, node.clock_ms())
     };
     node.drills().begin(report.clone())?;
-    let plan = Plan {
-        target,
-        peer: spec.peer.clone(),
-        member_now,
-        voter_now,
-        rebuild: held_log == 0,
-        voter_after: voter.unwrap_or(voter_now),
-    };
+    let plan = Plan { target, peer: spec.peer.clone(), member_now, voter_now, rebuild: held_log == 0, voter_after };
     Ok((report, plan))
+}
+
+/// Whether the latest replacement of `target` on record meant it to end a
+/// voter, if that replacement did not complete.
+fn unfinished_intent(node: &Node, target: u64) -> Option<bool> {
+    let reports = drill::reports(node);
+    let latest = reports.iter().rev().find(|report| report.kind == "replace-node" && report.nodes == [target])?;
+    (latest.state != "completed").then_some(latest.voter_after).flatten()
 }
 
 /// Carries a planned replacement out and records its report.
 pub(crate) async fn run(node: Node, id: u64, plan: Plan) {
     let log = Timeline::new(&node, id);
-    let outcome = replace(&node, &log, &plan).await;
+    // On record before anything changes: whoever asks again finds the intent.
+    let outcome = if drill::record(&node, id).await {
+        replace(&node, &log, &plan).await
+    } else {
+        Err("the replacement could not be recorded; nothing was changed".into())
+    };
     drill::finish(&node, id, outcome).await;
 }
 
@@ -172,10 +186,9 @@ async fn replace(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String>
             break;
         }
         if started.elapsed() > JOIN_WAIT {
-            let again = if plan.voter_after { " --voter" } else { "" };
             return Err(format!(
                 "node {target} did not catch up within {JOIN_WAIT:?}; it is a learner now. Start it wiped, with \
-                 join = true, then run `surge ctl replace-node --node {target}{again}` again"
+                 join = true, then run `surge ctl replace-node --node {target}` again"
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

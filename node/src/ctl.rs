@@ -115,8 +115,9 @@ enum CtlCommand {
         /// The node whose data is gone.
         #[arg(long)]
         node: u64,
-        /// End as a voter even if the node is a learner now (a first run
-        /// that timed out leaves a voter a learner).
+        /// End as a voter even if the node is a learner now. Without it: what
+        /// the latest replacement of the node on record that did not
+        /// complete meant it to be, or else what it is now.
         #[arg(long)]
         voter: bool,
         /// Print the final report as JSON too.
@@ -497,6 +498,9 @@ fn render_report(report: &DrillReport) -> String {
     if report.kind == "replace-node" {
         let caught_up = report.caught_up_ms.map_or("not within the wait".into(), |ms| format!("{ms} ms after"));
         out.push_str(&format!("  node {:?} had the whole log {caught_up} it was added back\n", report.nodes));
+        if let Some(voter) = report.voter_after {
+            out.push_str(&format!("  ends as                   {}\n", if voter { "a voter" } else { "a learner" }));
+        }
         return out;
     }
     if report.kind == "failback" {

@@ -210,6 +210,9 @@ fn leader(world: &World) -> Option<cluster::Node> {
 async fn replace_disk(world: &World, id: u64, voter: bool, disk_in_at_ms: u64) {
     let mut asked: Option<(cluster::Node, u64)> = None;
     let mut started = false;
+    // Once a replacement started, asking again says nothing of the role:
+    // the one cut short recorded it (docs/operations.md).
+    let mut first_started = false;
     loop {
         if replaced(world, id, voter) {
             world.disks_replaced.set(world.disks_replaced.get() + 1);
@@ -234,8 +237,9 @@ async fn replace_disk(world: &World, id: u64, voter: bool, disk_in_at_ms: u64) {
         }
         if report.is_none_or(|report| report.state != "running") {
             asked = match leader(world) {
-                Some(leader) => match leader.start_replace(id, Some(voter), "simulator").await {
+                Some(leader) => match leader.start_replace(id, (!first_started).then_some(voter), "simulator").await {
                     Ok(report) => {
+                        first_started = true;
                         world.trace.event(format!(
                             "replacement {} of node {id} started by node {}",
                             report.id, report.coordinator
