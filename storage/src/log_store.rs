@@ -311,7 +311,9 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
     {
         // The commit fsyncs before it returns, so the entries are on disk when openraft
         // is told they are: an acknowledged append survives a crash. Writing inline
-        // (no background flusher) keeps the store single-threaded for the simulator.
+        // (no background flusher) keeps the store single-threaded for the simulator, and
+        // costs nothing: openraft 0.9's core awaits this callback (`append_to_log`) before
+        // it runs its next command, the replication included.
         self.device_busy().await;
         self.write_entries(entries.into_iter()).map_err(to_storage_error(StorageIOError::write_logs))?;
         callback.log_io_completed(Ok(()));
