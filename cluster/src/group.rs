@@ -221,7 +221,22 @@ struct Holds {
     /// node (see [`Group::pre_vote`]); openraft's elect switch stays off
     /// unless that was lately.
     pre_vote_won_at: Option<Instant>,
+    /// When this node last handed leadership away because its disk was
+    /// slow (see [`SLOW_APPENDS`]).
+    stepped_down_for_disk_at: Option<Instant>,
 }
+
+/// A leader whose own appends take this long on average hands leadership
+/// to another voter: every commit waits for its append before it even
+/// replicates (`storage::LogStore`'s `append`), so a sick disk holds up
+/// every checkout, yet a leader that still heartbeats is never deposed.
+/// A healthy disk appends in a few milliseconds.
+const SLOW_APPENDS: Duration = Duration::from_millis(50);
+
+/// After handing leadership away for a slow disk, this many leases pass
+/// before the node does it again: it may win again when no other voter
+/// can lead, and then it leads slowly rather than not at all.
+const SLOW_STEP_DOWN_EVERY_LEASES: u32 = 10;
 
 impl Group {
     /// Opens the group's database in `data_dir` and starts its Raft instance
@@ -793,18 +808,15 @@ impl Group {
                 return;
             }
             self.fence().set_generation(self.state.read(GroupState::generation));
-            let hand_back = !self.may_lead()
-                && metrics.state.is_leader()
-                && !self.is_abdicating()
-                && metrics.replication.as_ref().is_some_and(|replication| {
-                    let last = metrics.last_log_index;
-                    let voters = metrics.membership_config.membership().voter_ids().collect::<Vec<_>>();
-                    replication.iter().any(|(id, matched)| {
-                        *id != metrics.id && voters.contains(id) && matched.map(|m| m.index) >= last
-                    })
-                });
-            if hand_back {
+            let leading = metrics.state.is_leader() && !self.is_abdicating();
+            if leading && !self.may_lead() && another_voter_has_whole_log(&metrics) {
                 tracing::warn!("the tiebreaker leads; handing leadership back to the primary region");
+                self.abdicate(self.lease * 3);
+            } else if leading && self.disk_too_slow_to_lead() && another_voter_has_whole_log(&metrics) {
+                let appends_ms = self.log.append_times().recent().as_millis();
+                tracing::warn!(appends_ms, "this leader's disk is slow; handing leadership to another voter");
+                metrics::counter!("surge_slow_disk_step_downs_total").increment(1);
+                self.lock_holds().stepped_down_for_disk_at = Some(Instant::now());
                 self.abdicate(self.lease * 3);
             }
             if metrics.state.is_leader() {
@@ -821,6 +833,14 @@ impl Group {
             }
             self.apply_holds(&holds);
         }
+    }
+
+    /// Whether this node's appends are slow enough (and it has not just
+    /// stepped down for that) that it should stop leading.
+    fn disk_too_slow_to_lead(&self) -> bool {
+        let stepped_down = self.lock_holds().stepped_down_for_disk_at;
+        let again = stepped_down.is_none_or(|at| at.elapsed() > self.lease * SLOW_STEP_DOWN_EVERY_LEASES);
+        again && self.log.append_times().recent() >= SLOW_APPENDS
     }
 
     /// Whether this voter may campaign now as far as a pre-vote goes: at
@@ -978,6 +998,18 @@ impl Group {
     pub fn raft(&self) -> &Raft<TypeConfig> {
         &self.raft
     }
+}
+
+/// On a leader: whether a voter other than itself has its whole log, and
+/// could take over at once.
+fn another_voter_has_whole_log(metrics: &Metrics) -> bool {
+    metrics.replication.as_ref().is_some_and(|replication| {
+        let last = metrics.last_log_index;
+        let voters = metrics.membership_config.membership().voter_ids().collect::<Vec<_>>();
+        replication
+            .iter()
+            .any(|(id, matched)| *id != metrics.id && voters.contains(id) && matched.map(|m| m.index) >= last)
+    })
 }
 
 #[cfg(test)]

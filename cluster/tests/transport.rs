@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -655,6 +655,8 @@ struct Trio {
     pki: Pki,
     groups: BTreeMap<u64, Group>,
     isolations: BTreeMap<u64, Isolation>,
+    /// Extra milliseconds each node's disk takes for a log write (0: healthy).
+    slow_disks: BTreeMap<u64, Arc<AtomicU64>>,
     peers: BTreeMap<u64, String>,
     _servers: Vec<PeerServer>,
     _dirs: Vec<tempfile::TempDir>,
@@ -692,9 +694,13 @@ impl Trio {
         }
         let (mut groups, mut isolations, mut dirs, mut servers) =
             (BTreeMap::new(), BTreeMap::new(), Vec::new(), Vec::new());
+        let mut slow_disks = BTreeMap::new();
         for (id, listener) in listeners {
             let tls = pki.node(id);
             let dir = tempfile::tempdir().unwrap();
+            let slowness = Arc::new(AtomicU64::new(0));
+            let delay = slowness.clone();
+            slow_disks.insert(id, slowness);
             let config = GroupConfig {
                 node_id: id,
                 election_timeout_min_ms: 500,
@@ -702,6 +708,9 @@ impl Trio {
                 may_lead: tiebreaker != Some(id) && !replicas.contains_key(&id),
                 replicas: replicas.clone(),
                 region: Some(if id == 4 { "dr".into() } else { "primary".into() }),
+                log_write_delay: Some(storage::WriteDelay::new(move || {
+                    Duration::from_millis(delay.load(Ordering::Relaxed))
+                })),
                 ..GroupConfig::default()
             };
             let clients = PeerClients::new(tls.client.clone(), fast_client());
@@ -720,7 +729,7 @@ impl Trio {
         for group in groups.values() {
             group.wait_until_caught_up(Duration::from_secs(20)).await.unwrap();
         }
-        Trio { pki, groups, isolations, peers, _servers: servers, _dirs: dirs }
+        Trio { pki, groups, isolations, slow_disks, peers, _servers: servers, _dirs: dirs }
     }
 
     fn leader(&self) -> u64 {
@@ -992,6 +1001,35 @@ async fn a_voter_cut_off_and_healed_does_not_depose_the_leader() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!((trio.leader(), term(leader)), (leader, term_before), "the healed voter deposed the leader");
         assert_eq!(term(follower), term_before);
+        trio.shutdown().await;
+    })
+    .await;
+}
+
+/// A leader whose disk turns slow hands leadership to a voter whose disk
+/// is not. Every commit waited for its appends, yet it still heartbeat,
+/// so no election would ever have moved it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_turns_slow_hands_leadership_over() {
+    bounded(90, async {
+        let trio = Trio::start().await;
+        let slow = trio.leader();
+        let other = (1..=3).find(|id| *id != slow).unwrap();
+        trio.groups[&slow].propose(vec![Command::CreateSale(sale("slow-disk"))]).await.unwrap();
+        trio.slow_disks[&slow].store(300, Ordering::Relaxed);
+        // Writes go on through another node, slowly, until the leader's
+        // average append shows its disk is sick.
+        let another_leads = || trio.groups.iter().any(|(id, group)| *id != slow && group.is_leader());
+        let started = Instant::now();
+        while !another_leads() {
+            assert!(started.elapsed() < Duration::from_secs(20), "the slow leader still leads");
+            let _ = trio.groups[&other].propose(vec![restock("slow-disk", 1)]).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leader = trio.groups.iter().find(|(id, group)| **id != slow && group.is_leader()).map(|(id, _)| *id);
+        // The new leader commits without the slow disk's append on the way.
+        let written = trio.groups[&leader.unwrap()].propose(vec![restock("slow-disk", 1)]).await;
+        assert!(written.is_ok(), "{written:?}");
         trio.shutdown().await;
     })
     .await;

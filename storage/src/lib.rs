@@ -38,6 +38,7 @@ use openraft::RaftTypeConfig;
 use redb::Database;
 
 pub use crate::error::StoreError;
+pub use crate::log_store::AppendTimes;
 pub use crate::log_store::LogStore;
 pub use crate::log_store::WriteDelay;
 pub use crate::state_machine::SnapshotBuilder;

@@ -5,7 +5,7 @@ use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::ops::RangeBounds;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use openraft::storage::LogFlushed;
 use openraft::storage::RaftLogStorage;
 use openraft::AsyncRuntime;
 use openraft::EntryPayload;
+use openraft::Instant;
 use openraft::LogId;
 use openraft::LogState;
 use openraft::OptionalSend;
@@ -52,6 +53,8 @@ pub struct LogStore<C> {
     /// How long the device takes to make a write durable, beyond redb's own
     /// time: the simulator's slow disk. None on a real device.
     write_delay: Option<WriteDelay>,
+    /// How long appends take lately; shared by every clone.
+    append_times: AppendTimes,
     /// Ties the store to one Raft type config without storing a value of it.
     _config: PhantomData<C>,
 }
@@ -75,10 +78,41 @@ impl Debug for WriteDelay {
     }
 }
 
+/// How long a store's appends take lately, fsync included: a moving average
+/// that gives each new append an eighth of the weight. A healthy disk keeps
+/// it at a few milliseconds; a leader whose disk is sick hands leadership
+/// over (`cluster::Group`), since every commit waits for its append.
+#[derive(Clone, Debug, Default)]
+pub struct AppendTimes(Arc<AtomicU64>);
+
+impl AppendTimes {
+    /// The moving average.
+    pub fn recent(&self) -> Duration {
+        Duration::from_micros(self.0.load(Ordering::Relaxed))
+    }
+
+    fn note(&self, took: Duration) {
+        let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let average = self.0.load(Ordering::Relaxed);
+        self.0.store(average - average / 8 + took / 8, Ordering::Relaxed);
+    }
+}
+
 impl<C> LogStore<C> {
     /// Wraps a database whose tables [`crate::from_database`] has created.
     pub(crate) fn new(db: Arc<Database>) -> Self {
-        Self { db, durable_commits: Arc::default(), write_delay: None, _config: PhantomData }
+        Self {
+            db,
+            durable_commits: Arc::default(),
+            write_delay: None,
+            append_times: AppendTimes::default(),
+            _config: PhantomData,
+        }
+    }
+
+    /// How long this store's appends take lately.
+    pub fn append_times(&self) -> AppendTimes {
+        self.append_times.clone()
     }
 
     /// The same store on a device that takes `delay` longer for each durable
@@ -104,6 +138,7 @@ impl<C> Clone for LogStore<C> {
             db: self.db.clone(),
             durable_commits: self.durable_commits.clone(),
             write_delay: self.write_delay.clone(),
+            append_times: self.append_times.clone(),
             _config: PhantomData,
         }
     }
@@ -314,8 +349,10 @@ impl<C: SurgeTypeConfig> RaftLogStorage<C> for LogStore<C> {
         // (no background flusher) keeps the store single-threaded for the simulator, and
         // costs nothing: openraft 0.9's core awaits this callback (`append_to_log`) before
         // it runs its next command, the replication included.
+        let started = <C::AsyncRuntime as AsyncRuntime>::Instant::now();
         self.device_busy().await;
         self.write_entries(entries.into_iter()).map_err(to_storage_error(StorageIOError::write_logs))?;
+        self.append_times.note(started.elapsed());
         callback.log_io_completed(Ok(()));
         Ok(())
     }
