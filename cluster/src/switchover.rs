@@ -204,8 +204,8 @@ async fn steps(node: &Node, log: &Timeline, region: &str, voters: &BTreeSet<u64>
 /// the drill's record before the freeze, the freeze after it. Catching up
 /// from further behind, after a partition say, takes longer: the operator
 /// asks again once `surge ctl status` shows the region's lag gone. A node
-/// that is lost for good (`surge ctl replace-node`) holds writes frozen
-/// this long at most, and the drill's slot free for its replacement.
+/// lost for good (`surge ctl replace-node`) holds writes frozen this long
+/// at most, and keeps the drill slot its replacement needs no longer.
 const COPY_MAX: Duration = Duration::from_secs(5);
 
 /// Waits, at most [`COPY_MAX`], until every node of `voters` has stored
