@@ -808,12 +808,14 @@ impl Group {
                 return;
             }
             self.fence().set_generation(self.state.read(GroupState::generation));
+            let appends = self.log.append_times().recent();
+            metrics::gauge!("surge_log_append_ms").set(appends.as_secs_f64() * 1_000.0);
             let leading = metrics.state.is_leader() && !self.is_abdicating();
             if leading && !self.may_lead() && another_voter_has_whole_log(&metrics) {
                 tracing::warn!("the tiebreaker leads; handing leadership back to the primary region");
                 self.abdicate(self.lease * 3);
-            } else if leading && self.disk_too_slow_to_lead() && another_voter_has_whole_log(&metrics) {
-                let appends_ms = self.log.append_times().recent().as_millis();
+            } else if leading && self.disk_too_slow_to_lead(appends) && another_voter_has_whole_log(&metrics) {
+                let appends_ms = appends.as_millis();
                 tracing::warn!(appends_ms, "this leader's disk is slow; handing leadership to another voter");
                 metrics::counter!("surge_slow_disk_step_downs_total").increment(1);
                 self.lock_holds().stepped_down_for_disk_at = Some(Instant::now());
@@ -835,12 +837,13 @@ impl Group {
         }
     }
 
-    /// Whether this node's appends are slow enough (and it has not just
-    /// stepped down for that) that it should stop leading.
-    fn disk_too_slow_to_lead(&self) -> bool {
+    /// Whether appends taking `appends` on average are slow enough (and
+    /// this node has not just stepped down for that) that it should stop
+    /// leading.
+    fn disk_too_slow_to_lead(&self, appends: Duration) -> bool {
         let stepped_down = self.lock_holds().stepped_down_for_disk_at;
         let again = stepped_down.is_none_or(|at| at.elapsed() > self.lease * SLOW_STEP_DOWN_EVERY_LEASES);
-        again && self.log.append_times().recent() >= SLOW_APPENDS
+        again && appends >= SLOW_APPENDS
     }
 
     /// Whether this voter may campaign now as far as a pre-vote goes: at
