@@ -372,8 +372,9 @@ impl GroupState {
         let placed = self.place_order(session_id, items, hold_ms);
         let decided = match &placed {
             Ok(order) => Ok(order.id),
-            // A decision about the sale is final for this key; bad input is
-            // not a decision, so the shopper may fix it and use the key again.
+            // A decision about the sale is final for this key; bad input, or
+            // a sale not open yet, is not a decision, so the shopper may fix
+            // it or wait, and use the key again.
             Err(rejection) if rejection.is_decision() => Err(rejection.clone()),
             Err(rejection) => return Err(rejection.clone()),
         };

@@ -333,16 +333,15 @@ pub enum Rejection {
 
 impl Rejection {
     /// Whether this is a decision about the sale (sold out, over the limit,
-    /// not open) rather than a complaint about the request. A checkout's
+    /// ended) rather than a complaint about the request. A checkout's
     /// decision is kept with its idempotency key and replayed to retries.
+    ///
+    /// A sale not open yet is no decision: the crowd presses "buy" before
+    /// the moment, and a refusal kept with the key would refuse the same
+    /// key for good once the sale opens, and use up one of the session's
+    /// [`crate::CHECKOUTS_PER_SESSION_MAX`] keys at every press.
     pub fn is_decision(&self) -> bool {
-        matches!(
-            self,
-            Rejection::SoldOut { .. }
-                | Rejection::LimitExceeded { .. }
-                | Rejection::SaleNotOpen { .. }
-                | Rejection::SaleEnded { .. }
-        )
+        matches!(self, Rejection::SoldOut { .. } | Rejection::LimitExceeded { .. } | Rejection::SaleEnded { .. })
     }
 }
 

@@ -270,6 +270,32 @@ fn checkout_outcomes() {
     });
 }
 
+/// The crowd presses "buy" before the sale opens, over and over: none of it
+/// is kept, so the same key buys once the sale opens, and the presses use
+/// up none of the session's keys.
+#[test]
+fn pressing_buy_before_the_sale_opens_costs_the_shopper_nothing() {
+    let (mut state, opening) = opened();
+    let open = Command::OpenSession { shopper: "ann".into(), token_hash: token(0) };
+    state.apply(&Request { stamped_at_ms: opening - 100, commands: vec![open] });
+    let checkout = |key: String| Command::Checkout {
+        session: 0,
+        idempotency_key: key,
+        items: Some(vec![Line { sku: "hot".into(), qty: 1 }]),
+        hold_ms: HOLD_MS,
+    };
+    let early: Vec<Command> = (0..CHECKOUTS_PER_SESSION_MAX).map(|n| checkout(format!("early-{n}"))).collect();
+    let before = state.clone();
+    let response = state.apply(&Request { stamped_at_ms: opening - 1, commands: early });
+    assert!(response.outcomes.iter().all(|o| matches!(o, Outcome::Rejected(Rejection::SaleNotOpen { .. }))));
+    assert_eq!(state.checkout_keys(0), 0);
+    assert!(before.sku_views().eq(state.sku_views()));
+
+    let response = state.apply(&Request { stamped_at_ms: opening, commands: vec![checkout("early-0".into())] });
+    assert!(matches!(&response.outcomes[0], Outcome::Order { replayed: false, .. }), "{:?}", response.outcomes);
+    assert_eq!(state.checkout_decision(0, "early-0"), Some(Ok(0)));
+}
+
 #[test]
 fn unpaid_order_expires_at_its_deadline_and_cannot_be_paid() {
     let (mut state, now) = opened();
