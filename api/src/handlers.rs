@@ -85,18 +85,35 @@ pub async fn create_sale(_: Operator, state: web::Data<AppState>, body: web::Jso
 }
 
 #[utoipa::path(post, path = "/v1/skus/{sku}/restock", tag = "operator", request_body = Restock,
+    params(("Idempotency-Key" = String, Header, description = "1 to 128 visible ASCII characters; a retry with the same key and units adds nothing and returns the SKU")),
     security(("operator" = [])),
     responses((status = 200, body = Sku), (status = 404, body = Problem), (status = 422, body = Problem)))]
-/// Add units to a SKU's stock.
+/// Add units to a SKU's stock, once per Idempotency-Key.
 pub async fn restock(
     _: Operator,
     state: web::Data<AppState>,
+    req: HttpRequest,
     sku: web::Path<String>,
     body: web::Json<Restock>,
 ) -> Result<HttpResponse> {
     let sku = sku_path(&sku)?.to_string();
-    let outcome = state.node.operator(Command::Restock { sku, units: body.units }).await?;
+    let idempotency_key = idempotency_key(&req)?;
+    let outcome = state.node.operator(Command::Restock { sku, units: body.units, idempotency_key }).await?;
     Ok(HttpResponse::Ok().json(expect_sku(outcome)?))
+}
+
+/// The request's `Idempotency-Key`, which every write that may be retried
+/// after a timeout carries.
+fn idempotency_key(req: &HttpRequest) -> Result<String> {
+    let key = req
+        .headers()
+        .get("Idempotency-Key")
+        .ok_or_else(|| ApiError::BadHeader("the Idempotency-Key header is required".into()))?
+        .to_str()
+        .map_err(|_| ApiError::BadHeader("Idempotency-Key must be visible ASCII".into()))?
+        .to_string();
+    domain::validate_idempotency_key(&key)?;
+    Ok(key)
 }
 
 /// The header on a read a DR replica served from its own copy: the copy
@@ -209,14 +226,7 @@ pub async fn checkout(
     req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse> {
-    let key = req
-        .headers()
-        .get("Idempotency-Key")
-        .ok_or_else(|| ApiError::BadHeader("the Idempotency-Key header is required".into()))?
-        .to_str()
-        .map_err(|_| ApiError::BadHeader("Idempotency-Key must be visible ASCII".into()))?
-        .to_string();
-    domain::validate_idempotency_key(&key)?;
+    let key = idempotency_key(&req)?;
     let body: Checkout = optional_json(&body)?;
     let items: Option<Vec<Line>> = body.items.map(|items| items.into_iter().map(Line::from).collect());
     if let Some(items) = &items {

@@ -89,6 +89,14 @@ fn checkout(token: &str, key: &str, items: Value) -> TestRequest {
         .set_json(json!({ "items": items }))
 }
 
+fn restock(sku: &str, key: &str, units: u64) -> TestRequest {
+    TestRequest::post()
+        .uri(&format!("/v1/skus/{sku}/restock"))
+        .insert_header(bearer(OPERATOR))
+        .insert_header(("Idempotency-Key", key.to_string()))
+        .set_json(json!({ "units": units }))
+}
+
 async fn stock<S>(app: &S, sku: &str) -> Value
 where
     S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
@@ -163,6 +171,26 @@ async fn an_idempotency_key_places_at_most_one_order() {
         (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/idempotency-conflict"))
     );
     assert_eq!(stock(&h.app, "phone").await["held"], 1, "only the first checkout holds stock");
+}
+
+/// An operator whose restock timed out sends it again with the same key:
+/// the units go on sale once.
+#[actix_rt::test]
+async fn an_idempotency_key_restocks_at_most_once() {
+    let h = harness(60_000).await;
+    create_sale(&h.app, "phone", 10, 0).await;
+
+    for _ in 0..2 {
+        let (status, sku, _) = send(&h.app, restock("phone", "restock-1", 5)).await;
+        assert_eq!((status, &sku["total"]), (StatusCode::OK, &json!(15)), "{sku}");
+    }
+    let (status, problem, _) = send(&h.app, restock("phone", "restock-1", 6)).await;
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("/problems/idempotency-conflict"))
+    );
+    let (status, sku, _) = send(&h.app, restock("phone", "restock-2", 5)).await;
+    assert_eq!((status, &sku["total"]), (StatusCode::OK, &json!(20)), "{sku}");
 }
 
 #[actix_rt::test]
@@ -371,14 +399,15 @@ async fn bad_input_gets_a_problem_document_and_changes_nothing() {
             "invalid-request",
         ),
         ("sale of an existing SKU", sale(json!({"sku": "hot"})), StatusCode::CONFLICT, "sale-exists"),
+        ("restock of nothing", restock("hot", "r-0", 0), StatusCode::UNPROCESSABLE_ENTITY, "invalid-request"),
         (
-            "restock of nothing",
+            "restock without an Idempotency-Key",
             TestRequest::post()
                 .uri("/v1/skus/hot/restock")
                 .insert_header(bearer(OPERATOR))
-                .set_json(json!({"units": 0})),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid-request",
+                .set_json(json!({"units": 1})),
+            StatusCode::BAD_REQUEST,
+            "bad-request",
         ),
         ("unknown route", TestRequest::get().uri("/v1/nothing-here"), StatusCode::NOT_FOUND, "not-found"),
         (

@@ -147,8 +147,11 @@ fn forward(group: u32, commands: Vec<Command>) -> PeerRequest {
     PeerRequest::new(group, PeerBody::Forward(commands))
 }
 
+/// A restock with a key of its own, so that every one adds its units.
 fn restock(sku: &str, units: u64) -> Command {
-    Command::Restock { sku: sku.into(), units }
+    static KEYS: AtomicU64 = AtomicU64::new(0);
+    let idempotency_key = format!("restock-{}", KEYS.fetch_add(1, Ordering::Relaxed));
+    Command::Restock { sku: sku.into(), units, idempotency_key }
 }
 
 const SECOND: Duration = Duration::from_secs(1);

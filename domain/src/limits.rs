@@ -25,6 +25,9 @@ pub const PRICE_MINOR_MAX: u64 = 1_000_000_000_000;
 /// Most checkouts (idempotency keys) one session may decide, placed or
 /// refused; it bounds the keys and orders a session keeps.
 pub const CHECKOUTS_PER_SESSION_MAX: usize = 256;
+/// Restock idempotency keys one SKU remembers, the latest ones: a retry of
+/// an older one adds its units again.
+pub const RESTOCKS_KEPT: usize = 64;
 /// Most sales one group holds.
 pub const SALES_MAX: usize = 100_000;
 /// Longest region name, in bytes.

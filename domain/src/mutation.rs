@@ -1,7 +1,7 @@
 //! Known bugs, for proving that the simulator's checkers catch them.
 //!
 //! Each [`Mutation`] is a bug Surge must never have: skipping the stock
-//! check, applying a retried checkout twice, acknowledging a log append
+//! check, applying a retried checkout or restock twice, acknowledging a log append
 //! before it is fsynced, a deposed leader acknowledging writes, a leader
 //! selling escrow the DR copy never confirmed, an old primary that ignores
 //! the generation fence, a node with a lost disk taken back in place. The code
@@ -20,7 +20,8 @@
 pub enum Mutation {
     /// A checkout reserves units without checking that enough are available.
     SkipStockCheck = 1,
-    /// A retried checkout is applied again instead of answered from its key.
+    /// A retried checkout or restock is applied again instead of answered
+    /// from its key.
     ApplyRetryTwice = 2,
     /// Log appends are acknowledged before they are fsynced.
     AckBeforeFsync = 3,

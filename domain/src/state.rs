@@ -1,6 +1,6 @@
 //! The replicated state of one Raft group and the deterministic `apply`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +71,9 @@ struct SkuState {
     per_shopper: BTreeMap<String, u64>,
     /// The SKU's escrowed units, by whether the DR copy confirmed them.
     escrow: Escrow,
+    /// The latest restocks' idempotency keys and units, oldest first, at
+    /// most [`RESTOCKS_KEPT`].
+    restocks: VecDeque<(String, u64)>,
 }
 
 /// `stock.escrowed = ready + Σ unconfirmed`.
@@ -122,7 +125,7 @@ impl GroupState {
         }
         let result = match command {
             Command::CreateSale(sale) => self.create_sale(sale),
-            Command::Restock { sku, units } => self.restock(sku, *units),
+            Command::Restock { sku, units, idempotency_key } => self.restock(sku, *units, idempotency_key),
             Command::OpenSession { shopper, token_hash } => self.open_session(shopper, token_hash),
             Command::SetCartItem { session, sku, qty } => self.set_cart_item(*session, sku, *qty),
             Command::RemoveCartItem { session, sku } => self.remove_cart_item(*session, sku),
@@ -169,6 +172,7 @@ impl GroupState {
             stock: Stock::new(sale.stock),
             per_shopper: BTreeMap::new(),
             escrow: Escrow::default(),
+            restocks: VecDeque::new(),
         };
         let view = state.view();
         self.skus.insert(sale.sku.clone(), state);
@@ -299,15 +303,31 @@ impl GroupState {
         Ok(Outcome::DrillRecorded)
     }
 
-    fn restock(&mut self, sku: &str, units: u64) -> Result<Outcome, Rejection> {
+    /// Adds `units` once per key: an operator whose restock timed out may
+    /// send it again.
+    fn restock(&mut self, sku: &str, units: u64, key: &str) -> Result<Outcome, Rejection> {
+        validate_idempotency_key(key)?;
         let state = self.sku_mut(sku)?;
         if units == 0 {
             return Err(Rejection::Invalid("units must be at least 1".into()));
+        }
+        let earlier =
+            state.restocks.iter().find(|(k, _)| k == key).filter(|_| !mutation::active(Mutation::ApplyRetryTwice));
+        if let Some((_, earlier)) = earlier {
+            return if *earlier == units {
+                Ok(Outcome::Sku(state.view()))
+            } else {
+                Err(Rejection::IdempotencyConflict)
+            };
         }
         if state.stock.total.saturating_add(units) > SALE_STOCK_MAX {
             return Err(Rejection::StockOverflow);
         }
         state.stock.restock(units);
+        state.restocks.push_back((key.to_string(), units));
+        if state.restocks.len() > RESTOCKS_KEPT {
+            state.restocks.pop_front();
+        }
         Ok(Outcome::Sku(state.view()))
     }
 

@@ -132,8 +132,11 @@ pub struct Cart {
 pub enum Command {
     /// Operator: put a SKU on sale.
     CreateSale(Sale),
-    /// Operator: add units to a SKU's total.
-    Restock { sku: String, units: u64 },
+    /// Operator: add units to a SKU's total. The same `idempotency_key`
+    /// with the same units adds them once: a retry gets the SKU as it is
+    /// now; with other units it is a conflict. A SKU remembers its last
+    /// [`crate::RESTOCKS_KEPT`] keys.
+    Restock { sku: String, units: u64, idempotency_key: String },
     /// Shopper: start a session. `token_hash` is the SHA-256 of the bearer
     /// token, so the log never holds a usable credential.
     OpenSession { shopper: String, token_hash: String },

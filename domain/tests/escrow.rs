@@ -80,7 +80,7 @@ fn once_escrow_is_on_a_checkout_holds_only_confirmed_escrow() {
 
     // Units an order gives back are available again, outside escrow: selling
     // them again takes a new grant the DR copy hears of.
-    apply(&mut state, 1 + HOLD_MS, Command::Restock { sku: "cold".into(), units: 1 });
+    apply(&mut state, 1 + HOLD_MS, Command::Restock { sku: "cold".into(), units: 1, idempotency_key: "r".into() });
     let stock = state.sku_view("hot").unwrap().stock;
     assert_eq!((stock.available, stock.escrowed, stock.held), (6, 0, 0));
     assert_eq!(state.holdable("hot"), 0);

@@ -20,7 +20,7 @@ enum Step {
     Checkout { session: usize, key: u8, items: Option<Vec<(usize, u32)>> },
     Pay { session: usize, order: usize },
     Cancel { session: usize, order: usize },
-    Restock { sku: usize, units: u64 },
+    Restock { sku: usize, key: u8, units: u64 },
     Wait { ms: u64 },
 }
 
@@ -33,7 +33,7 @@ fn step() -> impl Strategy<Value = Step> {
         5 => (0..8usize, 0u8..4, items).prop_map(|(session, key, items)| Step::Checkout { session, key, items }),
         3 => (0..8usize, 0..16usize).prop_map(|(session, order)| Step::Pay { session, order }),
         1 => (0..8usize, 0..16usize).prop_map(|(session, order)| Step::Cancel { session, order }),
-        1 => (0..SKUS.len(), 0u64..3).prop_map(|(sku, units)| Step::Restock { sku, units }),
+        1 => (0..SKUS.len(), 0u8..3, 0u64..3).prop_map(|(sku, key, units)| Step::Restock { sku, key, units }),
         2 => (0u64..4_000).prop_map(|ms| Step::Wait { ms }),
     ]
 }
@@ -75,6 +75,9 @@ struct Memory {
     /// (session, key) → items and decision (order or refusal) of the first
     /// checkout that decided something.
     keys: BTreeMap<(SessionId, u8), Decided>,
+    /// (SKU, key) → the units of the first restock with that key that added
+    /// them.
+    restocks: BTreeMap<(usize, u8), u64>,
 }
 
 fn run(steps: Vec<Step>) {
@@ -120,7 +123,11 @@ fn run(steps: Vec<Step>) {
                 }
             }
             Step::Pay { .. } | Step::Cancel { .. } => continue,
-            Step::Restock { sku, units } => Command::Restock { sku: SKUS[*sku].to_string(), units: *units },
+            Step::Restock { sku, key, units } => Command::Restock {
+                sku: SKUS[*sku].to_string(),
+                units: *units,
+                idempotency_key: format!("restock-{key}"),
+            },
         };
 
         // Let time's own effects (expiry) happen first, so that a rejected
@@ -142,6 +149,20 @@ fn run(steps: Vec<Step>) {
                 assert_eq!(before, state, "replayed {command:?} changed the state")
             }
             _ => {}
+        }
+        if let Step::Restock { sku, key, units } = step {
+            match (memory.restocks.get(&(sku, key)), outcome) {
+                // At most once: a retry adds nothing, other units conflict.
+                (Some(first), Outcome::Sku(_)) => {
+                    assert_eq!(*first, units);
+                    assert_eq!(before, state, "retried {command:?} changed the state");
+                }
+                (Some(first), Outcome::Rejected(Rejection::IdempotencyConflict)) => assert_ne!(*first, units),
+                (Some(_), Outcome::Rejected(Rejection::Invalid(_))) => assert_eq!(units, 0),
+                (Some(first), other) => panic!("restock of {first} retried, now answered {other:?}"),
+                (None, Outcome::Sku(_)) => drop(memory.restocks.insert((sku, key), units)),
+                (None, _) => {}
+            }
         }
         remember(&mut memory, &command, outcome);
     }
@@ -296,6 +317,27 @@ fn pressing_buy_before_the_sale_opens_costs_the_shopper_nothing() {
     assert_eq!(state.checkout_decision(0, "early-0"), Some(Ok(0)));
 }
 
+/// An operator whose restock timed out sends it again: the units go on sale
+/// once. Only the latest [`RESTOCKS_KEPT`] keys are remembered.
+#[test]
+fn a_retried_restock_adds_its_units_once() {
+    let (mut state, now) = opened();
+    let restock = |key: String, units: u64| Command::Restock { sku: "cold".into(), units, idempotency_key: key };
+    let total = |state: &GroupState| state.sku_view("cold").unwrap().stock.total;
+    let response = state.apply(&Request {
+        stamped_at_ms: now,
+        commands: vec![restock("first".into(), 10), restock("first".into(), 10), restock("first".into(), 11)],
+    });
+    assert!(matches!(&response.outcomes[1], Outcome::Sku(view) if view.stock.total == 60));
+    assert_eq!(response.outcomes[2], Outcome::Rejected(Rejection::IdempotencyConflict));
+    assert_eq!(total(&state), 60);
+
+    let later = (0..RESTOCKS_KEPT).map(|n| restock(format!("later-{n}"), 1)).collect();
+    state.apply(&Request { stamped_at_ms: now, commands: later });
+    state.apply(&Request { stamped_at_ms: now, commands: vec![restock("first".into(), 10)] });
+    assert_eq!(total(&state), 60 + RESTOCKS_KEPT as u64 + 10, "a forgotten key adds its units again");
+}
+
 #[test]
 fn unpaid_order_expires_at_its_deadline_and_cannot_be_paid() {
     let (mut state, now) = opened();
@@ -362,7 +404,7 @@ fn a_switchover_freezes_writes_then_promotes_a_region_in_a_new_epoch() {
     assert!(state.is_frozen());
     let before = state.clone();
     assert_eq!(apply(&mut state, open.clone()), Outcome::Rejected(Rejection::Frozen { epoch: 1 }));
-    let restock = Command::Restock { sku: "hot".into(), units: 1 };
+    let restock = Command::Restock { sku: "hot".into(), units: 1, idempotency_key: "r".into() };
     assert_eq!(apply(&mut state, restock), Outcome::Rejected(Rejection::Frozen { epoch: 1 }));
     assert_eq!(state, before, "a frozen group takes no write");
     // Out of turn: a second freeze, or a promotion to another epoch.

@@ -345,7 +345,7 @@ async fn load(plan: LoadPlan) -> LoadReport {
                         Ok(reply) if matches!(reply.status, 200 | 201) => {}
                         Ok(reply) if reply.is_problem(409, "sold-out") => {
                             report.borrow_mut().sold_out += 1;
-                            restock(plan, report, restocking).await;
+                            restock(plan, report, restocking, &format!("{key}-restock")).await;
                         }
                         // A node with a lower bound than this build's.
                         Ok(reply) if reply.is_problem(409, "too-many-checkouts") => continue 'sessions,
@@ -396,7 +396,8 @@ async fn start_session(http: &Http, shopper: &str, error: &impl Fn(String)) -> O
 }
 
 /// Puts the stock back on sale after a sell-out, once per thread at a time.
-async fn restock(plan: &LoadPlan, report: &RefCell<LoadReport>, restocking: &Cell<bool>) {
+/// `key` is the restock's Idempotency-Key, one per sell-out a client saw.
+async fn restock(plan: &LoadPlan, report: &RefCell<LoadReport>, restocking: &Cell<bool>, key: &str) {
     let Some(token) = &plan.operator_token else {
         // Nothing to do but wait: holds expire and units come back.
         return actix_rt::time::sleep(Duration::from_millis(100)).await;
@@ -405,8 +406,8 @@ async fn restock(plan: &LoadPlan, report: &RefCell<LoadReport>, restocking: &Cel
         return actix_rt::time::sleep(Duration::from_millis(10)).await;
     }
     let http = Http::spread(&plan.endpoints, 0, Default::default());
-    let req =
-        Req::post(format!("/v1/skus/{}/restock", plan.sku), Some(json!({ "units": plan.restock_units }))).bearer(token);
+    let body = json!({ "units": plan.restock_units });
+    let req = Req::post(format!("/v1/skus/{}/restock", plan.sku), Some(body)).bearer(token).idempotency_key(key);
     if let Ok(reply) = http.call(&req).await {
         if reply.status == 200 {
             report.borrow_mut().restocks += 1;

@@ -1306,7 +1306,7 @@ fn explore_text(endpoints: &[String], operator_token: &str) -> String {
          \x20      -H 'content-type: application/json' -d '{{\"items\":[{{\"sku\":\"{HOT_SKU}\",\"qty\":1}}]}}'\n\
          \x20 operator token: {operator_token}\n\
          \x20 curl -s -X POST {url}/v1/skus/{HOT_SKU}/restock -H 'Authorization: Bearer {operator_token}' \\\n\
-         \x20      -H 'content-type: application/json' -d '{{\"units\":100}}'\n\
+         \x20      -H 'Idempotency-Key: restock-1' -H 'content-type: application/json' -d '{{\"units\":100}}'\n\
          \x20 also: {url}/openapi.json  {url}/metrics  {url}/v1/cluster (operator)"
     );
     if endpoints.len() > 1 {

@@ -140,10 +140,13 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
             return Found { failures: world.failures(), simulated_ms: trace.now_ms(), ..Found::default() };
         }
     }
-    if let Err(error) = workload::create_sales(&world).await {
-        world.fail(error);
-        world.stop().await;
-        return Found { failures: world.failures(), simulated_ms: trace.now_ms(), ..Found::default() };
+    match workload::create_sales(&world).await {
+        Ok(hot_stock) => oracle.borrow_mut().hot_created = hot_stock,
+        Err(error) => {
+            world.fail(error);
+            world.stop().await;
+            return Found { failures: world.failures(), simulated_ms: trace.now_ms(), ..Found::default() };
+        }
     }
 
     let region_loss = world.region_loss.then(|| region::plan(&world, FAULTS_FROM_MS, REGION_LOST_BY_MS));
@@ -158,7 +161,7 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
         schedule.into_iter().map(|fault| actix_rt::spawn(faults::run(world.clone(), fault))).collect();
     faults.extend(region_loss.map(|plan| actix_rt::spawn(region::run(world.clone(), oracle.clone(), plan))));
     let sampler = actix_rt::spawn(workload::sampler(world.clone(), oracle.clone(), FAULTS_UNTIL_MS + 5_000));
-    let operator = actix_rt::spawn(workload::operator(world.clone(), WORKLOAD_UNTIL_MS));
+    let operator = actix_rt::spawn(workload::operator(world.clone(), oracle.clone(), WORKLOAD_UNTIL_MS));
     let shoppers: Vec<_> = (0..SHOPPERS)
         .map(|n| actix_rt::spawn(workload::shopper(world.clone(), oracle.clone(), n, WORKLOAD_UNTIL_MS)))
         .collect();

@@ -83,6 +83,18 @@ pub struct Oracle {
     pub lin: LinHistory,
     /// The primary region's loss, in a run that loses it.
     pub region_lost: Option<crate::region::Lost>,
+    /// The hot SKU's stock when its sale was created.
+    pub hot_created: u64,
+    /// The operator's restock of the hot SKU, once it was sent.
+    pub restock: Option<Restock>,
+}
+
+/// The operator's one restock, sent with one key until it was answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Restock {
+    pub units: u64,
+    /// Whether an answer said the units were added.
+    pub acked: bool,
 }
 
 impl Oracle {
@@ -123,8 +135,9 @@ impl std::fmt::Display for Sighting {
     }
 }
 
-/// Creates the sales, retrying until a leader takes them.
-pub async fn create_sales(world: &World) -> Result<(), String> {
+/// Creates the sales, retrying until a leader takes them; returns the hot
+/// SKU's stock.
+pub async fn create_sales(world: &World) -> Result<u64, String> {
     let hot_stock = world.draw(|rng| rng.gen_range(20..120));
     let sales = std::iter::once((HOT, hot_stock, HOT_LIMIT))
         .chain(COLD.iter().map(|sku| (*sku, 1_000, 0)))
@@ -151,7 +164,7 @@ pub async fn create_sales(world: &World) -> Result<(), String> {
         }
     }
     world.trace.event(format!("sales created, hot stock {hot_stock}"));
-    Ok(())
+    Ok(hot_stock)
 }
 
 /// Sends one operation through the endpoints, starting at `first`, until
@@ -358,16 +371,23 @@ async fn decide_checkout(
     }
 }
 
-/// The operator restocks the hot SKU once, at a random moment. A lost
-/// answer is not retried: a restock carries no identity, so a retry could
-/// add the units twice.
-pub async fn operator(world: Rc<World>, until_ms: u64) {
+/// The operator restocks the hot SKU once, at a random moment, and sends
+/// the restock again with the same key until it is answered: the units
+/// must be added once.
+pub async fn operator(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u64) {
     let (at, units, via) = world.draw(|rng| (rng.gen_range(0..until_ms), rng.gen_range(1..20), rng.gen::<usize>()));
     tokio::time::sleep(Duration::from_millis(at)).await;
-    let endpoints = world.endpoints();
-    let Some(node) = world.node(endpoints[via % endpoints.len()]) else { return };
-    let answer = tokio::time::timeout(ATTEMPT_MAX, node.operator(Command::Restock { sku: HOT.into(), units })).await;
+    let restock = Command::Restock { sku: HOT.into(), units, idempotency_key: "operator-restock".into() };
+    oracle.borrow_mut().restock = Some(Restock { units, acked: false });
+    let answer = definite(&world, via, |node: Node| {
+        let restock = restock.clone();
+        async move { node.operator(restock).await }
+    })
+    .await;
     world.trace.event(format!("restock {units}: {answer:?}"));
+    if let Some(Outcome::Sku(_)) = answer {
+        oracle.borrow_mut().restock = Some(Restock { units, acked: true });
+    }
 }
 
 /// The linearizability shoppers, spawned beside the crowd.

@@ -361,7 +361,10 @@ mod tests {
         let first = RequestEnvelope { id: 1, request: vote_request() };
         let second = RequestEnvelope {
             id: 2,
-            request: PeerRequest::new(0, PeerBody::Forward(vec![Command::Restock { sku: "x".into(), units: 5 }])),
+            request: PeerRequest::new(
+                0,
+                PeerBody::Forward(vec![Command::Restock { sku: "x".into(), units: 5, idempotency_key: "r".into() }]),
+            ),
         };
         for envelope in [&first, &second] {
             write_frame(&mut a, &encode_payload(envelope, FRAME_MAX_BYTES).unwrap()).await.unwrap();
@@ -396,7 +399,10 @@ mod tests {
 
     #[test]
     fn encoder_refuses_a_payload_over_the_bound() {
-        let big = PeerRequest::new(0, PeerBody::Forward(vec![Command::Restock { sku: "y".repeat(100), units: 1 }]));
+        let big = PeerRequest::new(
+            0,
+            PeerBody::Forward(vec![Command::Restock { sku: "y".repeat(100), units: 1, idempotency_key: "r".into() }]),
+        );
         assert!(matches!(encode_payload(&big, 50), Err(FrameError::TooLarge { max: 50, .. })));
     }
 
