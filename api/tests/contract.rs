@@ -531,3 +531,23 @@ async fn operations_endpoints_answer() {
     let (status, _, _) = send(&h.app, TestRequest::get().uri("/v1/cluster").insert_header(bearer(&token))).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+#[actix_rt::test]
+async fn the_bearer_scheme_is_matched_in_any_case() {
+    let h = harness(60_000).await;
+    let token = session(&h.app, "ann").await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let authorization = ("Authorization", format!("{scheme} {token}"));
+        let (status, _, _) = send(&h.app, TestRequest::get().uri("/v1/cart").insert_header(authorization)).await;
+        assert_eq!(status, StatusCode::OK, "{scheme}");
+        let authorization = ("Authorization", format!("{scheme} {OPERATOR}"));
+        let (status, _, _) =
+            send(&h.app, TestRequest::get().uri("/v1/admin/drills").insert_header(authorization)).await;
+        assert_eq!(status, StatusCode::OK, "{scheme}");
+    }
+    for authorization in [format!("Basic {token}"), format!("Bearer{token}"), "bearer ".to_string()] {
+        let req = TestRequest::get().uri("/v1/cart").insert_header(("Authorization", authorization.clone()));
+        let (status, _, _) = send(&h.app, req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{authorization}");
+    }
+}
