@@ -533,6 +533,31 @@ async fn operations_endpoints_answer() {
 }
 
 #[actix_rt::test]
+async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
+    let h = harness(60_000).await;
+    let cases = [
+        (TestRequest::get().uri("/v1/checkout"), "POST"),
+        (TestRequest::delete().uri("/v1/sales"), "POST"),
+        (TestRequest::post().uri("/v1/skus/tv-55"), "GET"),
+        (TestRequest::post().uri("/v1/cart/items/tv-55"), "PUT, DELETE"),
+        (TestRequest::delete().uri("/v1/orders/1"), "GET"),
+        (TestRequest::get().uri("/v1/admin/drills/zone-loss"), "POST"),
+        (TestRequest::post().uri("/healthz"), "GET"),
+    ];
+    for (req, allow) in cases {
+        let (status, problem, headers) = send(&h.app, req).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{problem}");
+        assert_eq!(problem["type"], "/problems/method-not-allowed", "{problem}");
+        let allowed: Vec<&str> = headers.get("Allow").unwrap().to_str().unwrap().split(',').map(str::trim).collect();
+        assert_eq!(allowed, allow.split(", ").collect::<Vec<_>>(), "{problem}");
+    }
+    for req in [TestRequest::get().uri("/v1/nothing-here"), TestRequest::post().uri("/v1/skus")] {
+        let (status, problem, _) = send(&h.app, req).await;
+        assert_eq!((status, problem["type"].as_str()), (StatusCode::NOT_FOUND, Some("/problems/not-found")));
+    }
+}
+
+#[actix_rt::test]
 async fn the_bearer_scheme_is_matched_in_any_case() {
     let h = harness(60_000).await;
     let token = session(&h.app, "ann").await;
