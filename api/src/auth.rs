@@ -28,6 +28,9 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// The token of an `Authorization: Bearer <token>` header. The scheme is
+/// matched in any case (`bearer`, `BEARER`): RFC 9110 §11.1 makes auth
+/// schemes case-insensitive, and clients differ.
 fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     let value = req
         .headers()
@@ -36,8 +39,9 @@ fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|token| !token.is_empty())
         .ok_or(ApiError::Unauthorized("Authorization must be 'Bearer <token>'"))
 }

@@ -67,7 +67,9 @@ fn unexpected(outcome: Outcome) -> ApiError {
 
 #[utoipa::path(post, path = "/v1/sales", tag = "operator", request_body = CreateSale,
     security(("operator" = [])),
-    responses((status = 201, body = Sku), (status = 409, body = Problem), (status = 422, body = Problem), (status = 401, body = Problem)))]
+    responses((status = 201, body = Sku), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 409, body = Problem, description = "the SKU is on sale already, or there are too many sales"),
+        (status = 413, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)))]
 /// Put a SKU on sale.
 pub async fn create_sale(_: Operator, state: web::Data<AppState>, body: web::Json<CreateSale>) -> Result<HttpResponse> {
     let body = body.into_inner();
@@ -85,9 +87,12 @@ pub async fn create_sale(_: Operator, state: web::Data<AppState>, body: web::Jso
 }
 
 #[utoipa::path(post, path = "/v1/skus/{sku}/restock", tag = "operator", request_body = Restock,
-    params(("Idempotency-Key" = String, Header, description = "1 to 128 visible ASCII characters; a retry with the same key and units adds nothing and returns the SKU")),
+    params(("sku" = String, Path, description = "The SKU: 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+        ("Idempotency-Key" = String, Header, description = "1 to 128 visible ASCII characters; a retry with the same key and units adds nothing and returns the SKU")),
     security(("operator" = [])),
-    responses((status = 200, body = Sku), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = Sku), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 413, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem)))]
 /// Add units to a SKU's stock, once per Idempotency-Key.
 pub async fn restock(
     _: Operator,
@@ -147,9 +152,11 @@ fn read_answer(body: impl serde::Serialize, stale_ms: Option<u64>) -> HttpRespon
 }
 
 #[utoipa::path(get, path = "/v1/skus/{sku}", tag = "shopper",
+    params(("sku" = String, Path, description = "The SKU: 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")),
     responses((status = 200, body = Sku, headers(("Surge-Stale-Ms" = u64,
         description = "Only from a DR replica, which serves the read from its own copy: the copy holds every write committed up to at most this many milliseconds ago."))),
-        (status = 404, body = Problem)))]
+        (status = 404, body = Problem), (status = 422, body = Problem, description = "not a valid SKU"),
+        (status = 503, body = Problem)))]
 /// A SKU's sale and current stock: a linearizable read, or on a DR
 /// replica a read of its copy marked with how stale it may be.
 pub async fn get_sku(state: web::Data<AppState>, sku: web::Path<String>) -> Result<HttpResponse> {
@@ -160,7 +167,8 @@ pub async fn get_sku(state: web::Data<AppState>, sku: web::Path<String>) -> Resu
 }
 
 #[utoipa::path(post, path = "/v1/sessions", tag = "shopper", request_body = CreateSession,
-    responses((status = 201, body = SessionCreated), (status = 422, body = Problem)))]
+    responses((status = 201, body = SessionCreated), (status = 400, body = Problem), (status = 413, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem)))]
 /// Start a shopper session; the answer carries its bearer token.
 pub async fn create_session(state: web::Data<AppState>, body: web::Json<CreateSession>) -> Result<HttpResponse> {
     domain::validate_shopper(&body.shopper)?;
@@ -175,7 +183,7 @@ pub async fn create_session(state: web::Data<AppState>, body: web::Json<CreateSe
 }
 
 #[utoipa::path(get, path = "/v1/cart", tag = "shopper", security(("session" = [])),
-    responses((status = 200, body = Cart), (status = 401, body = Problem)))]
+    responses((status = 200, body = Cart), (status = 401, body = Problem), (status = 503, body = Problem)))]
 /// The session's cart.
 pub async fn get_cart(shopper: Shopper, state: web::Data<AppState>) -> Result<HttpResponse> {
     let cart = state.node.read(|s| s.cart(shopper.session)).await??;
@@ -183,8 +191,11 @@ pub async fn get_cart(shopper: Shopper, state: web::Data<AppState>) -> Result<Ht
 }
 
 #[utoipa::path(put, path = "/v1/cart/items/{sku}", tag = "shopper", request_body = SetCartItem,
+    params(("sku" = String, Path, description = "The SKU: 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")),
     security(("session" = [])),
-    responses((status = 200, body = Cart), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = Cart), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem, description = "the cart is full"),
+        (status = 413, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)))]
 /// Set a cart line's quantity.
 pub async fn put_cart_item(
     shopper: Shopper,
@@ -199,8 +210,11 @@ pub async fn put_cart_item(
     Ok(HttpResponse::Ok().json(expect_cart(outcome)?))
 }
 
-#[utoipa::path(delete, path = "/v1/cart/items/{sku}", tag = "shopper", security(("session" = [])),
-    responses((status = 200, body = Cart)))]
+#[utoipa::path(delete, path = "/v1/cart/items/{sku}", tag = "shopper",
+    params(("sku" = String, Path, description = "The SKU: 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")),
+    security(("session" = [])),
+    responses((status = 200, body = Cart), (status = 401, body = Problem),
+        (status = 422, body = Problem, description = "not a valid SKU"), (status = 503, body = Problem)))]
 /// Drop a cart line.
 pub async fn delete_cart_item(
     shopper: Shopper,
@@ -213,12 +227,15 @@ pub async fn delete_cart_item(
     Ok(HttpResponse::Ok().json(expect_cart(outcome)?))
 }
 
-#[utoipa::path(post, path = "/v1/checkout", tag = "shopper", request_body(content = Checkout, description = "optional; absent means the cart"),
+#[utoipa::path(post, path = "/v1/checkout", tag = "shopper",
+    request_body(content = Option<Checkout>, description = "optional; absent means the cart"),
     params(("Idempotency-Key" = String, Header, description = "1 to 128 visible ASCII characters; a retry with the same key and body returns the same order")),
     security(("session" = [])),
     responses((status = 201, body = OrderBody, description = "reserved"), (status = 200, body = OrderBody, description = "a retry: the order the key placed"),
+        (status = 400, body = Problem, description = "malformed JSON, or no Idempotency-Key"), (status = 401, body = Problem),
+        (status = 404, body = Problem, description = "unknown SKU"),
         (status = 409, body = Problem, description = "sold out, limit exceeded, sale not open or ended"),
-        (status = 422, body = Problem), (status = 503, body = Problem)))]
+        (status = 413, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)))]
 /// Reserve the cart (or the given items) as one order, all lines or none.
 pub async fn checkout(
     shopper: Shopper,
@@ -243,8 +260,14 @@ pub async fn checkout(
     })
 }
 
-#[utoipa::path(post, path = "/v1/orders/{id}/pay", tag = "shopper", request_body = Pay, security(("session" = [])),
-    responses((status = 200, body = OrderBody), (status = 402, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+#[utoipa::path(post, path = "/v1/orders/{id}/pay", tag = "shopper", request_body = Pay,
+    params(("id" = u64, Path, description = "The order id, as the checkout answered it")),
+    security(("session" = [])),
+    responses((status = 200, body = OrderBody),
+        (status = 400, body = Problem, description = "malformed order id or body, or an unknown payment_token"),
+        (status = 401, body = Problem), (status = 402, body = Problem), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "the order is paid, cancelled or expired"),
+        (status = 413, body = Problem), (status = 503, body = Problem)))]
 /// Pay an order with the built-in test payment provider.
 pub async fn pay(
     shopper: Shopper,
@@ -271,8 +294,12 @@ pub async fn pay(
     Ok(HttpResponse::Ok().json(order))
 }
 
-#[utoipa::path(post, path = "/v1/orders/{id}/cancel", tag = "shopper", security(("session" = [])),
-    responses((status = 200, body = OrderBody), (status = 404, body = Problem), (status = 409, body = Problem)))]
+#[utoipa::path(post, path = "/v1/orders/{id}/cancel", tag = "shopper",
+    params(("id" = u64, Path, description = "The order id, as the checkout answered it")),
+    security(("session" = [])),
+    responses((status = 200, body = OrderBody), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 409, body = Problem, description = "the order is paid, cancelled or expired"),
+        (status = 503, body = Problem)))]
 /// Cancel an unpaid order; its units return to stock.
 pub async fn cancel(shopper: Shopper, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
     let order = order_path(&id)?;
@@ -282,10 +309,13 @@ pub async fn cancel(shopper: Shopper, state: web::Data<AppState>, id: web::Path<
     Ok(HttpResponse::Ok().json(order))
 }
 
-#[utoipa::path(get, path = "/v1/orders/{id}", tag = "shopper", security(("session" = [])),
+#[utoipa::path(get, path = "/v1/orders/{id}", tag = "shopper",
+    params(("id" = u64, Path, description = "The order id, as the checkout answered it")),
+    security(("session" = [])),
     responses((status = 200, body = OrderBody, headers(("Surge-Stale-Ms" = u64,
         description = "Only from a DR replica, which serves the read from its own copy: the copy holds every write committed up to at most this many milliseconds ago."))),
-        (status = 404, body = Problem)))]
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
+        (status = 503, body = Problem)))]
 /// One of the session's orders: a linearizable read, or on a DR replica a
 /// read of its copy marked with how stale it may be.
 pub async fn get_order(shopper: Shopper, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
@@ -295,7 +325,7 @@ pub async fn get_order(shopper: Shopper, state: web::Data<AppState>, id: web::Pa
 }
 
 #[utoipa::path(get, path = "/v1/cluster", tag = "operator", security(("operator" = [])),
-    responses((status = 200, body = ClusterStatus)))]
+    responses((status = 200, body = ClusterStatus), (status = 401, body = Problem)))]
 /// The cluster as this node sees it: every node's region and zone, and each
 /// node's own report of its groups (role, leader, term, commit and applied
 /// index, follower lag). A node that does not answer within a second is
@@ -338,7 +368,8 @@ const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[utoipa::path(post, path = "/v1/admin/leader", tag = "operator", request_body = MoveLeader,
     security(("operator" = [])),
-    responses((status = 200, body = LeaderMoved), (status = 422, body = Problem), (status = 503, body = Problem)))]
+    responses((status = 200, body = LeaderMoved), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 413, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)))]
 /// Moves the group's leadership to a node (leadership transfer), e.g. before
 /// maintenance on the leader's machine. Writes are refused (503, retried)
 /// for about one election timeout while it happens.
@@ -350,7 +381,8 @@ pub async fn move_leader(_: Operator, state: web::Data<AppState>, body: web::Jso
 #[utoipa::path(post, path = "/v1/admin/drills/zone-loss", tag = "operator", request_body = ZoneLossDrill,
     security(("operator" = [])),
     responses((status = 202, body = DrillReport, description = "started; poll its Location"),
-        (status = 409, body = Problem), (status = 422, body = Problem)))]
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 409, body = Problem),
+        (status = 413, body = Problem), (status = 422, body = Problem)))]
 /// Starts a zone-loss drill coordinated by this node: every node of the zone
 /// is cut off from the others for `isolate_for_ms`, while a probe shopper
 /// checks out through this node; then the isolated nodes catch up and every
@@ -371,8 +403,9 @@ pub async fn start_zone_loss_drill(
 #[utoipa::path(post, path = "/v1/admin/switchover", tag = "operator", request_body = Switchover,
     security(("operator" = [])),
     responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 409, body = Problem, description = "not the leader, the region takes writes already, or it could not survive losing a zone"),
-        (status = 422, body = Problem)))]
+        (status = 413, body = Problem), (status = 422, body = Problem)))]
 /// Starts a planned switchover of writes to another region. Ask the
 /// group's leader. Writes are refused (503, retried) until the target
 /// region has every entry; then its nodes and this leader become the
@@ -390,7 +423,7 @@ pub async fn start_switchover(
 }
 
 #[utoipa::path(get, path = "/v1/admin/failover/preview", tag = "operator", security(("operator" = [])),
-    responses((status = 200, body = FailoverPreview),
+    responses((status = 200, body = FailoverPreview), (status = 401, body = Problem),
         (status = 409, body = Problem, description = "this node is in the region that takes writes")))]
 /// What an unplanned failover to this node's region would cost if the
 /// region that takes writes were lost now, from this node's copy: units
@@ -404,8 +437,10 @@ pub async fn failover_preview(_: Operator, state: web::Data<AppState>) -> Result
 #[utoipa::path(post, path = "/v1/admin/failover", tag = "operator", request_body = Failover,
     security(("operator" = [])),
     responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 409, body = Problem, description = "the writing region answers, a node of this region does not, \
             another node's copy is more advanced, or this node is fenced"),
+        (status = 413, body = Problem),
         (status = 422, body = Problem, description = "`force` is not true, or no such region")))]
 /// Forces an unplanned failover to this node's region: the region that
 /// takes writes is lost. Ask the region's node with the most advanced copy
@@ -433,8 +468,10 @@ pub async fn start_failover(
 #[utoipa::path(post, path = "/v1/admin/failback", tag = "operator", request_body = Failback,
     security(("operator" = [])),
     responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 409, body = Problem, description = "not the leader, no failover happened, a node of the region \
             does not answer, or nothing is due"),
+        (status = 413, body = Problem),
         (status = 422, body = Problem, description = "no such region, or a lost copy named outside it")))]
 /// Fails back after a forced failover, from the region it lost. Ask the
 /// group's leader. Once per failover, every node of that region must
@@ -459,8 +496,10 @@ pub async fn start_failback(
 #[utoipa::path(post, path = "/v1/admin/replace-node", tag = "operator", request_body = ReplaceNode,
     security(("operator" = [])),
     responses((status = 202, body = DrillReport, description = "started; poll its Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 409, body = Problem, description = "not the leader, the node leads, or it answers with \
             its log"),
+        (status = 413, body = Problem),
         (status = 422, body = Problem, description = "no such node")))]
 /// Replaces a member whose disk is gone for good. Ask the group's leader.
 /// It removes the node from the group (unless it is no member any more),
@@ -480,15 +519,18 @@ pub async fn start_replace(
 }
 
 #[utoipa::path(get, path = "/v1/admin/drills", tag = "operator", security(("operator" = [])),
-    responses((status = 200, body = Vec<DrillReport>)))]
+    responses((status = 200, body = Vec<DrillReport>), (status = 401, body = Problem)))]
 /// Every drill on record in the cluster (the latest 100), oldest first: any
 /// node lists them, and the node running a drill shows its progress.
 pub async fn list_drills(_: Operator, state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(state.node.drill_reports())
 }
 
-#[utoipa::path(get, path = "/v1/admin/drills/{id}", tag = "operator", security(("operator" = [])),
-    responses((status = 200, body = DrillReport), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/v1/admin/drills/{id}", tag = "operator",
+    params(("id" = u64, Path, description = "The drill id, as its start answered it")),
+    security(("operator" = [])),
+    responses((status = 200, body = DrillReport), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, body = Problem)))]
 /// One drill's report, while it runs and after.
 pub async fn get_drill(_: Operator, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
     let id: u64 = id.parse().map_err(|_| ApiError::Malformed(format!("drill id {id:?} is not a number")))?;

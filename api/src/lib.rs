@@ -39,6 +39,11 @@ pub struct AppState {
 }
 
 /// Registers every route, the body limits and the request metrics.
+///
+/// Each path is one `web::resource` holding all of its methods, so a known
+/// path asked with a method it lacks answers 405 with an `Allow` header
+/// (actix's resource default, made a problem document by
+/// [`problem::fallback`]); only an unknown path reaches the 404 default.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default().limit(BODY_BYTES_MAX).error_handler(|err, _req| json_error(err).into());
     let path = web::PathConfig::default().error_handler(|err, _| ApiError::Malformed(err.to_string()).into());
@@ -46,33 +51,36 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::scope("")
             .wrap(middleware::ErrorHandlers::new().default_handler(problem::fallback))
             .wrap(middleware::from_fn(metrics::record_requests))
-            .route("/healthz", web::get().to(handlers::healthz))
-            .route("/readyz", web::get().to(handlers::readyz))
-            .route("/metrics", web::get().to(metrics::render))
-            .route("/openapi.json", web::get().to(openapi_json))
+            .service(web::resource("/healthz").get(handlers::healthz))
+            .service(web::resource("/readyz").get(handlers::readyz))
+            .service(web::resource("/metrics").get(metrics::render))
+            .service(web::resource("/openapi.json").get(openapi_json))
             .service(
                 web::scope("/v1")
-                    .route("/sales", web::post().to(handlers::create_sale))
-                    .route("/skus/{sku}", web::get().to(handlers::get_sku))
-                    .route("/skus/{sku}/restock", web::post().to(handlers::restock))
-                    .route("/sessions", web::post().to(handlers::create_session))
-                    .route("/cart", web::get().to(handlers::get_cart))
-                    .route("/cart/items/{sku}", web::put().to(handlers::put_cart_item))
-                    .route("/cart/items/{sku}", web::delete().to(handlers::delete_cart_item))
-                    .route("/checkout", web::post().to(handlers::checkout))
-                    .route("/orders/{id}", web::get().to(handlers::get_order))
-                    .route("/orders/{id}/pay", web::post().to(handlers::pay))
-                    .route("/orders/{id}/cancel", web::post().to(handlers::cancel))
-                    .route("/cluster", web::get().to(handlers::cluster_status))
-                    .route("/admin/leader", web::post().to(handlers::move_leader))
-                    .route("/admin/drills", web::get().to(handlers::list_drills))
-                    .route("/admin/drills/zone-loss", web::post().to(handlers::start_zone_loss_drill))
-                    .route("/admin/switchover", web::post().to(handlers::start_switchover))
-                    .route("/admin/failover/preview", web::get().to(handlers::failover_preview))
-                    .route("/admin/failover", web::post().to(handlers::start_failover))
-                    .route("/admin/failback", web::post().to(handlers::start_failback))
-                    .route("/admin/replace-node", web::post().to(handlers::start_replace))
-                    .route("/admin/drills/{id}", web::get().to(handlers::get_drill)),
+                    .service(web::resource("/sales").post(handlers::create_sale))
+                    .service(web::resource("/skus/{sku}").get(handlers::get_sku))
+                    .service(web::resource("/skus/{sku}/restock").post(handlers::restock))
+                    .service(web::resource("/sessions").post(handlers::create_session))
+                    .service(web::resource("/cart").get(handlers::get_cart))
+                    .service(
+                        web::resource("/cart/items/{sku}")
+                            .put(handlers::put_cart_item)
+                            .delete(handlers::delete_cart_item),
+                    )
+                    .service(web::resource("/checkout").post(handlers::checkout))
+                    .service(web::resource("/orders/{id}").get(handlers::get_order))
+                    .service(web::resource("/orders/{id}/pay").post(handlers::pay))
+                    .service(web::resource("/orders/{id}/cancel").post(handlers::cancel))
+                    .service(web::resource("/cluster").get(handlers::cluster_status))
+                    .service(web::resource("/admin/leader").post(handlers::move_leader))
+                    .service(web::resource("/admin/drills").get(handlers::list_drills))
+                    .service(web::resource("/admin/drills/zone-loss").post(handlers::start_zone_loss_drill))
+                    .service(web::resource("/admin/switchover").post(handlers::start_switchover))
+                    .service(web::resource("/admin/failover/preview").get(handlers::failover_preview))
+                    .service(web::resource("/admin/failover").post(handlers::start_failover))
+                    .service(web::resource("/admin/failback").post(handlers::start_failback))
+                    .service(web::resource("/admin/replace-node").post(handlers::start_replace))
+                    .service(web::resource("/admin/drills/{id}").get(handlers::get_drill)),
             )
             .default_service(web::to(handlers::not_found)),
     );

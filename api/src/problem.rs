@@ -199,9 +199,23 @@ pub fn fallback<B>(
         s if s.is_client_error() => ("bad-request", "Bad request"),
         _ => ("internal", "Internal error"),
     };
-    let detail = res.response().error().map_or_else(|| title.to_string(), ToString::to_string);
+    // A 405 comes from a resource's default service with the methods the
+    // path takes in `Allow` (RFC 9110 §15.5.6 requires it), and no error.
+    let allow = res.headers().get(header::ALLOW).cloned();
+    let detail = match (res.response().error(), &allow) {
+        (Some(error), _) => error.to_string(),
+        (None, Some(allow)) if status == StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = allow.to_str().unwrap_or_default();
+            format!("{} is not allowed here; allowed: {allowed}", res.request().method())
+        }
+        (None, _) => title.to_string(),
+    };
     let problem = Problem { kind: format!("/problems/{slug}"), title: title.into(), status: status.as_u16(), detail };
     let (req, _) = res.into_parts();
-    let response = HttpResponse::build(status).content_type("application/problem+json").json(problem);
+    let mut response = HttpResponse::build(status);
+    if let Some(allow) = allow {
+        response.insert_header((header::ALLOW, allow));
+    }
+    let response = response.content_type("application/problem+json").json(problem);
     Ok(ErrorHandlerResponse::Response(actix_web::dev::ServiceResponse::new(req, response).map_into_right_body()))
 }

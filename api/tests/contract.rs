@@ -1,16 +1,17 @@
 //! The public API contract, against a real node (Raft on redb in a temporary
 //! directory) served in-process.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix_web::dev::{Service, ServiceResponse};
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::test::{self, TestRequest};
 use actix_web::{web, App};
 use api::AppState;
 use cluster::{Node, NodeConfig, SystemClock};
 use serde_json::{json, Value};
+use utoipa::OpenApi;
 
 const OPERATOR: &str = "test-operator-token";
 
@@ -38,12 +39,23 @@ fn now_ms() -> u64 {
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Sends a request and returns status, headers of interest, and the JSON body.
+/// Checks that an error is a problem document, and that openapi.json
+/// documents the status for the operation, so every status a contract test
+/// sees is one the document promises.
 async fn send<S>(app: &S, req: TestRequest) -> (StatusCode, Value, actix_web::http::header::HeaderMap)
 where
     S: Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
 {
-    let response = test::call_service(app, req.to_request()).await;
+    let request = req.to_request();
+    let (method, path) = (request.method().clone(), request.path().to_string());
+    let response = test::call_service(app, request).await;
     let status = response.status();
+    if let Some(operation) = documented_operation(&method, &path) {
+        assert!(
+            operation["responses"][status.as_str()].is_object(),
+            "{method} {path} answered {status}, which openapi.json does not document for it"
+        );
+    }
     let headers = response.headers().clone();
     let content_type = headers.get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
     let body = test::read_body(response).await;
@@ -53,6 +65,33 @@ where
         assert_eq!(json["status"], status.as_u16(), "problem status differs from HTTP status");
     }
     (status, json, headers)
+}
+
+/// The OpenAPI document as JSON, built once.
+fn openapi() -> &'static Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| serde_json::to_value(api::openapi::ApiDoc::openapi()).unwrap())
+}
+
+/// The documented operation that serves `method` on `path`, if any. The
+/// path picks the template as the router does (a literal segment before a
+/// `{name}`: `/v1/admin/drills/zone-loss` is not a drill id); a method the
+/// template lacks has no operation.
+fn documented_operation(method: &Method, path: &str) -> Option<&'static Value> {
+    let segments: Vec<&str> = path.split('/').collect();
+    let fits = |template: &str| {
+        let parts: Vec<&str> = template.split('/').collect();
+        parts.len() == segments.len() && parts.iter().zip(&segments).all(|(part, s)| part.starts_with('{') || part == s)
+    };
+    let paths = openapi()["paths"].as_object().unwrap();
+    let (_, item) = paths.iter().filter(|(template, _)| fits(template)).min_by_key(|(t, _)| t.matches('{').count())?;
+    item.get(method.as_str().to_lowercase())
+}
+
+/// The operations of an OpenAPI path item, by lower-case method.
+fn operations(item: &Value) -> impl Iterator<Item = (&String, &Value)> {
+    const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+    item.as_object().unwrap().iter().filter(|(key, _)| METHODS.contains(&key.as_str()))
 }
 
 fn bearer(token: &str) -> (&'static str, String) {
@@ -559,4 +598,123 @@ async fn operations_endpoints_answer() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _, _) = send(&h.app, TestRequest::get().uri("/v1/cluster").insert_header(bearer(&token))).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[actix_rt::test]
+async fn openapi_declares_every_path_parameter() {
+    let h = harness(60_000).await;
+    let (_, doc, _) = send(&h.app, TestRequest::get().uri("/openapi.json")).await;
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        let names = template.split('/').filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'));
+        for (method, operation) in operations(item) {
+            for name in names.clone() {
+                let declared = operation["parameters"].as_array().into_iter().flatten().any(|parameter| {
+                    parameter["name"] == name && parameter["in"] == "path" && parameter["required"] == true
+                });
+                assert!(declared, "{method} {template} does not declare the path parameter {name}");
+            }
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn openapi_lets_checkout_go_without_a_body() {
+    let h = harness(60_000).await;
+    let (_, doc, _) = send(&h.app, TestRequest::get().uri("/openapi.json")).await;
+    let body = &doc["paths"]["/v1/checkout"]["post"]["requestBody"];
+    assert_ne!(body["required"], true, "the handler checks out the cart when the body is absent: {body}");
+    // Absent, not `null`: the handler refuses a JSON null.
+    assert_eq!(body["content"]["application/json"]["schema"], json!({"$ref": "#/components/schemas/Checkout"}));
+}
+
+#[actix_rt::test]
+async fn openapi_documents_the_errors_each_operation_returns() {
+    let h = harness(60_000).await;
+    let (_, doc, _) = send(&h.app, TestRequest::get().uri("/openapi.json")).await;
+    let problem = json!({"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}});
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in operations(item) {
+            let responses = operation["responses"].as_object().unwrap();
+            let documents = |status: &str| responses.contains_key(status);
+            for (status, response) in responses.iter().filter(|(status, _)| status.as_str() >= "400") {
+                assert_eq!(response["content"], problem, "{method} {template} {status} is not a problem document");
+                if status == "503" {
+                    assert!(
+                        response["headers"]["Retry-After"].is_object(),
+                        "{method} {template} 503 lacks Retry-After"
+                    );
+                }
+            }
+            // What the extractors answer before the handler runs.
+            if operation["security"].is_array() {
+                assert!(documents("401"), "{method} {template} takes a bearer token but documents no 401");
+            }
+            if operation["requestBody"].is_object() {
+                assert!(documents("400") && documents("413"), "{method} {template} takes a body but lacks 400 or 413");
+            }
+        }
+    }
+    // Writes go through Raft, which answers 503 when overloaded or
+    // leaderless; so does the session lookup of a shopper's token.
+    for (method, template) in [
+        ("post", "/v1/sales"),
+        ("post", "/v1/skus/{sku}/restock"),
+        ("post", "/v1/sessions"),
+        ("get", "/v1/cart"),
+        ("put", "/v1/cart/items/{sku}"),
+        ("delete", "/v1/cart/items/{sku}"),
+        ("post", "/v1/checkout"),
+        ("post", "/v1/orders/{id}/pay"),
+        ("post", "/v1/orders/{id}/cancel"),
+        ("get", "/v1/orders/{id}"),
+        ("post", "/v1/admin/leader"),
+    ] {
+        let responses = &doc["paths"][template][method]["responses"];
+        assert!(responses["503"].is_object(), "{method} {template} documents no 503");
+    }
+}
+
+#[actix_rt::test]
+async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
+    let h = harness(60_000).await;
+    let cases = [
+        (TestRequest::get().uri("/v1/checkout"), "POST"),
+        (TestRequest::delete().uri("/v1/sales"), "POST"),
+        (TestRequest::post().uri("/v1/skus/tv-55"), "GET"),
+        (TestRequest::post().uri("/v1/cart/items/tv-55"), "PUT, DELETE"),
+        (TestRequest::delete().uri("/v1/orders/1"), "GET"),
+        (TestRequest::get().uri("/v1/admin/drills/zone-loss"), "POST"),
+        (TestRequest::post().uri("/healthz"), "GET"),
+    ];
+    for (req, allow) in cases {
+        let (status, problem, headers) = send(&h.app, req).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{problem}");
+        assert_eq!(problem["type"], "/problems/method-not-allowed", "{problem}");
+        let allowed: Vec<&str> = headers.get("Allow").unwrap().to_str().unwrap().split(',').map(str::trim).collect();
+        assert_eq!(allowed, allow.split(", ").collect::<Vec<_>>(), "{problem}");
+    }
+    for req in [TestRequest::get().uri("/v1/nothing-here"), TestRequest::post().uri("/v1/skus")] {
+        let (status, problem, _) = send(&h.app, req).await;
+        assert_eq!((status, problem["type"].as_str()), (StatusCode::NOT_FOUND, Some("/problems/not-found")));
+    }
+}
+
+#[actix_rt::test]
+async fn the_bearer_scheme_is_matched_in_any_case() {
+    let h = harness(60_000).await;
+    let token = session(&h.app, "ann").await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let authorization = ("Authorization", format!("{scheme} {token}"));
+        let (status, _, _) = send(&h.app, TestRequest::get().uri("/v1/cart").insert_header(authorization)).await;
+        assert_eq!(status, StatusCode::OK, "{scheme}");
+        let authorization = ("Authorization", format!("{scheme} {OPERATOR}"));
+        let (status, _, _) =
+            send(&h.app, TestRequest::get().uri("/v1/admin/drills").insert_header(authorization)).await;
+        assert_eq!(status, StatusCode::OK, "{scheme}");
+    }
+    for authorization in [format!("Basic {token}"), format!("Bearer{token}"), "bearer ".to_string()] {
+        let req = TestRequest::get().uri("/v1/cart").insert_header(("Authorization", authorization.clone()));
+        let (status, _, _) = send(&h.app, req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{authorization}");
+    }
 }
