@@ -1,5 +1,5 @@
 //! The SKU actor (a batching proposer) and the session actor, and the
-//! registry that activates them on first use and forgets them when they
+//! registry that activates them on first use and forgets them once they
 //! passivate.
 //!
 //! Both are thin shells: the decisions are `domain::GroupState`'s. What the
@@ -77,7 +77,25 @@ pub enum Lane {
 
 /// Live actors by key, started on first use. Shared by the HTTP workers.
 pub struct Registry<K, A: Actor> {
-    actors: Arc<Mutex<HashMap<K, Addr<A>>>>,
+    actors: Arc<Mutex<Actors<K, A>>>,
+}
+
+/// The registry's map. An actor that passivated leaves its entry behind
+/// until its key is used again, and sessions and SKU names keep coming, so
+/// the entries of stopped actors are swept out whenever the map has doubled
+/// since the last sweep.
+struct Actors<K, A: Actor> {
+    by_key: HashMap<K, Addr<A>>,
+    sweep_at: usize,
+}
+
+/// The least size at which the registry sweeps out stopped actors.
+const SWEEP_FROM: usize = 1_024;
+
+impl<K, A: Actor> Default for Actors<K, A> {
+    fn default() -> Self {
+        Actors { by_key: HashMap::new(), sweep_at: SWEEP_FROM }
+    }
 }
 
 impl<K, A: Actor> Clone for Registry<K, A> {
@@ -127,15 +145,19 @@ impl<K: Clone + Eq + Hash, A: Actor<Context = Context<A>> + Handler<Ask>> Regist
 
     fn get_or_start(&self, key: &K, limits: &ActorLimits, start: impl Fn() -> A) -> Addr<A> {
         let mut actors = self.actors.lock().expect("registry lock poisoned");
-        if let Some(addr) = actors.get(key).filter(|addr| addr.connected()) {
+        if let Some(addr) = actors.by_key.get(key).filter(|addr| addr.connected()) {
             return addr.clone();
+        }
+        if actors.by_key.len() >= actors.sweep_at {
+            actors.by_key.retain(|_, addr| addr.connected());
+            actors.sweep_at = SWEEP_FROM.max(2 * actors.by_key.len());
         }
         let mailbox_max = limits.mailbox_max;
         let addr = A::create(|ctx| {
             ctx.set_mailbox_capacity(mailbox_max);
             start()
         });
-        actors.insert(key.clone(), addr.clone());
+        actors.by_key.insert(key.clone(), addr.clone());
         addr
     }
 
@@ -143,14 +165,15 @@ impl<K: Clone + Eq + Hash, A: Actor<Context = Context<A>> + Handler<Ask>> Regist
     /// taken its place).
     fn forget(&self, key: &K, addr: &Addr<A>) {
         let mut actors = self.actors.lock().expect("registry lock poisoned");
-        if actors.get(key) == Some(addr) {
-            actors.remove(key);
+        if actors.by_key.get(key) == Some(addr) {
+            actors.by_key.remove(key);
         }
     }
 
     /// How many actors are live, for metrics.
     pub fn len(&self) -> usize {
-        self.actors.lock().expect("registry lock poisoned").len()
+        let actors = self.actors.lock().expect("registry lock poisoned");
+        actors.by_key.values().filter(|addr| addr.connected()).count()
     }
 
     /// Whether no actor is live.
@@ -180,7 +203,15 @@ impl SkuActor {
     /// as many proposals as allowed are in flight; each completion calls this
     /// again, so what queued meanwhile leaves as the next batch.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight >= self.limits.proposals_in_flight_max || self.queue.is_empty() {
+        if self.in_flight >= self.limits.proposals_in_flight_max {
+            return;
+        }
+        // A caller that gave up (timed out, or its shopper left) was told
+        // the command may still apply; after an outage thousands may wait
+        // here, and proposing them would hold stock for shoppers who left
+        // and keep the fresh requests waiting behind them.
+        self.queue.retain(|ask| !ask.reply.is_closed());
+        if self.queue.is_empty() {
             return;
         }
         let size = self.queue.len().min(self.limits.batch_max);
@@ -263,6 +294,9 @@ impl Handler<Ask> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, ask: Ask, ctx: &mut Context<Self>) {
+        if ask.reply.is_closed() {
+            return; // its caller gave up while it waited its turn
+        }
         let router = self.router.clone();
         let lane = router.lane_of(self.session, &ask.command);
         // `wait` holds the mailbox until this command has its outcome, which
@@ -353,5 +387,45 @@ impl Router {
             other => other.routing_sku().map(str::to_string),
         };
         sku.map_or(Lane::Group, Lane::Sku)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An actor that passivates as soon as it starts.
+    struct Passing;
+
+    impl Actor for Passing {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            ctx.stop();
+        }
+    }
+
+    impl Handler<Ask> for Passing {
+        type Result = ();
+
+        fn handle(&mut self, _: Ask, _: &mut Context<Self>) {}
+    }
+
+    /// Every session and every SKU name a shopper sends starts an actor:
+    /// the registry must not keep one entry per key it ever saw.
+    #[actix_rt::test]
+    async fn the_registry_forgets_actors_that_passivated() {
+        let registry = Registry::<u64, Passing>::new();
+        let limits = ActorLimits::default();
+        for key in 0..20 * SWEEP_FROM as u64 {
+            registry.get_or_start(&key, &limits, || Passing);
+            if key % 256 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await; // let them stop
+            }
+        }
+        let kept = registry.actors.lock().unwrap().by_key.len();
+        assert!(kept <= 2 * SWEEP_FROM, "{kept} entries kept for {} keys seen", 20 * SWEEP_FROM);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(registry.len(), 0, "no actor is live");
     }
 }
