@@ -263,6 +263,63 @@ async fn concurrent_requests_share_one_connection_and_complete_out_of_order() {
     .await;
 }
 
+/// A peer whose host lost power sends no FIN: its connection would look
+/// open for good and hold one of the server's slots. The server closes a
+/// connection nothing arrives on, so the node finds a slot when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_nothing_arrives_on_is_closed_and_frees_its_slot() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        let config = ServerLimits { connections_max: 1, idle_timeout_ms: 300, ..ServerLimits::default() };
+        let _server = start(listener, &pki.node(1), Arc::new(Echo::default()), config);
+        // Node 2 before its host died: connected, then silent.
+        let gone = client(pki.node(2).client, 1, addr);
+        gone.call(forward(0, vec![restock("x", 0)]), SECOND).await.unwrap();
+
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let back = client(pki.node(2).client, 1, addr);
+        let answer = back.call(forward(0, vec![restock("x", 0)]), SECOND).await;
+        assert!(answer.is_ok(), "the silent connection still holds the only slot: {answer:?}");
+        drop(gone);
+    })
+    .await;
+}
+
+/// A server that hangs up right after the handshake (TLS 1.3 checks the
+/// client's certificate after the client is done; a node of another format
+/// version hangs up on the first frame) must not be reconnected to at every
+/// call: only an answer ends the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_hangs_up_after_the_handshake_is_backed_off() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.node(1).server.clone());
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let counted = handshakes.clone();
+        let _hanging_up = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                if acceptor.accept(tcp).await.is_ok() {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let peer = client(pki.node(2).client, 1, addr);
+        let (started, mut calls) = (Instant::now(), 0);
+        while started.elapsed() < SECOND {
+            let answer = peer.call(forward(0, vec![restock("x", 0)]), Duration::from_millis(100)).await;
+            assert!(answer.is_err(), "a peer that hangs up answered {answer:?}");
+            calls += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let handshakes = handshakes.load(Ordering::Relaxed);
+        // Backoff from 20 ms doubling to 200 ms allows about 8 in a second.
+        assert!(calls > 50 && handshakes <= 15, "{handshakes} connections for {calls} calls in a second");
+    })
+    .await;
+}
+
 /// The requirement: a node without a certificate from the cluster CA
 /// cannot connect or inject Raft messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

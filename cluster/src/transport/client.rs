@@ -6,9 +6,10 @@
 //! connection's bounded queue and wait for the answer with the same id. When
 //! the connection dies, every call waiting on it fails at once with
 //! [`TransportError::ConnectionLost`] (not at its timeout), and the next
-//! call opens a new connection. A connection attempt that fails starts a
-//! backoff (`backoff_min_ms`, doubling up to `backoff_max_ms`) during which
-//! calls fail at once with [`TransportError::Unreachable`]; callers (openraft,
+//! call opens a new connection. A connection attempt that fails, or a
+//! connection that ends before any answer arrived on it, starts a backoff
+//! (`backoff_min_ms`, doubling up to `backoff_max_ms`) during which calls
+//! fail at once with [`TransportError::Unreachable`]; callers (openraft,
 //! the forwarder) have their own retry policies and should not queue behind a
 //! dead peer.
 //!
@@ -31,7 +32,7 @@
 //! other (waiting calls fail, the next call reconnects on its own runtime).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -429,12 +430,12 @@ impl Shared {
     }
 
     /// Ends connection `generation`: the link goes idle (after a connection
-    /// that worked) or into backoff (after a failed attempt), and every call
-    /// waiting on it fails now with `error`.
-    fn tear_down(&self, generation: u64, connected: bool, error: TransportError) {
+    /// that answered) or into backoff (after one that failed or answered
+    /// nothing), and every call waiting on it fails now with `error`.
+    fn tear_down(&self, generation: u64, answered: bool, error: TransportError) {
         let mut state = self.lock();
         if matches!(&state.link, Link::Open { generation: open, .. } if *open == generation) {
-            state.link = if connected {
+            state.link = if answered {
                 Link::Idle
             } else {
                 let exponent = state.failures.min(16);
@@ -469,14 +470,15 @@ fn millis_since(start: Instant) -> u64 {
 struct Teardown {
     shared: Arc<Shared>,
     generation: u64,
-    connected: bool,
+    /// Set by the first answer that arrives.
+    answered: Arc<AtomicBool>,
     error: Option<TransportError>,
 }
 
 impl Drop for Teardown {
     fn drop(&mut self) {
         let error = self.error.take().unwrap_or_else(|| self.shared.lost("connection closed"));
-        self.shared.tear_down(self.generation, self.connected, error);
+        self.shared.tear_down(self.generation, self.answered.load(Ordering::Relaxed), error);
     }
 }
 
@@ -487,7 +489,8 @@ async fn run_connection(
     last_read_ms: Arc<AtomicU64>,
     opened: Instant,
 ) {
-    let mut teardown = Teardown { shared: shared.clone(), generation, connected: false, error: None };
+    let answered = Arc::new(AtomicBool::new(false));
+    let mut teardown = Teardown { shared: shared.clone(), generation, answered: answered.clone(), error: None };
     let stream = match connect(&shared).await {
         Ok(stream) => stream,
         Err(reason) => {
@@ -496,12 +499,10 @@ async fn run_connection(
             return;
         }
     };
-    teardown.connected = true;
-    shared.lock().failures = 0;
     tracing::debug!(addr = %shared.addr, "connected to peer");
     let (reader, writer) = tokio::io::split(stream);
     let ended = tokio::select! {
-        ended = read_answers(reader, &shared, &last_read_ms, opened) => ended,
+        ended = read_answers(reader, &shared, &last_read_ms, opened, &answered) => ended,
         ended = wire::write_queued(writer, queued) => ended,
     };
     let reason = wire::error_chain(&ended);
@@ -519,12 +520,17 @@ async fn connect(shared: &Shared) -> Result<tokio_rustls::client::TlsStream<TcpS
     tokio::time::timeout(timeout, attempt).await.unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")))
 }
 
-/// Reads answers and hands each to its waiting call until the connection fails.
+/// Reads answers and hands each to its waiting call until the connection
+/// fails. The first answer ends the backoff: a handshake alone does not,
+/// since a peer that refuses the certificate (TLS 1.3 checks the client's
+/// after the client is done) or the format hangs up right after it, and
+/// reconnecting at every call would storm it.
 async fn read_answers<R: AsyncRead + Unpin>(
     mut reader: R,
     shared: &Shared,
     last_read_ms: &AtomicU64,
     opened: Instant,
+    answered: &AtomicBool,
 ) -> FrameError {
     loop {
         let payload = match wire::read_frame(&mut reader, shared.limits.frame_max_bytes).await {
@@ -532,6 +538,9 @@ async fn read_answers<R: AsyncRead + Unpin>(
             Err(error) => return error,
         };
         last_read_ms.store(millis_since(opened), Ordering::Relaxed);
+        if !answered.swap(true, Ordering::Relaxed) {
+            shared.lock().failures = 0;
+        }
         let ResponseEnvelope { id, result } = match wire::decode_payload(&payload) {
             Ok(envelope) => envelope,
             Err(error) => return error,

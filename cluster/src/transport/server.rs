@@ -59,6 +59,12 @@ pub struct ServerLimits {
     pub handshake_timeout_ms: u64,
     /// Largest frame accepted or sent.
     pub frame_max_bytes: usize,
+    /// A connection on which no request arrives for this long is closed. A
+    /// peer whose host lost power sends no FIN, and its connection would
+    /// hold a slot for good; one that is only quiet reconnects on its next
+    /// call. Longer than any caller waits for an answer, so no caller still
+    /// waits on a connection closed for this.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for ServerLimits {
@@ -68,6 +74,7 @@ impl Default for ServerLimits {
             connections_max: 256,
             handshake_timeout_ms: 5_000,
             frame_max_bytes: wire::FRAME_MAX_BYTES,
+            idle_timeout_ms: 60_000,
         }
     }
 }
@@ -179,11 +186,12 @@ async fn serve_connection(
     let (answers, queued) = mpsc::channel(limits.in_flight_max.max(1));
     let permits = Arc::new(Semaphore::new(limits.in_flight_max.max(1)));
     let ended = tokio::select! {
-        ended = read_requests(reader, handler, permits, answers, limits.frame_max_bytes) => ended,
+        ended = read_requests(reader, handler, permits, answers, &limits) => ended,
         ended = wire::write_queued(writer, queued) => ended,
     };
     match ended {
         FrameError::Closed => tracing::debug!(%peer, "peer disconnected"),
+        FrameError::Idle { ms } => tracing::debug!(%peer, ms, "closed an idle peer connection"),
         error => tracing::warn!(%peer, error = %wire::error_chain(&error), "peer connection failed"),
     }
 }
@@ -194,17 +202,19 @@ async fn read_requests<R: AsyncRead + Unpin>(
     handler: Arc<dyn PeerHandler>,
     permits: Arc<Semaphore>,
     answers: mpsc::Sender<Vec<u8>>,
-    frame_max_bytes: usize,
+    limits: &ServerLimits,
 ) -> FrameError {
+    let (frame_max_bytes, idle) = (limits.frame_max_bytes, Duration::from_millis(limits.idle_timeout_ms));
     loop {
-        let envelope = match wire::read_frame(&mut reader, frame_max_bytes).await {
-            Ok(payload) => match wire::decode_payload::<RequestEnvelope>(&payload) {
+        let envelope = match tokio::time::timeout(idle, wire::read_frame(&mut reader, frame_max_bytes)).await {
+            Ok(Ok(payload)) => match wire::decode_payload::<RequestEnvelope>(&payload) {
                 Ok(envelope) => envelope,
                 // Without a decodable envelope there is no id to answer: the
                 // peer speaks another format version or is broken. Hang up.
                 Err(error) => return error,
             },
-            Err(error) => return error,
+            Ok(Err(error)) => return error,
+            Err(_idle) => return FrameError::Idle { ms: limits.idle_timeout_ms },
         };
         let id = envelope.id;
         let Ok(permit) = permits.clone().try_acquire_owned() else {

@@ -248,6 +248,13 @@ pub enum FrameError {
     /// The peer closed the connection cleanly between frames.
     #[error("connection closed by peer")]
     Closed,
+    /// Nothing arrived for this long: the peer is gone without a word, or
+    /// has nothing to say; either way the connection is closed.
+    #[error("nothing arrived for {ms} ms")]
+    Idle {
+        /// The idle bound.
+        ms: u64,
+    },
 }
 
 /// An error and its sources as one line (`a: b: c`), for where an error
