@@ -415,7 +415,7 @@ async fn open_clustered(
     let forwarder = Arc::new(PeerForwarder::new(clients, peers, timeout));
     let group = group.with_forwarder(forwarder.clone());
     let handler = GroupHandler::new(node_id, BTreeMap::from([(0, group.clone())]), isolation).with_fence(fence);
-    let server = PeerServer::start(listener, tls.server.clone(), Arc::new(handler.clone()), ServerLimits::default())
+    let server = PeerServer::start(listener, tls.server.clone(), Arc::new(handler.clone()), server_limits(timeout))
         .map_err(|e| unavailable("start the peer server", &e))?;
     Ok((group, Peers { forwarder, handler, _server: Some(Arc::new(server)) }))
 }
@@ -445,5 +445,18 @@ async fn expire_holds(group: Group, clock: Arc<dyn Clock>, tick: Duration) {
                 Err(_) => tracing::warn!("an expiry tick got no outcome in time; retrying next tick"),
             }
         }
+    }
+}
+
+/// The peer server's bounds, its deadlines outlasting `request_timeout`, so
+/// that no caller still waits on a handler or a connection the server gave
+/// up on.
+fn server_limits(request_timeout: Duration) -> ServerLimits {
+    let defaults = ServerLimits::default();
+    let outlast = |ms: u64| ms.max(u64::try_from(4 * request_timeout.as_millis()).unwrap_or(u64::MAX));
+    ServerLimits {
+        idle_timeout_ms: outlast(defaults.idle_timeout_ms),
+        handler_timeout_ms: outlast(defaults.handler_timeout_ms),
+        ..defaults
     }
 }

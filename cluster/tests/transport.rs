@@ -408,6 +408,32 @@ fn pem_cert(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
 
+/// A handler that never finishes (a deposed leader's proposal, a hung disk)
+/// must not hold its caller, nor the permit it took, past the server's
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_never_finishes_is_answered_at_the_deadline() {
+    bounded(30, async {
+        let pki = Pki::new();
+        let (listener, addr) = listen().await;
+        let config = ServerLimits { in_flight_max: 1, handler_timeout_ms: 300, ..ServerLimits::default() };
+        let _server = start(listener, &pki.node(1), Arc::new(Echo::default()), config);
+        let peer = client(pki.node(2).client, 1, addr);
+
+        let started = Instant::now();
+        let stuck = peer.call(forward(0, vec![restock("block", 0)]), 10 * SECOND).await;
+        let refusal = match stuck {
+            Err(TransportError::Refused { refusal: Refusal::Failed(why), .. }) => why,
+            other => panic!("a handler that never finishes answered {other:?} after {:?}", started.elapsed()),
+        };
+        assert!(refusal.contains("did not finish"), "{refusal}");
+        assert!(started.elapsed() < 3 * SECOND, "answered after {:?}", started.elapsed());
+        // Its permit, the connection's only one, is free again.
+        peer.call(forward(0, vec![restock("x", 0)]), SECOND).await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_requests_fail_fast_when_the_server_goes_and_the_client_reconnects() {
     bounded(60, async {

@@ -65,6 +65,11 @@ pub struct ServerLimits {
     /// call. Longer than any caller waits for an answer, so no caller still
     /// waits on a connection closed for this.
     pub idle_timeout_ms: u64,
+    /// A request whose handler has not finished in this long is answered
+    /// [`Refusal::Failed`] and its handler dropped, freeing its permit (a
+    /// deposed leader's proposal, or a hung disk, may never finish). Longer
+    /// than any caller waits for an answer.
+    pub handler_timeout_ms: u64,
 }
 
 impl Default for ServerLimits {
@@ -75,6 +80,7 @@ impl Default for ServerLimits {
             handshake_timeout_ms: 5_000,
             frame_max_bytes: wire::FRAME_MAX_BYTES,
             idle_timeout_ms: 60_000,
+            handler_timeout_ms: 30_000,
         }
     }
 }
@@ -205,7 +211,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
     limits: &ServerLimits,
 ) -> FrameError {
     let (frame_max_bytes, idle) = (limits.frame_max_bytes, Duration::from_millis(limits.idle_timeout_ms));
+    let handler_timeout = Duration::from_millis(limits.handler_timeout_ms);
+    // The handlers of this connection's requests: they end with it, since
+    // nobody is left to read their answers.
+    let mut handlers = JoinSet::new();
     loop {
+        while handlers.try_join_next().is_some() {}
         let envelope = match tokio::time::timeout(idle, wire::read_frame(&mut reader, frame_max_bytes)).await {
             Ok(Ok(payload)) => match wire::decode_payload::<RequestEnvelope>(&payload) {
                 Ok(envelope) => envelope,
@@ -228,12 +239,16 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let kind = envelope.request.body.kind();
         let handling = handler.handle(envelope.request);
         let answers = answers.clone();
-        tokio::spawn(async move {
-            let result = match AssertUnwindSafe(handling).catch_unwind().await {
-                Ok(result) => result,
-                Err(_) => {
+        handlers.spawn(async move {
+            let result = match tokio::time::timeout(handler_timeout, AssertUnwindSafe(handling).catch_unwind()).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => {
                     tracing::error!(kind, "peer request handler panicked");
                     Err(Refusal::Failed(format!("the {kind} handler panicked")))
+                }
+                Err(_) => {
+                    tracing::warn!(kind, "peer request handler did not finish in time");
+                    Err(Refusal::Failed(format!("the {kind} handler did not finish within {handler_timeout:?}")))
                 }
             };
             // The connection may be gone; then nobody is waiting.

@@ -199,9 +199,9 @@ pub enum Refusal {
     /// The peer's handler does not serve this kind of request.
     #[error("peer does not serve {0} requests")]
     Unsupported(String),
-    /// The peer's handler failed before answering (it panicked, or its
-    /// answer could not be encoded); the message says how. The request may
-    /// have had its effect.
+    /// The peer's handler failed before answering (it panicked, did not
+    /// finish in time, or its answer could not be encoded); the message
+    /// says how. The request may have had its effect.
     #[error("peer failed to answer: {0}")]
     Failed(String),
 }
