@@ -19,6 +19,7 @@ use storage::{StateReader, TypeConfig};
 use crate::clock::Clock;
 use crate::escrow::Tender;
 use crate::fence::Fence;
+use crate::read_rounds::ReadRounds;
 use crate::status::{GroupStatus, ReplicaLag};
 use crate::ProposeError;
 
@@ -171,6 +172,9 @@ pub struct Group {
     /// read index is lower than this, so a read waits until they are
     /// applied rather than missing them.
     recovered_log: u64,
+    /// One quorum round at a time for the leader's read indexes, shared by
+    /// the reads that arrive while the previous one runs.
+    read_rounds: Arc<ReadRounds>,
     /// The DR replicas the leader keeps attached as learners.
     replicas: Arc<BTreeMap<u64, BasicNode>>,
     /// How current the DR copy is, from either side.
@@ -310,6 +314,7 @@ impl Group {
             region: config.region.clone(),
             holds: Arc::default(),
             recovered_log,
+            read_rounds: Arc::default(),
             replicas: Arc::new(config.replicas.clone()),
             sync: Arc::default(),
             escrow: Tender::new(
@@ -502,16 +507,19 @@ impl Group {
         if let Some(refusal) = self.fence_refusal() {
             return Err(refusal);
         }
-        let Some(read) = self.unless_cut_off(self.raft.get_read_log_id()).await else {
-            return Err(cut_off_error());
-        };
-        match read {
-            Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |id| id.index).max(self.recovered_log)),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward))) => {
-                Err(ProposeError::NotLeader { leader: forward.leader_id })
+        let round = || async {
+            let Some(read) = self.unless_cut_off(self.raft.get_read_log_id()).await else {
+                return Err(cut_off_error());
+            };
+            match read {
+                Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |id| id.index).max(self.recovered_log)),
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward))) => {
+                    Err(ProposeError::NotLeader { leader: forward.leader_id })
+                }
+                Err(e) => Err(ProposeError::Unavailable(e.to_string())),
             }
-            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
-        }
+        };
+        self.read_rounds.read_index(round).await
     }
 
     /// Waits (bounded) until this replica has applied `index`, then reads.

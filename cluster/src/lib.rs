@@ -21,6 +21,7 @@ pub mod leadership;
 pub mod network;
 mod node;
 pub mod ports;
+mod read_rounds;
 pub mod replace;
 pub mod status;
 pub mod switchover;
