@@ -215,6 +215,7 @@ async fn replace_disk(world: &World, id: u64, voter: bool, disk_in_at_ms: u64) {
     let mut first_started = false;
     loop {
         if replaced(world, id, voter) {
+            world.copy_restored(id);
             world.disks_replaced.set(world.disks_replaced.get() + 1);
             let role = if voter { "voter" } else { "learner" };
             world.trace.event(format!("node {id} replaced: a {role} with the whole log"));

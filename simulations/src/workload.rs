@@ -402,6 +402,11 @@ pub async fn sampler(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, until_ms: u6
         let (mut seen, mut down) = (Vec::new(), BTreeSet::new());
         for id in world.ids() {
             let region = world.topology.node(id).map(|spec| spec.region.clone()).unwrap_or_default();
+            if world.copy_lost(id) {
+                // Up or not, its copy is gone until it holds the whole log
+                // again (see `promotable::sample`).
+                down.insert(region.clone());
+            }
             let Some(node) = world.node(id) else {
                 down.insert(region);
                 continue;

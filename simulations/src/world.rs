@@ -4,7 +4,7 @@
 //! storage) on a simulated disk, clock and network, all on this one thread.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,6 +117,9 @@ pub struct World {
     pub region_loss: bool,
     /// Nodes whose disks were lost for good and that were replaced.
     pub disks_replaced: std::cell::Cell<usize>,
+    /// Nodes whose disks were lost for good and that do not hold the whole
+    /// log again yet: for a failover, their copies are gone.
+    copies_lost: RefCell<BTreeSet<u64>>,
 }
 
 impl World {
@@ -171,6 +174,7 @@ impl World {
             jumped_ms: std::cell::Cell::new(0),
             region_loss,
             disks_replaced: std::cell::Cell::new(0),
+            copies_lost: RefCell::default(),
         }
     }
 
@@ -364,7 +368,19 @@ impl World {
     pub async fn lose_disk(&self, id: u64) {
         self.crash(id).await;
         self.empty_disk(id, true);
+        self.copies_lost.borrow_mut().insert(id);
         self.trace.event(format!("node {id} lost its disk for good"));
+    }
+
+    /// Node `id`, whose disk was lost, holds the whole log again.
+    pub fn copy_restored(&self, id: u64) {
+        self.copies_lost.borrow_mut().remove(&id);
+    }
+
+    /// Whether node `id` lost its disk and does not hold the whole log
+    /// again yet.
+    pub fn copy_lost(&self, id: u64) -> bool {
+        self.copies_lost.borrow().contains(&id)
     }
 
     /// Gives stopped node `id` a new, empty disk and a fresh fence (the old

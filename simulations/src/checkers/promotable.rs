@@ -38,7 +38,12 @@ pub enum Sampled {
 /// Promotes the copy a failover would promote now, if any. `down` names
 /// the regions with a node down: a failover promotes the most advanced
 /// node of the region, and a node that is down may be it (its disk
-/// survives), so the check waits until they are all up.
+/// survives), so the check waits until they are all up. It also names the
+/// regions with a node whose disk was lost and that does not hold the
+/// whole log again yet: that region has one copy fewer than escrow counts
+/// on, and a failover is safe only if its other copy is current, which
+/// Surge does not promise (docs/operations.md, "Replacing a node whose disk
+/// is lost").
 pub fn sample(seen: &[Seen], down: &BTreeSet<String>) -> Sampled {
     // Only copies of the newest generation: an older one is a lost
     // primary's, fenced, and no failover promotes it.
