@@ -87,6 +87,11 @@ pub struct FailoverPreview {
     /// Orders pending payment in the copy, whose payment the lost primary
     /// may have taken.
     pub payments_in_doubt: Vec<u64>,
+    /// Session ids the lost primary may have opened sessions with that the
+    /// copy lacks (their tokens get 401 afterwards): from this one...
+    pub sessions_maybe_lost_from: u64,
+    /// ...up to (not including) this one.
+    pub sessions_maybe_lost_to: u64,
     /// Whether the copy holds an escrow grant, which makes the figures
     /// above a bound. Without one a forced failover is refused
     /// (`409 copy-unbounded`).
@@ -114,6 +119,12 @@ impl FailoverPreview {
             || self.payments_in_doubt.contains(&order)
     }
 
+    /// Whether the report names `session` as one the lost primary may have
+    /// opened after the cut.
+    pub fn names_session(&self, session: u64) -> bool {
+        (self.sessions_maybe_lost_from..self.sessions_maybe_lost_to).contains(&session)
+    }
+
     fn of(node: &Node, applied_index: u64, bounded: bool, cost: domain::Failover) -> FailoverPreview {
         FailoverPreview {
             node: node.id(),
@@ -128,6 +139,8 @@ impl FailoverPreview {
             orders_maybe_lost_from: cost.orders_maybe_lost.start,
             orders_maybe_lost_to: cost.orders_maybe_lost.end,
             payments_in_doubt: cost.payments_in_doubt,
+            sessions_maybe_lost_from: cost.sessions_maybe_lost.start,
+            sessions_maybe_lost_to: cost.sessions_maybe_lost.end,
             bounded,
         }
     }

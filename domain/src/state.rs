@@ -721,6 +721,7 @@ impl GroupState {
         self.generation += 1;
         let first = self.next_order;
         self.next_order += unsettled.values().sum::<u64>();
+        let first_session = self.next_session;
         self.next_session += SESSIONS_SKIPPED_AT_FAILOVER;
         self.in_doubt.extend(self.deadlines.iter().map(|&(_, order)| order));
         let failover = Failover {
@@ -731,6 +732,7 @@ impl GroupState {
             unsettled,
             orders_maybe_lost: first..self.next_order,
             payments_in_doubt: self.deadlines.iter().map(|&(_, order)| order).collect(),
+            sessions_maybe_lost: first_session..self.next_session,
         };
         self.last_failover = Some(failover.clone());
         failover

@@ -376,6 +376,11 @@ pub struct Failover {
     /// their payment, or let them expire and freed their units. They may
     /// still be paid; unpaid, their units stay out of sale.
     pub payments_in_doubt: Vec<OrderId>,
+    /// Session ids the old primary may have given sessions it opened after
+    /// the cut, `first..end`: the copy gives its own sessions ids above
+    /// them ([`crate::SESSIONS_SKIPPED_AT_FAILOVER`]). Their tokens are
+    /// unknown here.
+    pub sessions_maybe_lost: std::ops::Range<SessionId>,
 }
 
 impl Failover {

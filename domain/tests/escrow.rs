@@ -247,6 +247,13 @@ fn fail_over_at(history: Vec<Step>, cut: usize, after: Vec<Step>) {
             Some(_) => {}
         }
     }
+    // So is every session the primary opened that the copy lacks: its token
+    // gets 401 from now on, and the report says why.
+    for session in &primary.sessions {
+        if at_cut.cart(*session).is_err() {
+            assert!(failover.sessions_maybe_lost.contains(session), "session {session} lost unreported: {failover:?}");
+        }
+    }
     // The bound is honest: the lost ids are no more than the units unsettled.
     assert_eq!(
         failover.orders_maybe_lost.end - failover.orders_maybe_lost.start,

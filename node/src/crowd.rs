@@ -14,7 +14,7 @@
 //! CPU, never for the node's event loop.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -516,6 +516,9 @@ pub struct CrowdReport {
     /// about: after a forced failover, an order the promoted region never
     /// heard of is reported, not unexpected.
     pub unexpected_orders: Vec<u64>,
+    /// The session each unexpected 401 was about: after a forced failover,
+    /// a session the promoted region never heard of is reported too.
+    pub unexpected_sessions: Vec<u64>,
 }
 
 /// State shared by the crowd's workers (one thread, so `Cell`/`RefCell`).
@@ -529,6 +532,10 @@ struct Crowd {
     samples: RefCell<Vec<String>>,
     /// The order each unexpected answer about an order was about.
     unexpected_orders: RefCell<Vec<u64>>,
+    /// Session ids by token, as the API opened them.
+    sessions: RefCell<HashMap<String, u64>>,
+    /// The session each unexpected 401 was about.
+    unexpected_sessions: RefCell<Vec<u64>>,
     progress: ProgressBar,
 }
 
@@ -552,6 +559,17 @@ impl Crowd {
         if samples.len() < UNEXPECTED_SAMPLES_MAX {
             samples.push(format!("{} -> {what}", req.describe()));
         }
+    }
+
+    /// An unexpected `reply` to `req`. A 401 to a token the API gave out is
+    /// noted by session: a forced failover may lose the session, and its
+    /// report names the ids it may have lost.
+    fn unexpected_reply(&self, req: &Req<'_>, reply: &Reply) {
+        let session = req.bearer.and_then(|token| self.sessions.borrow().get(token).copied());
+        if let (401, Some(session)) = (reply.status, session) {
+            self.unexpected_sessions.borrow_mut().push(session);
+        }
+        self.unexpected(req, &reply.describe());
     }
 
     /// An unexpected answer about order `order_id`.
@@ -611,6 +629,8 @@ pub async fn run(endpoints: &[String], plan: Plan, progress: ProgressBar) -> Cro
         ledger: RefCell::default(),
         samples: RefCell::default(),
         unexpected_orders: RefCell::default(),
+        sessions: RefCell::default(),
+        unexpected_sessions: RefCell::default(),
         progress,
     };
     let stats = Rc::new(RefCell::new(Stats::recording()));
@@ -641,6 +661,7 @@ pub async fn run(endpoints: &[String], plan: Plan, progress: ProgressBar) -> Cro
         watch,
         unexpected_samples: crowd.samples.into_inner(),
         unexpected_orders: crowd.unexpected_orders.into_inner(),
+        unexpected_sessions: crowd.unexpected_sessions.into_inner(),
     }
 }
 
@@ -857,7 +878,7 @@ async fn checkout(crowd: &Crowd, http: &Http, token: &str, key: &str, body: Opti
             }
             Ok(reply) if reply.status == 409 => return Checkout::Refused(reply.problem().to_string()),
             Ok(reply) => {
-                crowd.unexpected(&req, &reply.describe());
+                crowd.unexpected_reply(&req, &reply);
                 return Checkout::Unknown;
             }
             Err(_) => actix_rt::time::sleep(Duration::from_millis(50)).await,
@@ -887,10 +908,16 @@ async fn shopper(crowd: &Crowd, http: &Http, index: usize) {
 
     let req = Req::post("/v1/sessions", Some(json!({ "shopper": format!("shopper-{index}") })));
     let token = match http.call(&req).await {
-        Ok(reply) if reply.status == 201 => match reply.body.get("token").and_then(Value::as_str) {
-            Some(token) => token.to_string(),
-            None => return crowd.unexpected(&req, &format!("201 without a token: {}", reply.body)),
-        },
+        Ok(reply) if reply.status == 201 => {
+            let session = reply.body.get("session_id").and_then(Value::as_u64);
+            match (reply.body.get("token").and_then(Value::as_str), session) {
+                (Some(token), Some(session)) => {
+                    crowd.sessions.borrow_mut().insert(token.to_string(), session);
+                    token.to_string()
+                }
+                _ => return crowd.unexpected(&req, &format!("201 without a token or session id: {}", reply.body)),
+            }
+        }
         Ok(reply) => return crowd.unexpected(&req, &reply.describe()),
         Err(_) => return,
     };
@@ -1012,7 +1039,7 @@ async fn fill_cart(crowd: &Crowd, http: &Http, token: &str, choices: &Choices, l
             true
         }
         Ok(reply) => {
-            crowd.unexpected(&req, &reply.describe());
+            crowd.unexpected_reply(&req, &reply);
             true
         }
         Err(_) => true,

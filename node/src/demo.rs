@@ -880,8 +880,10 @@ impl Summary {
         // (the promoted copy never heard of it, or of its payment) is what
         // the report said would happen.
         let cost = failover.as_ref().and_then(|f| f.as_ref().ok()).and_then(|f| f.report.failover.as_ref());
-        let explained =
-            crowd.unexpected_orders.iter().filter(|id| cost.is_some_and(|cost| cost.names(**id))).count() as u64;
+        let explained = crowd.unexpected_orders.iter().filter(|id| cost.is_some_and(|cost| cost.names(**id))).count()
+            as u64
+            + crowd.unexpected_sessions.iter().filter(|id| cost.is_some_and(|cost| cost.names_session(**id))).count()
+                as u64;
         let unexpected = crowd.counters.unexpected - explained;
 
         let mut checks = vec![
@@ -950,7 +952,7 @@ impl Summary {
                 detail: format!(
                     "{unexpected} unexpected answers during the sale{}, {} odd orders and {} unreadable ones in the audit",
                     if explained > 0 {
-                        format!(" (and {explained} about orders the failover reported)")
+                        format!(" (and {explained} about orders or sessions the failover reported)")
                     } else {
                         String::new()
                     },
