@@ -880,10 +880,9 @@ impl Summary {
         // (the promoted copy never heard of it, or of its payment) is what
         // the report said would happen.
         let cost = failover.as_ref().and_then(|f| f.as_ref().ok()).and_then(|f| f.report.failover.as_ref());
-        let explained = crowd.unexpected_orders.iter().filter(|id| cost.is_some_and(|cost| cost.names(**id))).count()
-            as u64
-            + crowd.unexpected_sessions.iter().filter(|id| cost.is_some_and(|cost| cost.names_session(**id))).count()
-                as u64;
+        let orders = crowd.unexpected_orders.iter().filter(|id| cost.is_some_and(|cost| cost.names(**id)));
+        let sessions = crowd.unexpected_sessions.iter().filter(|id| cost.is_some_and(|cost| cost.names_session(**id)));
+        let explained = (orders.count() + sessions.count()) as u64;
         let unexpected = crowd.counters.unexpected - explained;
 
         let mut checks = vec![
