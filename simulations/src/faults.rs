@@ -147,9 +147,8 @@ pub async fn run(world: Rc<World>, scheduled: Scheduled) {
         Fault::SlowDisk { node, ms } => world.set_disk_slow(*node, Duration::from_millis(*ms)),
         Fault::Switchover => switch(&world, "dr"),
         Fault::DiskLost { node } => {
-            let voter = was_voter(&world, *node);
             world.lose_disk(*node).await;
-            replace_disk(&world, *node, voter, at_ms + for_ms).await;
+            replace_disk(&world, *node, at_ms + for_ms).await;
         }
         _ => {}
     }
@@ -205,9 +204,10 @@ fn leader(world: &World) -> Option<cluster::Node> {
         .find(|node| node.group().is_leader() && !node.group().is_cut_off())
 }
 
-/// The operator's side of a lost disk (see [`Fault::DiskLost`]): `voter`
-/// says what node `id` was; its new disk is in from `disk_in_at_ms`.
-async fn replace_disk(world: &World, id: u64, voter: bool, disk_in_at_ms: u64) {
+/// The operator's side of a lost disk (see [`Fault::DiskLost`]): node
+/// `id`'s new disk is in from `disk_in_at_ms`.
+async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
+    let mut voter = was_voter(world, id);
     let mut asked: Option<(cluster::Node, u64)> = None;
     let mut started = false;
     // Once a replacement started, asking again says nothing of the role:
@@ -237,6 +237,12 @@ async fn replace_disk(world: &World, id: u64, voter: bool, disk_in_at_ms: u64) {
             }
         }
         if report.is_none_or(|report| report.state != "running") {
+            if !first_started {
+                // The role is the node's as the operator asks: a switchover
+                // that ran while the replacement was refused may have made
+                // a voter a learner since the disk was lost.
+                voter = was_voter(world, id);
+            }
             asked = match leader(world) {
                 Some(leader) => match leader.start_replace(id, (!first_started).then_some(voter), "simulator").await {
                     Ok(report) => {
