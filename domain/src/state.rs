@@ -24,6 +24,12 @@ pub struct GroupState {
     skus: BTreeMap<String, SkuState>,
     /// Open sessions by id.
     sessions: BTreeMap<SessionId, Session>,
+    /// `(closes_at_ms, session)` for each open session that has placed no
+    /// order: the idle-session queue. A session with an order stays open,
+    /// so its orders keep their owner.
+    closing: BTreeSet<(u64, SessionId)>,
+    /// How many sessions `closing` may hold.
+    idle_sessions_max: IdleSessionsMax,
     /// SHA-256 of a session's bearer token → session, to authenticate requests.
     tokens: BTreeMap<String, SessionId>,
     /// Every order ever placed.
@@ -76,6 +82,17 @@ struct SkuState {
     restocks: VecDeque<(String, u64)>,
 }
 
+/// The bound on sessions without an order; [`IDLE_SESSIONS_MAX`] unless a
+/// test asks for a smaller one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct IdleSessionsMax(usize);
+
+impl Default for IdleSessionsMax {
+    fn default() -> Self {
+        Self(IDLE_SESSIONS_MAX)
+    }
+}
+
 /// `stock.escrowed = ready + Σ unconfirmed`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Escrow {
@@ -89,6 +106,11 @@ struct Escrow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Session {
     shopper: String,
+    /// SHA-256 of the bearer token, to forget it when the session closes.
+    token_hash: String,
+    /// When the session closes if nothing is written to it; `None` once it
+    /// has placed an order.
+    closes_at_ms: Option<u64>,
     /// SKU → quantity.
     cart: BTreeMap<String, u32>,
     /// Idempotency key → the `items` of the first checkout with that key and
@@ -105,11 +127,18 @@ struct Checkout {
 }
 
 impl GroupState {
+    /// An empty state that keeps at most `max` sessions without an order
+    /// open, instead of [`IDLE_SESSIONS_MAX`]: lets a test reach the bound.
+    pub fn with_idle_sessions_max(max: usize) -> Self {
+        Self { idle_sessions_max: IdleSessionsMax(max.max(1)), ..Self::default() }
+    }
+
     /// Applies one log entry. Deterministic: the same state and request give
     /// the same state and response on every replica.
     pub fn apply(&mut self, request: &Request) -> Response {
         self.clock_ms = self.clock_ms.max(request.stamped_at_ms);
         self.expire_due();
+        self.close_idle_sessions();
         let outcomes = request.commands.iter().map(|command| self.apply_command(command)).collect();
         if cfg!(debug_assertions) {
             self.check_invariants();
@@ -339,33 +368,80 @@ impl GroupState {
         if self.tokens.contains_key(token_hash) {
             return Err(Rejection::Invalid("token already in use".into()));
         }
+        if self.closing.len() >= self.idle_sessions_max.0 {
+            let &(_, idle_longest) = self.closing.first().expect("the bound is at least 1");
+            self.close_session(idle_longest);
+        }
         let id = self.next_session;
         self.next_session += 1;
-        self.sessions
-            .insert(id, Session { shopper: shopper.to_string(), cart: BTreeMap::new(), checkouts: BTreeMap::new() });
+        let closes_at_ms = self.clock_ms.saturating_add(SESSION_IDLE_MS);
+        let session = Session {
+            shopper: shopper.to_string(),
+            token_hash: token_hash.to_string(),
+            closes_at_ms: Some(closes_at_ms),
+            cart: BTreeMap::new(),
+            checkouts: BTreeMap::new(),
+        };
+        self.sessions.insert(id, session);
         self.tokens.insert(token_hash.to_string(), id);
+        self.closing.insert((closes_at_ms, id));
         Ok(Outcome::SessionOpened { session: id })
     }
 
-    fn set_cart_item(&mut self, session: SessionId, sku: &str, qty: u32) -> Result<Outcome, Rejection> {
+    /// Closes every session without an order that has been idle for
+    /// [`SESSION_IDLE_MS`].
+    fn close_idle_sessions(&mut self) {
+        while let Some(&(closes_at_ms, session)) = self.closing.first() {
+            if closes_at_ms > self.clock_ms {
+                break;
+            }
+            self.close_session(session);
+        }
+    }
+
+    /// Forgets a session without an order: its token, cart and refused
+    /// checkouts. Its token is unknown from now on.
+    fn close_session(&mut self, id: SessionId) {
+        let session = self.sessions.remove(&id).expect("close of an unknown session");
+        let closes_at_ms = session.closes_at_ms.expect("close of a session with an order");
+        self.closing.remove(&(closes_at_ms, id));
+        self.tokens.remove(&session.token_hash);
+    }
+
+    /// Keeps a session without an order open [`SESSION_IDLE_MS`] from now.
+    fn touch_session(&mut self, id: SessionId) {
+        let session = self.sessions.get_mut(&id).expect("touch of an unknown session");
+        if let Some(closes_at_ms) = session.closes_at_ms {
+            self.closing.remove(&(closes_at_ms, id));
+            let closes_at_ms = self.clock_ms.saturating_add(SESSION_IDLE_MS);
+            session.closes_at_ms = Some(closes_at_ms);
+            self.closing.insert((closes_at_ms, id));
+        }
+    }
+
+    fn set_cart_item(&mut self, id: SessionId, sku: &str, qty: u32) -> Result<Outcome, Rejection> {
         validate_sku(sku)?;
         validate_qty(qty)?;
         if !self.skus.contains_key(sku) {
             return Err(Rejection::UnknownSku { sku: sku.to_string() });
         }
-        let session = self.sessions.get_mut(&session).ok_or(Rejection::UnknownSession)?;
+        let session = self.sessions.get_mut(&id).ok_or(Rejection::UnknownSession)?;
         if !session.cart.contains_key(sku) && session.cart.len() >= CART_LINES_MAX {
             return Err(Rejection::CartFull);
         }
         session.cart.insert(sku.to_string(), qty);
-        Ok(Outcome::Cart(session.cart_view()))
+        let cart = session.cart_view();
+        self.touch_session(id);
+        Ok(Outcome::Cart(cart))
     }
 
-    fn remove_cart_item(&mut self, session: SessionId, sku: &str) -> Result<Outcome, Rejection> {
+    fn remove_cart_item(&mut self, id: SessionId, sku: &str) -> Result<Outcome, Rejection> {
         validate_sku(sku)?;
-        let session = self.sessions.get_mut(&session).ok_or(Rejection::UnknownSession)?;
+        let session = self.sessions.get_mut(&id).ok_or(Rejection::UnknownSession)?;
         session.cart.remove(sku);
-        Ok(Outcome::Cart(session.cart_view()))
+        let cart = session.cart_view();
+        self.touch_session(id);
+        Ok(Outcome::Cart(cart))
     }
 
     /// Reserves every line or none: all checks run before the first unit moves.
@@ -401,6 +477,7 @@ impl GroupState {
         let checkout = Checkout { items: items.map(<[Line]>::to_vec), decided };
         let session = self.sessions.get_mut(&session_id).expect("checked above");
         session.checkouts.insert(key.to_string(), checkout);
+        self.touch_session(session_id);
         placed.map(|order| Outcome::Order { order, replayed: false })
     }
 
@@ -471,8 +548,13 @@ impl GroupState {
         };
         self.orders.insert(id, order.clone());
         self.deadlines.insert((pay_by_ms, id));
+        let session = self.sessions.get_mut(&session_id).expect("checked above");
         if items.is_none() {
-            self.sessions.get_mut(&session_id).expect("checked above").cart.clear();
+            session.cart.clear();
+        }
+        // Its orders keep their owner: the session never closes now.
+        if let Some(closes_at_ms) = session.closes_at_ms.take() {
+            self.closing.remove(&(closes_at_ms, session_id));
         }
         Ok(order)
     }
@@ -838,6 +920,12 @@ impl GroupState {
         self.orders.values()
     }
 
+    /// How many sessions are open: `(with an order, without one)`. Only the
+    /// latter close when idle, and they are bounded.
+    pub fn session_counts(&self) -> (usize, usize) {
+        (self.sessions.len() - self.closing.len(), self.closing.len())
+    }
+
     /// How many orders are in each status, in `OrderStatus` declaration order
     /// (pending, paid, cancelled, expired).
     pub fn order_counts(&self) -> [u64; 4] {
@@ -906,6 +994,21 @@ impl GroupState {
             }
         }
         assert_eq!(self.tokens.len(), self.sessions.len(), "one token per session");
+        let mut closing = BTreeSet::new();
+        for (session_id, session) in &self.sessions {
+            assert_eq!(self.tokens.get(&session.token_hash), Some(session_id), "token of session {session_id}");
+            let has_order = session.checkouts.values().any(|checkout| checkout.decided.is_ok());
+            match session.closes_at_ms {
+                Some(closes_at_ms) => {
+                    assert!(!has_order, "session {session_id} has an order but may close");
+                    assert!(closes_at_ms > self.clock_ms, "session {session_id} is idle past its time but open");
+                    closing.insert((closes_at_ms, *session_id));
+                }
+                None => assert!(has_order, "session {session_id} has no order but never closes"),
+            }
+        }
+        assert_eq!(closing, self.closing, "idle-session queue differs from the sessions without an order");
+        assert!(self.closing.len() <= self.idle_sessions_max.0, "{} idle sessions kept", self.closing.len());
     }
 }
 

@@ -35,6 +35,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..8usize, 0..16usize).prop_map(|(session, order)| Step::Cancel { session, order }),
         1 => (0..SKUS.len(), 0u8..3, 0u64..3).prop_map(|(sku, key, units)| Step::Restock { sku, key, units }),
         2 => (0u64..4_000).prop_map(|ms| Step::Wait { ms }),
+        // About as long as a session stays open without a write.
+        1 => (SESSION_IDLE_MS - 8_000..SESSION_IDLE_MS + 8_000).prop_map(|ms| Step::Wait { ms }),
     ]
 }
 
@@ -70,6 +72,9 @@ type Decided = (Option<Vec<Line>>, Result<OrderId, Rejection>);
 #[derive(Default)]
 struct Memory {
     sessions: Vec<SessionId>,
+    /// When each session was last written to (opened, cart changed, a
+    /// checkout decided), until it places an order: then it never closes.
+    last_write: BTreeMap<SessionId, u64>,
     /// Every order ever acknowledged.
     orders: Vec<OrderId>,
     /// (session, key) → items and decision (order or refusal) of the first
@@ -138,6 +143,17 @@ fn run(steps: Vec<Step>) {
         state.check_invariants();
         let outcome = &response.outcomes[0];
 
+        // A session without an order closes after SESSION_IDLE_MS without a
+        // write, and only then; one with an order stays open.
+        if let Some(session) = session_of(&command) {
+            let open = memory.last_write.get(&session).is_none_or(|at| now < at + SESSION_IDLE_MS);
+            if *outcome == Outcome::Rejected(Rejection::UnknownSession) {
+                assert!(!open, "open session {session} unknown to {command:?}");
+            } else {
+                assert!(open || matches!(outcome, Outcome::Rejected(_)), "closed session {session} took {command:?}");
+            }
+        }
+
         match outcome {
             // A checkout's refusal is kept with its key, and nothing else changes.
             Outcome::Rejected(refusal) if refusal.is_decision() => {
@@ -164,7 +180,7 @@ fn run(steps: Vec<Step>) {
                 (None, _) => {}
             }
         }
-        remember(&mut memory, &command, outcome);
+        remember(&mut memory, &command, outcome, now);
     }
 
     // Every acknowledged order is still there, and once every deadline has
@@ -180,13 +196,35 @@ fn run(steps: Vec<Step>) {
     }
 }
 
-fn remember(memory: &mut Memory, command: &Command, outcome: &Outcome) {
+/// The session a command writes to, if any.
+fn session_of(command: &Command) -> Option<SessionId> {
+    match command {
+        Command::SetCartItem { session, .. }
+        | Command::RemoveCartItem { session, .. }
+        | Command::Checkout { session, .. }
+        | Command::Pay { session, .. }
+        | Command::Cancel { session, .. } => Some(*session),
+        _ => None,
+    }
+}
+
+fn remember(memory: &mut Memory, command: &Command, outcome: &Outcome, now: u64) {
     match (command, outcome) {
-        (Command::OpenSession { .. }, Outcome::SessionOpened { session }) => memory.sessions.push(*session),
+        (Command::OpenSession { .. }, Outcome::SessionOpened { session }) => {
+            memory.sessions.push(*session);
+            memory.last_write.insert(*session, now);
+        }
+        (Command::SetCartItem { session, .. } | Command::RemoveCartItem { session, .. }, Outcome::Cart(_)) => {
+            if let Some(at) = memory.last_write.get_mut(session) {
+                *at = now;
+            }
+        }
         (Command::Checkout { session, idempotency_key, items, .. }, outcome) => {
             let key = idempotency_key.trim_start_matches("key-").parse::<u8>().unwrap();
             let first = memory.keys.get(&(*session, key));
             match (first, outcome) {
+                // The session closed since: checked in `run`.
+                (Some(_), Outcome::Rejected(Rejection::UnknownSession)) => {}
                 // At most once: a retry with the same body gets the same answer.
                 (Some((first_items, _)), Outcome::Rejected(Rejection::IdempotencyConflict)) => {
                     assert_ne!(first_items, items)
@@ -206,9 +244,13 @@ fn remember(memory: &mut Memory, command: &Command, outcome: &Outcome) {
                     assert_eq!(order.status, OrderStatus::PendingPayment);
                     memory.orders.push(order.id);
                     memory.keys.insert((*session, key), (items.clone(), Ok(order.id)));
+                    memory.last_write.remove(session);
                 }
                 (None, Outcome::Rejected(refusal)) if refusal.is_decision() => {
                     memory.keys.insert((*session, key), (items.clone(), Err(refusal.clone())));
+                    if let Some(at) = memory.last_write.get_mut(session) {
+                        *at = now;
+                    }
                 }
                 (None, _) => {}
             }
@@ -336,6 +378,67 @@ fn a_retried_restock_adds_its_units_once() {
     state.apply(&Request { stamped_at_ms: now, commands: later });
     state.apply(&Request { stamped_at_ms: now, commands: vec![restock("first".into(), 10)] });
     assert_eq!(total(&state), 60 + RESTOCKS_KEPT as u64 + 10, "a forgotten key adds its units again");
+}
+
+/// A session that placed no order closes after [`SESSION_IDLE_MS`] without
+/// a write: its token is unknown from then on. One with an order stays
+/// open, so its shopper can still see and pay for it.
+#[test]
+fn a_session_without_an_order_closes_after_its_idle_time() {
+    let (mut state, now) = opened();
+    let open = |n: usize| Command::OpenSession { shopper: "ann".into(), token_hash: token(n) };
+    let buy = Command::Checkout {
+        session: 1,
+        idempotency_key: "k".into(),
+        items: Some(vec![Line { sku: "cold".into(), qty: 1 }]),
+        hold_ms: SESSION_IDLE_MS * 2,
+    };
+    state.apply(&Request { stamped_at_ms: now, commands: vec![open(0), open(1), buy] });
+    let cart = Command::SetCartItem { session: 0, sku: "warm".into(), qty: 1 };
+    let written_at = now + 1_000;
+    state.apply(&Request { stamped_at_ms: written_at, commands: vec![cart] });
+
+    state.apply(&Request { stamped_at_ms: written_at + SESSION_IDLE_MS - 1, commands: vec![] });
+    assert_eq!(state.cart(0).unwrap().lines.len(), 1, "the cart write kept the session open");
+
+    state.apply(&Request { stamped_at_ms: written_at + SESSION_IDLE_MS, commands: vec![] });
+    assert_eq!(state.cart(0), Err(Rejection::UnknownSession));
+    assert_eq!(state.session_by_token(&token(0)), None);
+    let response = state.apply(&Request {
+        stamped_at_ms: written_at + SESSION_IDLE_MS,
+        commands: vec![Command::Pay { session: 1, order: 0 }],
+    });
+    assert!(matches!(&response.outcomes[0], Outcome::Order { order, .. } if order.status == OrderStatus::Paid));
+    assert_eq!(state.session_by_token(&token(1)), Some((1, "ann")));
+}
+
+/// A script opening sessions without end grows no replica past the bound:
+/// each session past it closes the one idle longest. Sessions with an order
+/// do not count and never close.
+#[test]
+fn opening_a_session_past_the_bound_closes_the_one_idle_longest() {
+    let (sales, now) = opened();
+    let mut state = GroupState::with_idle_sessions_max(2);
+    state.apply(&Request {
+        stamped_at_ms: 0,
+        commands: vec![Command::CreateSale(sales.sku_view("cold").unwrap().sale)],
+    });
+    let open = |n: usize| Command::OpenSession { shopper: format!("shopper-{n}"), token_hash: token(n) };
+    let cart = |session| Command::SetCartItem { session, sku: "cold".into(), qty: 1 };
+    let buy = |session| Command::Checkout { session, idempotency_key: "k".into(), items: None, hold_ms: HOLD_MS };
+    let known =
+        |state: &GroupState| (0..5).filter(|n| state.session_by_token(&token(*n)).is_some()).collect::<Vec<_>>();
+
+    state.apply(&Request { stamped_at_ms: now, commands: vec![open(0)] });
+    state.apply(&Request { stamped_at_ms: now + 10, commands: vec![open(1)] });
+    state.apply(&Request { stamped_at_ms: now + 20, commands: vec![cart(0)] });
+    state.apply(&Request { stamped_at_ms: now + 30, commands: vec![open(2)] });
+    assert_eq!(known(&state), [0, 2], "session 1 was idle longest");
+
+    state.apply(&Request { stamped_at_ms: now + 40, commands: vec![buy(0), open(3)] });
+    assert_eq!(known(&state), [0, 2, 3], "session 0 holds an order and no longer counts");
+    state.apply(&Request { stamped_at_ms: now + 50, commands: vec![open(4)] });
+    assert_eq!(known(&state), [0, 3, 4]);
 }
 
 #[test]
