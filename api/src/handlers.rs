@@ -2,7 +2,8 @@
 //! command (or a read), and maps the outcome to a response. None of them
 //! decides anything the state machine decides.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use cluster::{DrillReport, FailoverPreview, LeaderMoved};
 use domain::{Command, Line, OrderId, Outcome, Rejection};
 
@@ -126,21 +127,43 @@ fn idempotency_key(req: &HttpRequest) -> Result<String> {
 /// milliseconds ago.
 pub const STALE_MS_HEADER: &str = "Surge-Stale-Ms";
 
-/// A shopper's read. A voter answers linearizably. A DR replica answers
-/// from its own copy, so reads go on when the primary region is far away
-/// or gone, and says how stale the copy may be; one that has not yet heard
-/// from a leader reads through the leader instead.
-async fn shopper_read<T>(
+/// A shopper's read, answered as 200 with `body` of what it found. A voter
+/// reads linearizably. A DR replica reads its own copy, so reads go on when
+/// the primary region is far away or gone, and says in `Surge-Stale-Ms` how
+/// stale the copy may be; one that has not yet heard from a leader reads
+/// through the leader instead.
+///
+/// A replica's copy may not have the order or SKU yet, one a shopper just
+/// made through another endpoint: before it answers 404 it asks the leader.
+/// Only if no leader answers does it say 404 from its copy, marked as stale.
+async fn shopper_read<T, B: serde::Serialize>(
     node: &cluster::Node,
-    read: impl FnOnce(&domain::GroupState) -> T,
-) -> Result<(T, Option<u64>)> {
-    if node.is_replica() {
-        if let Some(stale_ms) = node.group().stale_ms_max() {
-            return Ok((node.read_local(read), Some(stale_ms)));
+    read: impl Fn(&domain::GroupState) -> std::result::Result<T, Rejection>,
+    body: impl FnOnce(T) -> B,
+) -> Result<HttpResponse> {
+    let stale_ms = if node.is_replica() { node.group().stale_ms_max() } else { None };
+    let Some(stale_ms) = stale_ms else {
+        return Ok(read_answer(body(node.read(read).await??), None));
+    };
+    match node.read_local(&read) {
+        Ok(found) => Ok(read_answer(body(found), Some(stale_ms))),
+        Err(missing @ (Rejection::UnknownSku { .. } | Rejection::UnknownOrder { .. })) => {
+            match node.read(&read).await {
+                Ok(current) => Ok(read_answer(body(current?), None)),
+                Err(_) => {
+                    let mut response = ApiError::from(missing).error_response();
+                    let stale_ms = HeaderValue::from(node.group().stale_ms_max().unwrap_or(stale_ms));
+                    response.headers_mut().insert(HeaderName::from_static(STALE_MS_HEADER_LOWER), stale_ms);
+                    Ok(response)
+                }
+            }
         }
+        Err(rejection) => Err(rejection.into()),
     }
-    Ok((node.read(read).await?, None))
 }
+
+/// [`STALE_MS_HEADER`] as `HeaderName::from_static` wants it.
+const STALE_MS_HEADER_LOWER: &str = "surge-stale-ms";
 
 /// 200 with `body`, marked with its staleness when a DR replica served it.
 fn read_answer(body: impl serde::Serialize, stale_ms: Option<u64>) -> HttpResponse {
@@ -155,15 +178,15 @@ fn read_answer(body: impl serde::Serialize, stale_ms: Option<u64>) -> HttpRespon
     params(("sku" = String, Path, description = "The SKU: 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")),
     responses((status = 200, body = Sku, headers(("Surge-Stale-Ms" = u64,
         description = "Only from a DR replica, which serves the read from its own copy: the copy holds every write committed up to at most this many milliseconds ago."))),
-        (status = 404, body = Problem), (status = 422, body = Problem, description = "not a valid SKU"),
-        (status = 503, body = Problem)))]
+        (status = 404, body = Problem, headers(("Surge-Stale-Ms" = u64,
+        description = "Only from a DR replica that reached no leader: its copy lacks it, and may be this many milliseconds stale."))),
+        (status = 422, body = Problem, description = "not a valid SKU"), (status = 503, body = Problem)))]
 /// A SKU's sale and current stock: a linearizable read, or on a DR
 /// replica a read of its copy marked with how stale it may be.
 pub async fn get_sku(state: web::Data<AppState>, sku: web::Path<String>) -> Result<HttpResponse> {
     let sku = sku_path(&sku)?;
-    let (view, stale_ms) = shopper_read(&state.node, |s| s.sku_view(sku)).await?;
-    let view = view.ok_or_else(|| Rejection::UnknownSku { sku: sku.to_string() })?;
-    Ok(read_answer(Sku::from(view), stale_ms))
+    let read = |s: &domain::GroupState| s.sku_view(sku).ok_or_else(|| Rejection::UnknownSku { sku: sku.to_string() });
+    shopper_read(&state.node, read, Sku::from).await
 }
 
 #[utoipa::path(post, path = "/v1/sessions", tag = "shopper", request_body = CreateSession,
@@ -318,14 +341,17 @@ pub async fn cancel(shopper: Shopper, state: web::Data<AppState>, id: web::Path<
     security(("session" = [])),
     responses((status = 200, body = OrderBody, headers(("Surge-Stale-Ms" = u64,
         description = "Only from a DR replica, which serves the read from its own copy: the copy holds every write committed up to at most this many milliseconds ago."))),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, body = Problem, headers(("Surge-Stale-Ms" = u64,
+        description = "Only from a DR replica that reached no leader: its copy lacks it, and may be this many milliseconds stale."))),
         (status = 503, body = Problem)))]
 /// One of the session's orders: a linearizable read, or on a DR replica a
-/// read of its copy marked with how stale it may be.
+/// read of its copy marked with how stale it may be. An order the copy
+/// lacks yet is looked up through the leader, so a shopper reads their
+/// new order at any endpoint.
 pub async fn get_order(shopper: Shopper, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
     let order = order_path(&id)?;
-    let (order, stale_ms) = shopper_read(&state.node, |s| s.order(shopper.session, order)).await?;
-    Ok(read_answer(OrderBody::from(order?), stale_ms))
+    shopper_read(&state.node, |s| s.order(shopper.session, order), OrderBody::from).await
 }
 
 #[utoipa::path(get, path = "/v1/cluster", tag = "operator", security(("operator" = [])),

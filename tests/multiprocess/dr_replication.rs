@@ -19,18 +19,6 @@ const STOCK: u64 = 100;
 pub const WITH_REPLICA: [(&str, &str, &str); 6] =
     [FIVE_VOTERS[0], FIVE_VOTERS[1], FIVE_VOTERS[2], FIVE_VOTERS[3], FIVE_VOTERS[4], ("dr", "d", "replica")];
 
-/// A GET that also returns the `Surge-Stale-Ms` header.
-async fn get_marked(client: &awc::Client, url: &str, headers: &[(&str, String)]) -> (u16, Value, Option<u64>) {
-    let mut request = client.get(url);
-    for (name, value) in headers {
-        request = request.insert_header((*name, value.as_str()));
-    }
-    let mut response = request.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let stale_ms = response.headers().get("surge-stale-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-    let body = response.body().await.unwrap();
-    (response.status().as_u16(), serde_json::from_slice(&body).unwrap_or(Value::Null), stale_ms)
-}
-
 /// One checkout of one unit through a primary endpoint, retried with the
 /// same key past 503s and silence (bounded): the order id it placed.
 async fn checkout(client: &awc::Client, cluster: &Cluster, token: &str, round: usize) -> u64 {
@@ -144,4 +132,12 @@ async fn the_dr_replica_follows_off_the_commit_path_and_resumes_after_a_kill() {
     let forced = ctl(&cluster.api[5], &["failover", "--to", "dr", "--force"]);
     assert!(!forced.status.success());
     assert!(String::from_utf8_lossy(&forced.stderr).contains("is not lost"), "{forced:?}");
+
+    // A shopper reads the order they just placed through the primary at the
+    // replica: a copy that lacks it yet asks the leader, it does not say 404.
+    for round in 40..45 {
+        let order = checkout(&client, &cluster, &token, round).await;
+        let (status, copy, _) = get_marked(&client, &format!("{replica}/v1/orders/{order}"), &[bearer(&token)]).await;
+        assert_eq!(status, 200, "new order {order} at the DR replica: {copy}");
+    }
 }

@@ -103,6 +103,16 @@ async fn a_forced_failover_reports_every_lost_order_oversells_nothing_and_fences
     }
     let before: Acknowledged = acked.borrow().clone();
 
+    // With no leader to ask, the replica answers from its copy: an order it
+    // lacks is a 404 marked as stale, not a 503 or a wait.
+    let (token, order) = before.first().expect("an acknowledged checkout");
+    let asked = Instant::now();
+    let missing = order + 1_000_000;
+    let (status, problem, stale_ms) =
+        get_marked(&client, &format!("{replica}/v1/orders/{missing}"), &[bearer(token)]).await;
+    assert_eq!((status, stale_ms.is_some()), (404, true), "{problem}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "the stale 404 took {:?}", asked.elapsed());
+
     // Promote the DR region.
     let forced = ctl(&replica, &["failover", "--to", "dr", "--force"]);
     let stdout = String::from_utf8_lossy(&forced.stdout);

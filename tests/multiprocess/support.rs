@@ -239,6 +239,18 @@ impl Cluster {
     }
 }
 
+/// A GET that also returns the `Surge-Stale-Ms` header.
+pub async fn get_marked(client: &awc::Client, url: &str, headers: &[(&str, String)]) -> (u16, Value, Option<u64>) {
+    let mut request = client.get(url);
+    for (name, value) in headers {
+        request = request.insert_header((*name, value.as_str()));
+    }
+    let mut response = request.send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let stale_ms = response.headers().get("surge-stale-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let body = response.body().await.unwrap();
+    (response.status().as_u16(), serde_json::from_slice(&body).unwrap_or(Value::Null), stale_ms)
+}
+
 /// A GET whose answer is definite: a 503 (an election under way) or no
 /// answer says nothing either way, so it is asked again, for up to 10 s.
 pub async fn get(client: &awc::Client, url: &str, headers: &[(&str, String)]) -> (u16, serde_json::Value) {
