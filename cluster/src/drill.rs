@@ -309,13 +309,26 @@ pub enum DrillError {
     ReplacesLeader(u64),
     /// The node answers with a log: its disk is not lost.
     #[error(
-        "node {node} answers with its log (up to index {last_log_index}): replace only a node whose data is          gone, stopped or started wiped"
+        "node {node} answers with its log (up to index {last_log_index}): replace only a node whose data is gone, \
+         stopped or started wiped"
     )]
     HoldsItsCopy {
         /// The node.
         node: u64,
         /// Its last log index.
         last_log_index: u64,
+    },
+    /// Made a voter, the node would leave no learner outside the region
+    /// that takes writes to confirm escrow: sales would stop.
+    #[error(
+        "node {node} is to be a voter, but then no learner outside region {region} would be left to confirm \
+         escrow, and sales would stop: replace it without --voter"
+    )]
+    LeavesNoDrCopy {
+        /// The node.
+        node: u64,
+        /// The region that takes writes.
+        region: String,
     },
 }
 

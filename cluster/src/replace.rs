@@ -20,6 +20,11 @@
 //!    of its own and votes for no one until a leader has given it a log;
 //! 4. makes N a voter again if it was one (or if asked to).
 //!
+//! A node outside the region that takes writes comes back a voter only if
+//! another learner there is left to confirm escrow (`escrow.rs`): made a
+//! voter, the last DR copy would leave every sale to stop once its
+//! confirmed escrow ran out.
+//!
 //! Only a node that does not answer with a log may be replaced: one that
 //! is down (as it should be until step 3), or already started wiped. A
 //! node that still holds its copy would give it up for nothing, and the
@@ -95,12 +100,21 @@ pub(crate) async fn plan(
         let membership = metrics.membership_config.membership();
         (membership.voter_ids().collect::<BTreeSet<u64>>(), node.group().members())
     };
-    let answer = tokio::time::timeout(ASK_FOR, node.node_status(target)).await;
-    let held = answer.ok().and_then(Result::ok).and_then(|status| status.groups.into_iter().next());
     let member_now = members.contains(&target);
     let voter_now = voters.contains(&target);
-    let held_log = held.map_or(0, |group| group.last_log_index);
     let voter_after = voter.or_else(|| unfinished_intent(node, target)).unwrap_or(voter_now);
+    if voter_after && !voter_now && !node.topology().replicas().is_empty() {
+        let writing = node.primary_region();
+        let region_of = |id: u64| node.topology().node(id).map(|spec| spec.region.clone());
+        let other_copies = members.iter().filter(|id| **id != target && !voters.contains(id));
+        let confirmer_left = other_copies.filter_map(|id| region_of(*id)).any(|region| region != writing);
+        if spec.region != writing && !confirmer_left {
+            return Err(DrillError::LeavesNoDrCopy { node: target, region: writing });
+        }
+    }
+    let answer = tokio::time::timeout(ASK_FOR, node.node_status(target)).await;
+    let held = answer.ok().and_then(Result::ok).and_then(|status| status.groups.into_iter().next());
+    let held_log = held.map_or(0, |group| group.last_log_index);
     let promote_only = member_now && !voter_now && voter_after;
     if held_log > 0 && !promote_only {
         return Err(DrillError::HoldsItsCopy { node: target, last_log_index: held_log });

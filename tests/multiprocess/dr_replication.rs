@@ -132,6 +132,12 @@ async fn the_dr_replica_follows_off_the_commit_path_and_resumes_after_a_kill() {
     let forced = ctl(&cluster.api[5], &["failover", "--to", "dr", "--force"]);
     assert!(!forced.status.success());
     assert!(String::from_utf8_lossy(&forced.stderr).contains("is not lost"), "{forced:?}");
+    // The replica is the only copy outside the primary region: made a
+    // voter, it would leave none to confirm escrow, and sales would stop.
+    let refused = ctl(&cluster.api[1], &["replace-node", "--node", "6", "--voter"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "the last DR copy was made a voter");
+    assert!(stderr.contains("confirm escrow"), "{stderr}");
 
     // A shopper reads the order they just placed through the primary at the
     // replica: a copy that lacks it yet asks the leader, it does not say 404.
