@@ -51,39 +51,51 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::scope("")
             .wrap(middleware::ErrorHandlers::new().default_handler(problem::fallback))
             .wrap(middleware::from_fn(metrics::record_requests))
-            .service(web::resource("/healthz").get(handlers::healthz))
-            .service(web::resource("/readyz").get(handlers::readyz))
-            .service(web::resource("/metrics").get(metrics::render))
-            .service(web::resource("/openapi.json").get(openapi_json))
+            .service(readable("/healthz", handlers::healthz))
+            .service(readable("/readyz", handlers::readyz))
+            .service(readable("/metrics", metrics::render))
+            .service(readable("/openapi.json", openapi_json))
             .service(
                 web::scope("/v1")
                     .service(web::resource("/sales").post(handlers::create_sale))
-                    .service(web::resource("/skus/{sku}").get(handlers::get_sku))
+                    .service(readable("/skus/{sku}", handlers::get_sku))
                     .service(web::resource("/skus/{sku}/restock").post(handlers::restock))
                     .service(web::resource("/sessions").post(handlers::create_session))
-                    .service(web::resource("/cart").get(handlers::get_cart))
+                    .service(readable("/cart", handlers::get_cart))
                     .service(
                         web::resource("/cart/items/{sku}")
                             .put(handlers::put_cart_item)
                             .delete(handlers::delete_cart_item),
                     )
                     .service(web::resource("/checkout").post(handlers::checkout))
-                    .service(web::resource("/orders/{id}").get(handlers::get_order))
+                    .service(readable("/orders/{id}", handlers::get_order))
                     .service(web::resource("/orders/{id}/pay").post(handlers::pay))
                     .service(web::resource("/orders/{id}/cancel").post(handlers::cancel))
-                    .service(web::resource("/cluster").get(handlers::cluster_status))
+                    .service(readable("/cluster", handlers::cluster_status))
                     .service(web::resource("/admin/leader").post(handlers::move_leader))
-                    .service(web::resource("/admin/drills").get(handlers::list_drills))
+                    .service(readable("/admin/drills", handlers::list_drills))
                     .service(web::resource("/admin/drills/zone-loss").post(handlers::start_zone_loss_drill))
                     .service(web::resource("/admin/switchover").post(handlers::start_switchover))
-                    .service(web::resource("/admin/failover/preview").get(handlers::failover_preview))
+                    .service(readable("/admin/failover/preview", handlers::failover_preview))
                     .service(web::resource("/admin/failover").post(handlers::start_failover))
                     .service(web::resource("/admin/failback").post(handlers::start_failback))
                     .service(web::resource("/admin/replace-node").post(handlers::start_replace))
-                    .service(web::resource("/admin/drills/{id}").get(handlers::get_drill)),
+                    .service(readable("/admin/drills/{id}", handlers::get_drill)),
             )
             .default_service(web::to(handlers::not_found)),
     );
+}
+
+/// A resource answering GET with `handler`, and HEAD with what GET would
+/// answer less the body (RFC 9110 §9.3.2; the server drops the body), so a
+/// load balancer's HEAD probe of `/healthz` works.
+fn readable<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args> + Clone,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path).get(handler.clone()).head(handler)
 }
 
 /// Maps actix's JSON extractor errors to problem documents: too large → 413,

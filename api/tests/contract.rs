@@ -681,11 +681,11 @@ async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
     let cases = [
         (TestRequest::get().uri("/v1/checkout"), "POST"),
         (TestRequest::delete().uri("/v1/sales"), "POST"),
-        (TestRequest::post().uri("/v1/skus/tv-55"), "GET"),
+        (TestRequest::post().uri("/v1/skus/tv-55"), "GET, HEAD"),
         (TestRequest::post().uri("/v1/cart/items/tv-55"), "PUT, DELETE"),
-        (TestRequest::delete().uri("/v1/orders/1"), "GET"),
+        (TestRequest::delete().uri("/v1/orders/1"), "GET, HEAD"),
         (TestRequest::get().uri("/v1/admin/drills/zone-loss"), "POST"),
-        (TestRequest::post().uri("/healthz"), "GET"),
+        (TestRequest::post().uri("/healthz"), "GET, HEAD"),
     ];
     for (req, allow) in cases {
         let (status, problem, headers) = send(&h.app, req).await;
@@ -697,6 +697,23 @@ async fn a_wrong_method_on_a_known_path_is_405_with_allow() {
     for req in [TestRequest::get().uri("/v1/nothing-here"), TestRequest::post().uri("/v1/skus")] {
         let (status, problem, _) = send(&h.app, req).await;
         assert_eq!((status, problem["type"].as_str()), (StatusCode::NOT_FOUND, Some("/problems/not-found")));
+    }
+}
+
+/// A load balancer's HEAD probe, or a client checking a SKU exists, gets
+/// GET's status and headers.
+#[actix_rt::test]
+async fn head_answers_as_get_does() {
+    let h = harness(60_000).await;
+    create_sale(&h.app, "tv-55", 10, 2).await;
+    for (uri, want) in
+        [("/healthz", StatusCode::OK), ("/v1/skus/tv-55", StatusCode::OK), ("/v1/skus/nope", StatusCode::NOT_FOUND)]
+    {
+        let response =
+            test::call_service(&h.app, TestRequest::default().method(Method::HEAD).uri(uri).to_request()).await;
+        assert_eq!(response.status(), want, "HEAD {uri}");
+        let get = test::call_service(&h.app, TestRequest::get().uri(uri).to_request()).await;
+        assert_eq!(response.headers().get("content-type"), get.headers().get("content-type"), "HEAD {uri}");
     }
 }
 
