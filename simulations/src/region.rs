@@ -168,6 +168,9 @@ pub async fn run(world: Rc<World>, oracle: Rc<RefCell<Oracle>>, plan: Plan) {
         return;
     }
     let fenced_copy = fenced_copy.or_else(|| oracle.borrow().region_lost.as_ref().and_then(|l| l.old_copy.clone()));
+    // A probe's session placed no order, but no run lasts the
+    // `SESSION_IDLE_MS` it would take to close: had the fence let one
+    // open, it is still there.
     if let Some(token) =
         probes.iter().find(|token| fenced_copy.as_ref().is_some_and(|c| c.session_by_token(token).is_some()))
     {
