@@ -4,7 +4,7 @@
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use cluster::{DrillReport, FailoverPreview, LeaderMoved};
+use cluster::{DrillReport, FailoverPreview, LeaderMoved, ProposeError};
 use domain::{Command, Line, OrderId, Outcome, Rejection};
 
 use crate::auth::{token_hash, Operator, Shopper};
@@ -135,7 +135,11 @@ pub const STALE_MS_HEADER: &str = "Surge-Stale-Ms";
 ///
 /// A replica's copy may not have the order or SKU yet, one a shopper just
 /// made through another endpoint: before it answers 404 it asks the leader.
-/// Only if no leader answers does it say 404 from its copy, marked as stale.
+/// Only if there is no leader to ask (none known, or it cannot be reached)
+/// does it say 404 from its copy, marked as stale; a leader that is busy or
+/// silent, or a copy that does not catch up in time, gets a 503.
+/// Bounded: the forwarded read index and the wait to apply up to it each
+/// have their timeout.
 async fn shopper_read<T, B: serde::Serialize>(
     node: &cluster::Node,
     read: impl Fn(&domain::GroupState) -> std::result::Result<T, Rejection>,
@@ -150,7 +154,11 @@ async fn shopper_read<T, B: serde::Serialize>(
         Err(missing @ (Rejection::UnknownSku { .. } | Rejection::UnknownOrder { .. })) => {
             match node.read(&read).await {
                 Ok(current) => Ok(read_answer(body(current?), None)),
-                Err(_) => {
+                // The leader is busy, or it answered and the copy did not
+                // catch up in time: whether it exists is not known.
+                Err(unknown @ (ProposeError::Overloaded | ProposeError::Timeout)) => Err(unknown.into()),
+                // No leader to ask: the copy's answer is the best there is.
+                Err(ProposeError::NotLeader { .. } | ProposeError::Unavailable(_)) => {
                     let mut response = ApiError::from(missing).error_response();
                     let stale_ms = HeaderValue::from(node.group().stale_ms_max().unwrap_or(stale_ms));
                     response.headers_mut().insert(HeaderName::from_static(STALE_MS_HEADER_LOWER), stale_ms);
