@@ -535,8 +535,8 @@ pub async fn start_failback(
     security(("operator" = [])),
     responses((status = 202, body = DrillReport, description = "started; poll its Location"),
         (status = 400, body = Problem), (status = 401, body = Problem),
-        (status = 409, body = Problem, description = "not the leader, the node leads, or it answers with \
-            its log"),
+        (status = 409, body = Problem, description = "not the leader, the node leads, it answers with \
+            its log, or as a voter it would leave no DR copy to confirm escrow"),
         (status = 413, body = Problem),
         (status = 422, body = Problem, description = "no such node")))]
 /// Replaces a member whose disk is gone for good. Ask the group's leader.

@@ -23,7 +23,9 @@
 //! A node outside the region that takes writes comes back a voter only if
 //! another learner there is left to confirm escrow (`escrow.rs`): made a
 //! voter, the last DR copy would leave every sale to stop once its
-//! confirmed escrow ran out.
+//! confirmed escrow ran out. `--voter` for it is refused; an intent taken
+//! from the record (a run cut short before a switchover changed the roles)
+//! gives way, and the node comes back a learner.
 //!
 //! Only a node that does not answer with a log may be replaced: one that
 //! is down (as it should be until step 3), or already started wiped. A
@@ -102,14 +104,19 @@ pub(crate) async fn plan(
     };
     let member_now = members.contains(&target);
     let voter_now = voters.contains(&target);
-    let voter_after = voter.or_else(|| unfinished_intent(node, target)).unwrap_or(voter_now);
+    let mut voter_after = voter.or_else(|| unfinished_intent(node, target)).unwrap_or(voter_now);
     if voter_after && !voter_now && !node.topology().replicas().is_empty() {
         let writing = node.primary_region();
         let region_of = |id: u64| node.topology().node(id).map(|spec| spec.region.clone());
         let other_copies = members.iter().filter(|id| **id != target && !voters.contains(id));
         let confirmer_left = other_copies.filter_map(|id| region_of(*id)).any(|region| region != writing);
         if spec.region != writing && !confirmer_left {
-            return Err(DrillError::LeavesNoDrCopy { node: target, region: writing });
+            if voter == Some(true) {
+                return Err(DrillError::LeavesNoDrCopy { node: target, region: writing });
+            }
+            // The record's intent predates a switchover that made the node
+            // the DR copy: it stays one.
+            voter_after = false;
         }
     }
     let answer = tokio::time::timeout(ASK_FOR, node.node_status(target)).await;
