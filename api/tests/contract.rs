@@ -715,6 +715,14 @@ async fn head_answers_as_get_does() {
         let get = test::call_service(&h.app, TestRequest::get().uri(uri).to_request()).await;
         assert_eq!(response.headers().get("content-type"), get.headers().get("content-type"), "HEAD {uri}");
     }
+    let token = session(&h.app, "ann").await;
+    for (authorization, want) in
+        [(format!("Bearer {token}"), StatusCode::OK), ("Bearer nope".into(), StatusCode::UNAUTHORIZED)]
+    {
+        let head =
+            TestRequest::default().method(Method::HEAD).uri("/v1/cart").insert_header(("Authorization", authorization));
+        assert_eq!(test::call_service(&h.app, head.to_request()).await.status(), want);
+    }
 }
 
 #[actix_rt::test]
