@@ -201,10 +201,11 @@ pub async fn get_sku(state: web::Data<AppState>, sku: web::Path<String>) -> Resu
     responses((status = 201, body = SessionCreated), (status = 400, body = Problem), (status = 413, body = Problem),
         (status = 422, body = Problem), (status = 503, body = Problem)))]
 /// Start a shopper session; the answer carries its bearer token. A session
-/// that places no order closes after six hours without a cart change or a
-/// checkout (or sooner, idle longest first, once half a million such
-/// sessions are open); its token then gets 401, and the shopper opens a
-/// new one. A session with an order stays open.
+/// holding no order pending payment or paid closes after six hours without
+/// a cart change, a checkout or an order ending (or sooner, idle longest
+/// first, once half a million such sessions are open), and its cancelled
+/// and expired orders with it; its token then gets 401, and the shopper
+/// opens a new one. A session holding an order stays open.
 pub async fn create_session(state: web::Data<AppState>, body: web::Json<CreateSession>) -> Result<HttpResponse> {
     domain::validate_shopper(&body.shopper)?;
     let token = crate::new_token();

@@ -98,9 +98,9 @@ pub async fn render(state: web::Data<AppState>) -> HttpResponse {
         for (status, count) in crate::dto::ORDER_STATUSES.iter().zip(group.order_counts()) {
             metrics::gauge!("surge_orders", "status" => status.as_str()).set(count as f64);
         }
-        let (with_order, without_order) = group.session_counts();
-        metrics::gauge!("surge_sessions", "kind" => "with_order").set(with_order as f64);
-        metrics::gauge!("surge_sessions", "kind" => "without_order").set(without_order as f64);
+        let (holding_order, idle) = group.session_counts();
+        metrics::gauge!("surge_sessions", "kind" => "holding_order").set(holding_order as f64);
+        metrics::gauge!("surge_sessions", "kind" => "idle").set(idle as f64);
     });
     let (sku_actors, session_actors) = state.node.live_actors();
     metrics::gauge!("surge_live_actors", "kind" => "sku").set(sku_actors as f64);

@@ -516,7 +516,7 @@ async fn operations_endpoints_answer() {
         "surge_raft_commit_seconds_bucket",
         "surge_stock_units{sku=\"cam\",kind=\"held\"} 1",
         "surge_orders{status=\"pending_payment\"} 1",
-        "surge_sessions{kind=\"with_order\"} 1",
+        "surge_sessions{kind=\"holding_order\"} 1",
     ] {
         assert!(text.contains(metric), "/metrics lacks {metric}:\n{text}");
     }

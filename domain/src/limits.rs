@@ -25,12 +25,14 @@ pub const PRICE_MINOR_MAX: u64 = 1_000_000_000_000;
 /// Most checkouts (idempotency keys) one session may decide, placed or
 /// refused; it bounds the keys and orders a session keeps.
 pub const CHECKOUTS_PER_SESSION_MAX: usize = 256;
-/// How long a session that placed no order stays open without a write (a
-/// cart change or a checkout), in leader time: six hours.
+/// How long a session that holds no order pending payment or paid stays
+/// open without a write (a cart change, a checkout, or its last order
+/// cancelled or expiring), in leader time: six hours. It closes with its
+/// cancelled and expired orders.
 pub const SESSION_IDLE_MS: u64 = 6 * 60 * 60 * 1000;
-/// Most sessions without an order a group keeps open. Opening one more
-/// closes the one idle longest: anyone may open a session, so without a
-/// bound a script could grow every replica and snapshot without end.
+/// Most such idle sessions a group keeps open. One more closes the one
+/// idle longest: anyone may open a session, so without a bound a script
+/// could grow every replica and snapshot without end.
 pub const IDLE_SESSIONS_MAX: usize = 500_000;
 /// Restock idempotency keys one SKU remembers, the latest ones: a retry of
 /// an older one adds its units again.

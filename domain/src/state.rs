@@ -24,9 +24,9 @@ pub struct GroupState {
     skus: BTreeMap<String, SkuState>,
     /// Open sessions by id.
     sessions: BTreeMap<SessionId, Session>,
-    /// `(closes_at_ms, session)` for each open session that has placed no
-    /// order: the idle-session queue. A session with an order stays open,
-    /// so its orders keep their owner.
+    /// `(closes_at_ms, session)` for each open session that holds no order
+    /// pending payment or paid: the idle-session queue. A session holding
+    /// one stays open, so the order keeps its owner.
     closing: BTreeSet<(u64, SessionId)>,
     /// How many sessions `closing` may hold.
     idle_sessions_max: IdleSessionsMax,
@@ -108,9 +108,12 @@ struct Session {
     shopper: String,
     /// SHA-256 of the bearer token, to forget it when the session closes.
     token_hash: String,
-    /// When the session closes if nothing is written to it; `None` once it
-    /// has placed an order.
+    /// When the session closes if nothing is written to it; `None` while
+    /// it holds an order pending payment or paid.
     closes_at_ms: Option<u64>,
+    /// Its orders, oldest first: they close with it (then all are
+    /// cancelled or expired).
+    orders: Vec<OrderId>,
     /// SKU → quantity.
     cart: BTreeMap<String, u32>,
     /// Idempotency key → the `items` of the first checkout with that key and
@@ -368,28 +371,41 @@ impl GroupState {
         if self.tokens.contains_key(token_hash) {
             return Err(Rejection::Invalid("token already in use".into()));
         }
-        if self.closing.len() >= self.idle_sessions_max.0 {
-            let &(_, idle_longest) = self.closing.first().expect("the bound is at least 1");
-            self.close_session(idle_longest);
-        }
         let id = self.next_session;
         self.next_session += 1;
-        let closes_at_ms = self.clock_ms.saturating_add(SESSION_IDLE_MS);
         let session = Session {
             shopper: shopper.to_string(),
             token_hash: token_hash.to_string(),
-            closes_at_ms: Some(closes_at_ms),
+            closes_at_ms: None,
+            orders: Vec::new(),
             cart: BTreeMap::new(),
             checkouts: BTreeMap::new(),
         };
         self.sessions.insert(id, session);
         self.tokens.insert(token_hash.to_string(), id);
-        self.closing.insert((closes_at_ms, id));
+        self.start_idle(id);
         Ok(Outcome::SessionOpened { session: id })
     }
 
-    /// Closes every session without an order that has been idle for
-    /// [`SESSION_IDLE_MS`].
+    /// Starts (or starts again) a session's idle time: it closes
+    /// [`SESSION_IDLE_MS`] from now unless it is written to or places an
+    /// order. Past [`IDLE_SESSIONS_MAX`] idle sessions, the one idle
+    /// longest closes now.
+    fn start_idle(&mut self, id: SessionId) {
+        let closes_at_ms = self.clock_ms.saturating_add(SESSION_IDLE_MS);
+        let session = self.sessions.get_mut(&id).expect("idle time of an unknown session");
+        if let Some(before) = session.closes_at_ms.replace(closes_at_ms) {
+            self.closing.remove(&(before, id));
+        }
+        self.closing.insert((closes_at_ms, id));
+        // Never `id` itself: it closes last of all, and the bound is at least 1.
+        while self.closing.len() > self.idle_sessions_max.0 {
+            let &(_, idle_longest) = self.closing.first().expect("over the bound");
+            self.close_session(idle_longest);
+        }
+    }
+
+    /// Closes every idle session whose time has come.
     fn close_idle_sessions(&mut self) {
         while let Some(&(closes_at_ms, session)) = self.closing.first() {
             if closes_at_ms > self.clock_ms {
@@ -399,24 +415,30 @@ impl GroupState {
         }
     }
 
-    /// Forgets a session without an order: its token, cart and refused
-    /// checkouts. Its token is unknown from now on.
+    /// Forgets an idle session: its token, cart, checkouts, and its orders,
+    /// every one of them cancelled or expired. Its token is unknown from
+    /// now on.
     fn close_session(&mut self, id: SessionId) {
         let session = self.sessions.remove(&id).expect("close of an unknown session");
-        let closes_at_ms = session.closes_at_ms.expect("close of a session with an order");
+        let closes_at_ms = session.closes_at_ms.expect("close of a session holding an order");
         self.closing.remove(&(closes_at_ms, id));
         self.tokens.remove(&session.token_hash);
+        for order in session.orders {
+            let order = self.orders.remove(&order).expect("an order of the session");
+            assert!(!order.status.holds_units(), "order {} of a closing session is {:?}", order.id, order.status);
+        }
     }
 
-    /// Keeps a session without an order open [`SESSION_IDLE_MS`] from now.
+    /// Keeps an idle session open [`SESSION_IDLE_MS`] from now.
     fn touch_session(&mut self, id: SessionId) {
-        let session = self.sessions.get_mut(&id).expect("touch of an unknown session");
-        if let Some(closes_at_ms) = session.closes_at_ms {
-            self.closing.remove(&(closes_at_ms, id));
-            let closes_at_ms = self.clock_ms.saturating_add(SESSION_IDLE_MS);
-            session.closes_at_ms = Some(closes_at_ms);
-            self.closing.insert((closes_at_ms, id));
+        if self.sessions[&id].closes_at_ms.is_some() {
+            self.start_idle(id);
         }
+    }
+
+    /// Whether the session holds an order pending payment or paid.
+    fn holds_an_order(&self, id: SessionId) -> bool {
+        self.sessions[&id].orders.iter().any(|order| self.orders[order].status.holds_units())
     }
 
     fn set_cart_item(&mut self, id: SessionId, sku: &str, qty: u32) -> Result<Outcome, Rejection> {
@@ -552,7 +574,8 @@ impl GroupState {
         if items.is_none() {
             session.cart.clear();
         }
-        // Its orders keep their owner: the session never closes now.
+        session.orders.push(id);
+        // The order keeps its owner: the session stays open while it holds it.
         if let Some(closes_at_ms) = session.closes_at_ms.take() {
             self.closing.remove(&(closes_at_ms, session_id));
         }
@@ -622,7 +645,11 @@ impl GroupState {
                 }
             }
         }
-        order.clone()
+        let order = order.clone();
+        if !self.holds_an_order(order.session) {
+            self.start_idle(order.session);
+        }
+        order
     }
 
     fn sku(&self, sku: &str) -> Result<&SkuState, Rejection> {
@@ -829,7 +856,9 @@ impl GroupState {
     /// Failback: compares `lost`, the copy of the primary this copy was
     /// promoted without, with this one. Every order `lost` has in another
     /// state than this copy (or that this copy lacks) is listed for an
-    /// operator to settle: the shopper was told what `lost` says. Units of
+    /// operator to settle: the shopper was told what `lost` says (but not an
+    /// order both left unpaid, which this copy forgot with its idle
+    /// session since the failover: nothing is owed). Units of
     /// orders paid there that hold nothing here (this copy lacks them, or
     /// let them expire or be cancelled, their units `unsettled`) were sold
     /// there and stay out of sale; the rest of each SKU's unsettled units
@@ -841,9 +870,13 @@ impl GroupState {
     /// payment was in doubt gives its units back to sale if it expires.)
     pub fn reconcile(&self, lost: &GroupState) -> Reconciliation {
         let mut reconciliation = Reconciliation::default();
+        // Orders this copy had before the failover, and lacks now, it
+        // forgot with their idle session: they were cancelled or expired.
+        let had_before = |id: OrderId| self.last_failover.as_ref().is_some_and(|f| id < f.orders_maybe_lost.start);
         for there in lost.orders.values() {
             let here = self.orders.get(&there.id).map(|order| order.status);
-            if here == Some(there.status) {
+            let unpaid_in_both = here.is_none() && had_before(there.id) && !there.status.holds_units();
+            if here == Some(there.status) || unpaid_in_both {
                 continue;
             }
             let holds_here = matches!(here, Some(OrderStatus::PendingPayment | OrderStatus::Paid));
@@ -920,8 +953,9 @@ impl GroupState {
         self.orders.values()
     }
 
-    /// How many sessions are open: `(with an order, without one)`. Only the
-    /// latter close when idle, and they are bounded.
+    /// How many sessions are open: `(holding an order pending payment or
+    /// paid, holding none)`. Only the latter close when idle, and they are
+    /// bounded.
     pub fn session_counts(&self) -> (usize, usize) {
         (self.sessions.len() - self.closing.len(), self.closing.len())
     }
@@ -944,10 +978,14 @@ impl GroupState {
         let mut sold: BTreeMap<&str, u64> = BTreeMap::new();
         let mut per_shopper: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         let mut pending = BTreeSet::new();
-        let mut with_orders = BTreeSet::new();
+        let mut orders_of: BTreeMap<SessionId, Vec<OrderId>> = BTreeMap::new();
+        let mut holding = BTreeSet::new();
         for order in self.orders.values() {
             assert!(self.sessions.contains_key(&order.session), "order {} of an unknown session", order.id);
-            with_orders.insert(order.session);
+            orders_of.entry(order.session).or_default().push(order.id);
+            if order.status.holds_units() {
+                holding.insert(order.session);
+            }
             assert!(order.id < self.next_order, "order id {} not yet assigned", order.id);
             for line in &order.lines {
                 let counter = match order.status {
@@ -999,17 +1037,18 @@ impl GroupState {
         let mut closing = BTreeSet::new();
         for (session_id, session) in &self.sessions {
             assert_eq!(self.tokens.get(&session.token_hash), Some(session_id), "token of session {session_id}");
-            let has_order = with_orders.contains(session_id);
+            let orders = orders_of.get(session_id).map_or(&[][..], Vec::as_slice);
+            assert_eq!(session.orders, orders, "orders of session {session_id}");
             match session.closes_at_ms {
                 Some(closes_at_ms) => {
-                    assert!(!has_order, "session {session_id} has an order but may close");
+                    assert!(!holding.contains(session_id), "session {session_id} holds an order but may close");
                     assert!(closes_at_ms > self.clock_ms, "session {session_id} is idle past its time but open");
                     closing.insert((closes_at_ms, *session_id));
                 }
-                None => assert!(has_order, "session {session_id} has no order but never closes"),
+                None => assert!(holding.contains(session_id), "session {session_id} holds no order but never closes"),
             }
         }
-        assert_eq!(closing, self.closing, "idle-session queue differs from the sessions without an order");
+        assert_eq!(closing, self.closing, "idle-session queue differs from the sessions holding no order");
         assert!(self.closing.len() <= self.idle_sessions_max.0, "{} idle sessions kept", self.closing.len());
     }
 }

@@ -84,6 +84,12 @@ impl OrderStatus {
             OrderStatus::Expired => "expired",
         }
     }
+
+    /// Whether the order holds or sold units: pending payment or paid. One
+    /// cancelled or expired owes nothing to anyone.
+    pub fn holds_units(self) -> bool {
+        matches!(self, OrderStatus::PendingPayment | OrderStatus::Paid)
+    }
 }
 
 /// An order as it is replicated and as the API shows it.

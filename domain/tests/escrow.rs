@@ -413,6 +413,32 @@ fn after_failback_an_order_in_doubt_that_expires_returns_its_units_unless_it_was
     assert_eq!(stock.for_sale() + stock.held + stock.sold + sold_there, stock.total);
 }
 
+/// A copy that sold on for hours after the failover closed an idle session
+/// with its orders. Failback passes over the one both copies left unpaid,
+/// and still lists the one the lost primary was paid for.
+#[test]
+fn failback_passes_over_orders_the_copy_closed_unpaid_and_lists_one_paid_there() {
+    let (mut state, session, unpaid, paid) = two_orders_pending();
+    apply(&mut state, 1, Command::Cancel { session, order: unpaid.id });
+    let mut primary = state.clone();
+    assert!(matches!(apply(&mut primary, 2, Command::Pay { session, order: paid.id }), Outcome::Order { .. }));
+    let mut copy = state;
+    copy.fail_over("dr");
+
+    // Here the payment in doubt expires, and the session, holding nothing,
+    // closes six hours later with both orders.
+    let expired_at = 1 + HOLD_MS;
+    copy.apply(&Request { stamped_at_ms: expired_at, commands: vec![] });
+    copy.apply(&Request { stamped_at_ms: expired_at + SESSION_IDLE_MS, commands: vec![] });
+    copy.check_invariants();
+    assert_eq!((copy.order_by_id(unpaid.id), copy.order_by_id(paid.id)), (None, None));
+
+    let reconciliation = copy.reconcile(&primary);
+    let listed: Vec<_> = reconciliation.orders_to_settle.iter().map(|order| (order.id, order.here)).collect();
+    assert_eq!(listed, vec![(paid.id, None)]);
+    assert_eq!(reconciliation.units_sold_there["hot"], u64::from(paid.lines[0].qty));
+}
+
 #[test]
 fn failback_without_a_lost_copy_returns_no_unit_and_keeps_every_payment_in_doubt() {
     let (state, session, unpaid, paid) = two_orders_pending();

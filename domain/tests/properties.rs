@@ -72,11 +72,17 @@ type Decided = (Option<Vec<Line>>, Result<OrderId, Rejection>);
 #[derive(Default)]
 struct Memory {
     sessions: Vec<SessionId>,
-    /// When each session was last written to (opened, cart changed, a
-    /// checkout decided), until it places an order: then it never closes.
-    last_write: BTreeMap<SessionId, u64>,
-    /// Every order ever acknowledged.
-    orders: Vec<OrderId>,
+    /// For each session holding no order pending payment or paid, since
+    /// when: its last write (opened, cart changed, a checkout decided) or
+    /// its last such order cancelled or expired. It closes
+    /// [`SESSION_IDLE_MS`] later.
+    idle_since: BTreeMap<SessionId, u64>,
+    /// Every order ever acknowledged, with its session.
+    orders: Vec<(OrderId, SessionId)>,
+    /// Orders pending payment, with their session and deadline.
+    pending: BTreeMap<OrderId, (SessionId, u64)>,
+    /// Orders paid, with their session.
+    paid: BTreeMap<OrderId, SessionId>,
     /// (session, key) → items and decision (order or refusal) of the first
     /// checkout that decided something.
     keys: BTreeMap<(SessionId, u8), Decided>,
@@ -92,6 +98,7 @@ fn run(steps: Vec<Step>) {
         let command = match &step {
             Step::Wait { ms } => {
                 now += ms;
+                memory.pass_time(now);
                 state.apply(&Request { stamped_at_ms: now, commands: vec![] });
                 state.check_invariants();
                 continue;
@@ -120,7 +127,7 @@ fn run(steps: Vec<Step>) {
             },
             Step::Pay { session, order } | Step::Cancel { session, order } if !memory.orders.is_empty() => {
                 let session = memory.sessions[session % memory.sessions.len()];
-                let order = memory.orders[order % memory.orders.len()];
+                let (order, _) = memory.orders[order % memory.orders.len()];
                 if matches!(step, Step::Pay { .. }) {
                     Command::Pay { session, order }
                 } else {
@@ -137,16 +144,17 @@ fn run(steps: Vec<Step>) {
 
         // Let time's own effects (expiry) happen first, so that a rejected
         // command can be compared against the state right before it.
+        memory.pass_time(now);
         state.apply(&Request { stamped_at_ms: now, commands: vec![] });
         let before = state.clone();
         let response = state.apply(&Request { stamped_at_ms: now, commands: vec![command.clone()] });
         state.check_invariants();
         let outcome = &response.outcomes[0];
 
-        // A session without an order closes after SESSION_IDLE_MS without a
-        // write, and only then; one with an order stays open.
+        // A session holding no order pending or paid closes after
+        // SESSION_IDLE_MS idle, and only then; one holding one stays open.
         if let Some(session) = session_of(&command) {
-            let open = memory.last_write.get(&session).is_none_or(|at| now < at + SESSION_IDLE_MS);
+            let open = memory.is_open(session, now);
             if *outcome == Outcome::Rejected(Rejection::UnknownSession) {
                 assert!(!open, "open session {session} unknown to {command:?}");
             } else {
@@ -183,13 +191,18 @@ fn run(steps: Vec<Step>) {
         remember(&mut memory, &command, outcome, now);
     }
 
-    // Every acknowledged order is still there, and once every deadline has
-    // passed nothing is held any more: expired holds return to stock.
-    state.apply(&Request { stamped_at_ms: now + HOLD_MS, commands: vec![] });
+    // Every acknowledged order is still there unless its session closed,
+    // and once every deadline has passed nothing is held any more: expired
+    // holds return to stock.
+    now += HOLD_MS;
+    memory.pass_time(now);
+    state.apply(&Request { stamped_at_ms: now, commands: vec![] });
     state.check_invariants();
-    for order in &memory.orders {
-        let order = state.order_by_id(*order).expect("an acknowledged order vanished");
-        assert_ne!(order.status, OrderStatus::PendingPayment);
+    for (order, session) in &memory.orders {
+        match state.order_by_id(*order) {
+            Some(order) => assert_ne!(order.status, OrderStatus::PendingPayment),
+            None => assert!(!memory.is_open(*session, now), "order {order} of open session {session} vanished"),
+        }
     }
     for view in state.sku_views() {
         assert_eq!(view.stock.held, 0, "{} still holds units after every deadline", view.sale.sku);
@@ -208,16 +221,46 @@ fn session_of(command: &Command) -> Option<SessionId> {
     }
 }
 
+impl Memory {
+    /// Whether `session` is open at `now`, as far as the model knows.
+    fn is_open(&self, session: SessionId, now: u64) -> bool {
+        self.idle_since.get(&session).is_none_or(|since| now < since + SESSION_IDLE_MS)
+    }
+
+    /// A write to an idle session starts its idle time again.
+    fn touch(&mut self, session: SessionId, now: u64) {
+        if let Some(since) = self.idle_since.get_mut(&session) {
+            *since = now;
+        }
+    }
+
+    /// The session's order went from holding units to owing nothing.
+    fn order_final(&mut self, session: SessionId, now: u64) {
+        let pending = self.pending.values().any(|(of, _)| *of == session);
+        if !pending && !self.paid.values().any(|of| *of == session) {
+            self.idle_since.insert(session, now);
+        }
+    }
+
+    /// The state's clock reaches `now`: orders past their deadline expire.
+    fn pass_time(&mut self, now: u64) {
+        let due: Vec<(OrderId, SessionId)> =
+            self.pending.iter().filter(|(_, (_, pay_by))| *pay_by <= now).map(|(o, (s, _))| (*o, *s)).collect();
+        for (order, session) in due {
+            self.pending.remove(&order);
+            self.order_final(session, now);
+        }
+    }
+}
+
 fn remember(memory: &mut Memory, command: &Command, outcome: &Outcome, now: u64) {
     match (command, outcome) {
         (Command::OpenSession { .. }, Outcome::SessionOpened { session }) => {
             memory.sessions.push(*session);
-            memory.last_write.insert(*session, now);
+            memory.idle_since.insert(*session, now);
         }
         (Command::SetCartItem { session, .. } | Command::RemoveCartItem { session, .. }, Outcome::Cart(_)) => {
-            if let Some(at) = memory.last_write.get_mut(session) {
-                *at = now;
-            }
+            memory.touch(*session, now);
         }
         (Command::Checkout { session, idempotency_key, items, .. }, outcome) => {
             let key = idempotency_key.trim_start_matches("key-").parse::<u8>().unwrap();
@@ -242,24 +285,28 @@ fn remember(memory: &mut Memory, command: &Command, outcome: &Outcome, now: u64)
                 (None, Outcome::Order { order, replayed }) => {
                     assert!(!replayed);
                     assert_eq!(order.status, OrderStatus::PendingPayment);
-                    memory.orders.push(order.id);
+                    memory.orders.push((order.id, *session));
                     memory.keys.insert((*session, key), (items.clone(), Ok(order.id)));
-                    memory.last_write.remove(session);
+                    memory.pending.insert(order.id, (*session, order.pay_by_ms));
+                    memory.idle_since.remove(session);
                 }
                 (None, Outcome::Rejected(refusal)) if refusal.is_decision() => {
                     memory.keys.insert((*session, key), (items.clone(), Err(refusal.clone())));
-                    if let Some(at) = memory.last_write.get_mut(session) {
-                        *at = now;
-                    }
+                    memory.touch(*session, now);
                 }
                 (None, _) => {}
             }
         }
         (Command::Pay { order, .. }, Outcome::Order { order: got, .. }) => {
-            assert_eq!((got.id, got.status), (*order, OrderStatus::Paid))
+            assert_eq!((got.id, got.status), (*order, OrderStatus::Paid));
+            if memory.pending.remove(order).is_some() {
+                memory.paid.insert(*order, got.session);
+            }
         }
         (Command::Cancel { order, .. }, Outcome::Order { order: got, .. }) => {
-            assert_eq!((got.id, got.status), (*order, OrderStatus::Cancelled))
+            assert_eq!((got.id, got.status), (*order, OrderStatus::Cancelled));
+            memory.pending.remove(order);
+            memory.order_final(got.session, now);
         }
         _ => {}
     }
@@ -410,6 +457,38 @@ fn a_session_without_an_order_closes_after_its_idle_time() {
     });
     assert!(matches!(&response.outcomes[0], Outcome::Order { order, .. } if order.status == OrderStatus::Paid));
     assert_eq!(state.session_by_token(&token(1)), Some((1, "ann")));
+}
+
+/// Cancelled or expired, an order holds its session open no longer: the
+/// session closes [`SESSION_IDLE_MS`] after its last order ended, and its
+/// orders go with it. Placing and cancelling orders does not keep a
+/// session, and the state, for good.
+#[test]
+fn a_session_whose_orders_ended_unpaid_closes_with_them() {
+    let (mut state, now) = opened();
+    let open = Command::OpenSession { shopper: "ann".into(), token_hash: token(0) };
+    let buy = |key: &str| Command::Checkout {
+        session: 0,
+        idempotency_key: key.into(),
+        items: Some(vec![Line { sku: "cold".into(), qty: 1 }]),
+        hold_ms: HOLD_MS,
+    };
+    state.apply(&Request { stamped_at_ms: now, commands: vec![open, buy("a"), buy("b")] });
+    let cancelled_at = now + 10;
+    state.apply(&Request { stamped_at_ms: cancelled_at, commands: vec![Command::Cancel { session: 0, order: 0 }] });
+    // Order 1 is still pending: the session stays open past the idle time.
+    let expired_at = now + HOLD_MS;
+    state.apply(&Request { stamped_at_ms: expired_at, commands: vec![] });
+    assert_eq!(state.order(0, 1).map(|order| order.status), Ok(OrderStatus::Expired));
+    assert_eq!(state.session_counts(), (0, 1));
+
+    state.apply(&Request { stamped_at_ms: expired_at + SESSION_IDLE_MS - 1, commands: vec![] });
+    assert!(state.session_by_token(&token(0)).is_some());
+    state.apply(&Request { stamped_at_ms: expired_at + SESSION_IDLE_MS, commands: vec![] });
+    assert_eq!(state.session_by_token(&token(0)), None);
+    assert_eq!((state.order_by_id(0), state.order_by_id(1)), (None, None));
+    assert_eq!(state.order_counts(), [0; 4]);
+    assert_eq!(state.sku_view("cold").unwrap().stock.available, 50, "the units went back on sale long ago");
 }
 
 /// A script opening sessions without end grows no replica past the bound:
