@@ -398,9 +398,11 @@ impl GroupState {
             self.closing.remove(&(before, id));
         }
         self.closing.insert((closes_at_ms, id));
-        // Never `id` itself: it closes last of all, and the bound is at least 1.
+        // Never `id` itself, even when every idle session's time ties with
+        // its own: it was just used.
         while self.closing.len() > self.idle_sessions_max.0 {
-            let &(_, idle_longest) = self.closing.first().expect("over the bound");
+            let mut others = self.closing.iter().filter(|&&(_, other)| other != id);
+            let &(_, idle_longest) = others.next().expect("over a bound of at least 1");
             self.close_session(idle_longest);
         }
     }

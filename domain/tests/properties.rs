@@ -160,6 +160,12 @@ fn run(steps: Vec<Step>) {
             } else {
                 assert!(open || matches!(outcome, Outcome::Rejected(_)), "closed session {session} took {command:?}");
             }
+            // An open session's own orders are all still there.
+            if let Command::Pay { order, .. } | Command::Cancel { order, .. } = command {
+                if open && memory.orders.contains(&(order, session)) {
+                    assert_ne!(*outcome, Outcome::Rejected(Rejection::UnknownOrder { order }), "{command:?}");
+                }
+            }
         }
 
         match outcome {
@@ -303,10 +309,13 @@ fn remember(memory: &mut Memory, command: &Command, outcome: &Outcome, now: u64)
                 memory.paid.insert(*order, got.session);
             }
         }
-        (Command::Cancel { order, .. }, Outcome::Order { order: got, .. }) => {
+        (Command::Cancel { order, .. }, Outcome::Order { order: got, replayed }) => {
             assert_eq!((got.id, got.status), (*order, OrderStatus::Cancelled));
-            memory.pending.remove(order);
-            memory.order_final(got.session, now);
+            // A replayed cancel changes nothing, the idle time included.
+            if !replayed {
+                memory.pending.remove(order);
+                memory.order_final(got.session, now);
+            }
         }
         _ => {}
     }
@@ -518,6 +527,30 @@ fn opening_a_session_past_the_bound_closes_the_one_idle_longest() {
     assert_eq!(known(&state), [0, 2, 3], "session 0 holds an order and no longer counts");
     state.apply(&Request { stamped_at_ms: now + 50, commands: vec![open(4)] });
     assert_eq!(known(&state), [0, 3, 4]);
+}
+
+/// At the bound, a session whose order just ended is not the one that
+/// closes, even when the idle times tie to the millisecond.
+#[test]
+fn the_session_just_used_is_not_the_one_the_bound_closes() {
+    let (sales, now) = opened();
+    let mut state = GroupState::with_idle_sessions_max(1);
+    state.apply(&Request {
+        stamped_at_ms: 0,
+        commands: vec![Command::CreateSale(sales.sku_view("cold").unwrap().sale)],
+    });
+    let open = |n: usize| Command::OpenSession { shopper: format!("shopper-{n}"), token_hash: token(n) };
+    let buy = Command::Checkout {
+        session: 0,
+        idempotency_key: "k".into(),
+        items: Some(vec![Line { sku: "cold".into(), qty: 1 }]),
+        hold_ms: HOLD_MS,
+    };
+    let cancel = Command::Cancel { session: 0, order: 0 };
+    let response = state.apply(&Request { stamped_at_ms: now, commands: vec![open(0), buy, open(1), cancel] });
+    assert!(matches!(&response.outcomes[3], Outcome::Order { order, .. } if order.status == OrderStatus::Cancelled));
+    assert_eq!(state.session_by_token(&token(0)), Some((0, "shopper-0")));
+    assert_eq!(state.session_by_token(&token(1)), None);
 }
 
 #[test]

@@ -210,6 +210,13 @@ async fn simulate(seed: u64, trace: Trace) -> Found {
         let mut lost_reported = None;
         match replicas {
             Ok(replicas) => {
+                // The checkers read every acknowledged order back, so no
+                // session may have closed with its orders: runs of minutes
+                // never reach `SESSION_IDLE_MS`, and this says if one did.
+                let ran_ms = replicas[0].1.clock_ms().saturating_sub(crate::clock::EPOCH_MS);
+                if ran_ms >= domain::SESSION_IDLE_MS {
+                    failures.push(format!("the run lasted {ran_ms} ms of leader time: idle sessions may have closed"));
+                }
                 lost_reported = oracle.region_lost.as_ref().map(|_| lost_acknowledgements(&oracle, &replicas[0].1));
                 trace.event(format!("final state {:016x}", state_digest(&replicas[0].1)));
                 let now_ms = crate::clock::EPOCH_MS + trace.now_ms();
