@@ -500,32 +500,41 @@ fn a_session_whose_orders_ended_unpaid_closes_with_them() {
     assert_eq!(state.sku_view("cold").unwrap().stock.available, 50, "the units went back on sale long ago");
 }
 
+/// A state keeping at most `max` idle sessions, with the "cold" sale open,
+/// and the moment it opened.
+fn bounded(max: usize) -> (GroupState, u64) {
+    let (sales, now) = opened();
+    let mut state = GroupState::with_idle_sessions_max(max);
+    let sale = Command::CreateSale(sales.sku_view("cold").unwrap().sale);
+    state.apply(&Request { stamped_at_ms: 0, commands: vec![sale] });
+    (state, now)
+}
+
+/// Opens session `n` of the bound tests.
+fn open_nth(n: usize) -> Command {
+    Command::OpenSession { shopper: format!("shopper-{n}"), token_hash: token(n) }
+}
+
 /// A script opening sessions without end grows no replica past the bound:
 /// each session past it closes the one idle longest. Sessions with an order
 /// do not count and never close.
 #[test]
 fn opening_a_session_past_the_bound_closes_the_one_idle_longest() {
-    let (sales, now) = opened();
-    let mut state = GroupState::with_idle_sessions_max(2);
-    state.apply(&Request {
-        stamped_at_ms: 0,
-        commands: vec![Command::CreateSale(sales.sku_view("cold").unwrap().sale)],
-    });
-    let open = |n: usize| Command::OpenSession { shopper: format!("shopper-{n}"), token_hash: token(n) };
+    let (mut state, now) = bounded(2);
     let cart = |session| Command::SetCartItem { session, sku: "cold".into(), qty: 1 };
     let buy = |session| Command::Checkout { session, idempotency_key: "k".into(), items: None, hold_ms: HOLD_MS };
     let known =
         |state: &GroupState| (0..5).filter(|n| state.session_by_token(&token(*n)).is_some()).collect::<Vec<_>>();
 
-    state.apply(&Request { stamped_at_ms: now, commands: vec![open(0)] });
-    state.apply(&Request { stamped_at_ms: now + 10, commands: vec![open(1)] });
+    state.apply(&Request { stamped_at_ms: now, commands: vec![open_nth(0)] });
+    state.apply(&Request { stamped_at_ms: now + 10, commands: vec![open_nth(1)] });
     state.apply(&Request { stamped_at_ms: now + 20, commands: vec![cart(0)] });
-    state.apply(&Request { stamped_at_ms: now + 30, commands: vec![open(2)] });
+    state.apply(&Request { stamped_at_ms: now + 30, commands: vec![open_nth(2)] });
     assert_eq!(known(&state), [0, 2], "session 1 was idle longest");
 
-    state.apply(&Request { stamped_at_ms: now + 40, commands: vec![buy(0), open(3)] });
+    state.apply(&Request { stamped_at_ms: now + 40, commands: vec![buy(0), open_nth(3)] });
     assert_eq!(known(&state), [0, 2, 3], "session 0 holds an order and no longer counts");
-    state.apply(&Request { stamped_at_ms: now + 50, commands: vec![open(4)] });
+    state.apply(&Request { stamped_at_ms: now + 50, commands: vec![open_nth(4)] });
     assert_eq!(known(&state), [0, 3, 4]);
 }
 
@@ -533,13 +542,7 @@ fn opening_a_session_past_the_bound_closes_the_one_idle_longest() {
 /// closes, even when the idle times tie to the millisecond.
 #[test]
 fn the_session_just_used_is_not_the_one_the_bound_closes() {
-    let (sales, now) = opened();
-    let mut state = GroupState::with_idle_sessions_max(1);
-    state.apply(&Request {
-        stamped_at_ms: 0,
-        commands: vec![Command::CreateSale(sales.sku_view("cold").unwrap().sale)],
-    });
-    let open = |n: usize| Command::OpenSession { shopper: format!("shopper-{n}"), token_hash: token(n) };
+    let (mut state, now) = bounded(1);
     let buy = Command::Checkout {
         session: 0,
         idempotency_key: "k".into(),
@@ -547,7 +550,7 @@ fn the_session_just_used_is_not_the_one_the_bound_closes() {
         hold_ms: HOLD_MS,
     };
     let cancel = Command::Cancel { session: 0, order: 0 };
-    let response = state.apply(&Request { stamped_at_ms: now, commands: vec![open(0), buy, open(1), cancel] });
+    let response = state.apply(&Request { stamped_at_ms: now, commands: vec![open_nth(0), buy, open_nth(1), cancel] });
     assert!(matches!(&response.outcomes[3], Outcome::Order { order, .. } if order.status == OrderStatus::Cancelled));
     assert_eq!(state.session_by_token(&token(0)), Some((0, "shopper-0")));
     assert_eq!(state.session_by_token(&token(1)), None);
