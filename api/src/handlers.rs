@@ -125,7 +125,7 @@ fn idempotency_key(req: &HttpRequest) -> Result<String> {
 /// The header on a read a DR replica served from its own copy: the copy
 /// holds every write the primary committed up to at most this many
 /// milliseconds ago.
-pub const STALE_MS_HEADER: &str = "Surge-Stale-Ms";
+pub const STALE_MS_HEADER: HeaderName = HeaderName::from_static("surge-stale-ms");
 
 /// A shopper's read, answered as 200 with `body` of what it found. A voter
 /// reads linearizably. A DR replica reads its own copy, so reads go on when
@@ -161,7 +161,7 @@ async fn shopper_read<T, B: serde::Serialize>(
                 Err(ProposeError::NotLeader { .. } | ProposeError::Unavailable(_)) => {
                     let mut response = ApiError::from(missing).error_response();
                     let stale_ms = HeaderValue::from(node.group().stale_ms_max().unwrap_or(stale_ms));
-                    response.headers_mut().insert(HeaderName::from_static(STALE_MS_HEADER_LOWER), stale_ms);
+                    response.headers_mut().insert(STALE_MS_HEADER, stale_ms);
                     Ok(response)
                 }
             }
@@ -170,14 +170,11 @@ async fn shopper_read<T, B: serde::Serialize>(
     }
 }
 
-/// [`STALE_MS_HEADER`] as `HeaderName::from_static` wants it.
-const STALE_MS_HEADER_LOWER: &str = "surge-stale-ms";
-
 /// 200 with `body`, marked with its staleness when a DR replica served it.
 fn read_answer(body: impl serde::Serialize, stale_ms: Option<u64>) -> HttpResponse {
     let mut response = HttpResponse::Ok();
     if let Some(stale_ms) = stale_ms {
-        response.insert_header((STALE_MS_HEADER, stale_ms.to_string()));
+        response.insert_header((STALE_MS_HEADER, stale_ms));
     }
     response.json(body)
 }

@@ -105,19 +105,13 @@ pub(crate) async fn plan(
     let member_now = members.contains(&target);
     let voter_now = voters.contains(&target);
     let mut voter_after = voter.or_else(|| unfinished_intent(node, target)).unwrap_or(voter_now);
-    if voter_after && !voter_now && !node.topology().replicas().is_empty() {
-        let writing = node.primary_region();
-        let region_of = |id: u64| node.topology().node(id).map(|spec| spec.region.clone());
-        let other_copies = members.iter().filter(|id| **id != target && !voters.contains(id));
-        let confirmer_left = other_copies.filter_map(|id| region_of(*id)).any(|region| region != writing);
-        if spec.region != writing && !confirmer_left {
-            if voter == Some(true) {
-                return Err(DrillError::LeavesNoDrCopy { node: target, region: writing });
-            }
-            // The record's intent predates a switchover that made the node
-            // the DR copy: it stays one.
-            voter_after = false;
+    if voter_after && !voter_now && is_last_dr_copy(node, target, &members, &voters) {
+        if voter == Some(true) {
+            return Err(DrillError::LeavesNoDrCopy { node: target, region: node.primary_region() });
         }
+        // The record's intent predates a switchover that made the node the
+        // DR copy: it stays one.
+        voter_after = false;
     }
     let answer = tokio::time::timeout(ASK_FOR, node.node_status(target)).await;
     let held = answer.ok().and_then(Result::ok).and_then(|status| status.groups.into_iter().next());
@@ -134,6 +128,18 @@ pub(crate) async fn plan(
     node.drills().begin(report.clone())?;
     let plan = Plan { target, peer: spec.peer.clone(), member_now, voter_now, rebuild: held_log == 0, voter_after };
     Ok((report, plan))
+}
+
+/// Whether `target`, in a topology with a DR replica, lies outside the
+/// region that takes writes and no other learner there is left to confirm
+/// escrow.
+fn is_last_dr_copy(node: &Node, target: u64, members: &[u64], voters: &BTreeSet<u64>) -> bool {
+    if node.topology().replicas().is_empty() {
+        return false;
+    }
+    let writing = node.primary_region();
+    let outside = |id: u64| node.topology().node(id).is_some_and(|spec| spec.region != writing);
+    outside(target) && !members.iter().any(|&id| id != target && !voters.contains(&id) && outside(id))
 }
 
 /// Whether the latest replacement of `target` on record meant it to end a

@@ -82,8 +82,8 @@ struct SkuState {
     restocks: VecDeque<(String, u64)>,
 }
 
-/// The bound on sessions without an order; [`IDLE_SESSIONS_MAX`] unless a
-/// test asks for a smaller one.
+/// The bound on idle sessions; [`IDLE_SESSIONS_MAX`] unless a test asks for
+/// a smaller one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct IdleSessionsMax(usize);
 
@@ -130,8 +130,8 @@ struct Checkout {
 }
 
 impl GroupState {
-    /// An empty state that keeps at most `max` sessions without an order
-    /// open, instead of [`IDLE_SESSIONS_MAX`]: lets a test reach the bound.
+    /// An empty state that keeps at most `max` idle sessions open, instead
+    /// of [`IDLE_SESSIONS_MAX`]: lets a test reach the bound.
     pub fn with_idle_sessions_max(max: usize) -> Self {
         Self { idle_sessions_max: IdleSessionsMax(max.max(1)), ..Self::default() }
     }
