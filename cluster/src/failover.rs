@@ -262,8 +262,12 @@ async fn promote(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String>
     }
     log.note(format!("generation {generation} fences the old primary on every node of {region:?}"));
 
-    let term = plan.region_nodes.values().map(|status| status.term).max().unwrap_or(0) + 1;
-    let index = plan.region_nodes.values().map(|status| status.last_log_index).max().unwrap_or(0) + 1;
+    // Past every copy of the region, this one as it is now included: the
+    // plan's status of it may predate appends that landed before the fence.
+    let own = group.raft().metrics().borrow().clone();
+    let term = plan.region_nodes.values().map(|status| status.term).chain([own.current_term]).max().unwrap_or(0) + 1;
+    let last_logs = plan.region_nodes.values().map(|status| status.last_log_index);
+    let index = last_logs.chain(own.last_log_index).max().unwrap_or(0) + 1;
     // Node 0 names no node: the vote only has to outrank every earlier one.
     let log_id = LogId::new(CommittedLeaderId::new(term, 0), index);
     let nodes: BTreeMap<u64, BasicNode> = plan

@@ -1170,15 +1170,27 @@ async fn a_dr_copy_can_be_reseeded_as_a_group_of_its_own() {
         for id in 1..=3 {
             trio.isolations[&id].isolate_for(Duration::from_secs(120));
         }
+        // Appends already on their way still land (escrow is tended all the
+        // while): the new group must start past the copy's last entry, so
+        // read the copy once its log has stopped growing.
+        let log_end = || {
+            let metrics = replica.raft().metrics().borrow().clone();
+            (metrics.current_term, metrics.last_log_index.unwrap_or(0), metrics.last_applied)
+        };
+        let mut seen = log_end();
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = log_end();
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        let (term, last, _) = seen;
 
         let mut state = replica.read_local(Clone::clone);
         let cost = state.fail_over("dr");
         let escrowed = cost.unsettled["reseeded"];
-        let (term, last) = {
-            let metrics = replica.raft().metrics();
-            let metrics = metrics.borrow();
-            (metrics.current_term, metrics.last_log_index.unwrap_or(0))
-        };
         // Node 0 names no node: the vote only has to outrank every earlier one.
         let log_id = LogId::new(CommittedLeaderId::new(term + 1, 0), last + 1);
         let alone = openraft::Membership::new(
