@@ -519,6 +519,10 @@ pub struct CrowdReport {
     /// The session each unexpected 401 was about: after a forced failover,
     /// a session the promoted region never heard of is reported too.
     pub unexpected_sessions: Vec<u64>,
+    /// For each limit probe the API accepted, the shopper's earlier order:
+    /// after a forced failover, a limit counted without an order the
+    /// promoted region never heard of is what the report said could happen.
+    pub limit_passes: Vec<u64>,
 }
 
 /// State shared by the crowd's workers (one thread, so `Cell`/`RefCell`).
@@ -536,6 +540,8 @@ struct Crowd {
     sessions: RefCell<HashMap<String, u64>>,
     /// The session each unexpected 401 was about.
     unexpected_sessions: RefCell<Vec<u64>>,
+    /// The earlier order of each limit probe the API accepted.
+    limit_passes: RefCell<Vec<u64>>,
     progress: ProgressBar,
 }
 
@@ -631,6 +637,7 @@ pub async fn run(endpoints: &[String], plan: Plan, progress: ProgressBar) -> Cro
         unexpected_orders: RefCell::default(),
         sessions: RefCell::default(),
         unexpected_sessions: RefCell::default(),
+        limit_passes: RefCell::default(),
         progress,
     };
     let stats = Rc::new(RefCell::new(Stats::recording()));
@@ -662,6 +669,7 @@ pub async fn run(endpoints: &[String], plan: Plan, progress: ProgressBar) -> Cro
         unexpected_samples: crowd.samples.into_inner(),
         unexpected_orders: crowd.unexpected_orders.into_inner(),
         unexpected_sessions: crowd.unexpected_sessions.into_inner(),
+        limit_passes: crowd.limit_passes.into_inner(),
     }
 }
 
@@ -979,7 +987,7 @@ async fn shopper(crowd: &Crowd, http: &Http, index: usize) {
         replay(crowd, http, &token, &key, body.as_ref(), order_id).await;
     }
     if choices.probes_limit {
-        probe_limit(crowd, http, index, &token, &choices).await;
+        probe_limit(crowd, http, index, &token, &choices, order_id).await;
     }
 
     if !crowd.think(choices.think_ms).await {
@@ -1115,9 +1123,9 @@ async fn replay(crowd: &Crowd, http: &Http, token: &str, key: &str, body: Option
     }
 }
 
-/// With an order already holding `hot_qty` units, asks for enough more to
-/// pass the per-shopper limit: the API must refuse.
-async fn probe_limit(crowd: &Crowd, http: &Http, index: usize, token: &str, choices: &Choices) {
+/// With order `earlier` already holding `hot_qty` units, asks for enough
+/// more to pass the per-shopper limit: the API must refuse.
+async fn probe_limit(crowd: &Crowd, http: &Http, index: usize, token: &str, choices: &Choices, earlier: u64) {
     let plan = &crowd.plan;
     crowd.count(|c| c.limit_probes += 1);
     let extra = plan.hot_limit - choices.hot_qty + 1;
@@ -1127,9 +1135,14 @@ async fn probe_limit(crowd: &Crowd, http: &Http, index: usize, token: &str, choi
     match checkout(crowd, http, token, &key, Some(&body)).await {
         Checkout::Placed(placed) => {
             crowd.count(|c| c.limit_violations += 1);
-            crowd.unexpected(
+            crowd.limit_passes.borrow_mut().push(earlier);
+            crowd.unexpected_about(
+                earlier,
                 &Req::post("/v1/checkout", None),
-                &format!("limit {} passed: order {} for {extra} more", plan.hot_limit, placed.order_id),
+                &format!(
+                    "limit {} passed after order {earlier}: order {} for {extra} more",
+                    plan.hot_limit, placed.order_id
+                ),
             );
             crowd.acknowledge(index, token, &placed);
         }
