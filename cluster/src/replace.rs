@@ -30,7 +30,12 @@
 //! Only a node that does not answer with a log may be replaced: one that
 //! is down (as it should be until step 3), or already started wiped. A
 //! node that still holds its copy would give it up for nothing, and the
-//! group would be a copy short while it caught up again.
+//! group would be a copy short while it caught up again. A question or an
+//! answer lost on the way is asked again for up to [`ASK_FOR`] before the
+//! node counts as silent. The exception is a node that is no member at
+//! all any more, as a replacement cut short once the node had left may
+//! leave it: it gives up nothing, and is added back to catch up from the
+//! log it holds.
 //!
 //! A replacement cut short (its leader lost, the wait run out) is asked
 //! for again, of whichever node leads. Its report is in the replicated
@@ -51,13 +56,20 @@ use openraft::{BasicNode, ChangeMembers};
 use tokio::time::Instant;
 
 use crate::drill::{self, DrillReport, Timeline};
-use crate::{DrillError, Node};
+use crate::{DrillError, Node, ProposeError};
 
 /// How long a replacement waits for the wiped node to start and catch up.
 pub const JOIN_WAIT: Duration = Duration::from_secs(300);
 
 /// How long the node to replace gets to say whether it holds a log.
-const ASK_FOR: Duration = Duration::from_secs(1);
+const ASK_FOR: Duration = Duration::from_secs(2);
+
+/// How long one such question waits for its answer before it is asked
+/// again.
+const ASK_ONCE: Duration = Duration::from_millis(500);
+
+/// The pause before asking again.
+const ASK_PAUSE: Duration = Duration::from_millis(50);
 
 /// Longest wait for one membership change to commit.
 const CHANGE_MAX: Duration = Duration::from_secs(30);
@@ -74,6 +86,9 @@ pub(crate) struct Plan {
     /// Whether it leaves (if a member) and is added back: all but a
     /// learner holding a log that is only to be promoted.
     rebuild: bool,
+    /// Whether it answered with a log: a node that is no member any more
+    /// (a replacement cut short once it had left) catches up from it.
+    holds_log: bool,
     /// Whether it ends as a voter.
     voter_after: bool,
 }
@@ -113,11 +128,9 @@ pub(crate) async fn plan(
         // DR copy: it stays one.
         voter_after = false;
     }
-    let answer = tokio::time::timeout(ASK_FOR, node.node_status(target)).await;
-    let held = answer.ok().and_then(Result::ok).and_then(|status| status.groups.into_iter().next());
-    let held_log = held.map_or(0, |group| group.last_log_index);
+    let held_log = held_log(node, target).await;
     let promote_only = member_now && !voter_now && voter_after;
-    if held_log > 0 && !promote_only {
+    if held_log > 0 && member_now && !promote_only {
         return Err(DrillError::HoldsItsCopy { node: target, last_log_index: held_log });
     }
     let report = DrillReport {
@@ -126,8 +139,38 @@ pub(crate) async fn plan(
         ..DrillReport::started("replace-node", node.id(), requested_by, node.clock_ms())
     };
     node.drills().begin(report.clone())?;
-    let plan = Plan { target, peer: spec.peer.clone(), member_now, voter_now, rebuild: held_log == 0, voter_after };
+    let plan = Plan {
+        target,
+        peer: spec.peer.clone(),
+        member_now,
+        voter_now,
+        rebuild: held_log == 0 || !member_now,
+        holds_log: held_log > 0,
+        voter_after,
+    };
     Ok((report, plan))
+}
+
+/// The last log index node `target` answers with; 0 if it holds none or
+/// does not answer. An answer lost on the way is asked for again until
+/// [`ASK_FOR`] runs out: taken for silence, it would have a node that
+/// holds its copy removed from the group.
+async fn held_log(node: &Node, target: u64) -> u64 {
+    let deadline = Instant::now() + ASK_FOR;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tries_left = left >= ASK_ONCE;
+        match tokio::time::timeout(left.min(ASK_ONCE), node.node_status(target)).await {
+            Ok(Ok(status)) => return status.groups.first().map_or(0, |group| group.last_log_index),
+            // Silence or a busy node: the question or its answer may have
+            // been lost on the way.
+            Err(_) | Ok(Err(ProposeError::Timeout | ProposeError::Overloaded)) if tries_left => {
+                tokio::time::sleep(ASK_PAUSE).await
+            }
+            // Nothing listens at its address, or the time is up.
+            _ => return 0,
+        }
+    }
 }
 
 /// Whether `target`, in a topology with a DR replica, lies outside the
@@ -195,9 +238,11 @@ async fn replace(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String>
             }
         }
         log.update(|report| report.added_back = true);
-        log.note(format!(
-            "node {target} is a learner again, with nothing acknowledged: start it wiped, with join = true"
-        ));
+        log.note(if plan.holds_log {
+            format!("node {target} is a learner again: it catches up from the log it holds")
+        } else {
+            format!("node {target} is a learner again, with nothing acknowledged: start it wiped, with join = true")
+        });
     }
 
     let started = Instant::now();

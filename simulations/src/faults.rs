@@ -196,7 +196,7 @@ fn was_voter(world: &World, id: u64) -> bool {
 }
 
 /// The node that leads now, if any (not one cut off from its quorum).
-fn leader(world: &World) -> Option<cluster::Node> {
+pub fn leader(world: &World) -> Option<cluster::Node> {
     world
         .ids()
         .into_iter()

@@ -8,6 +8,7 @@
 //! choice drawn from the world's seeded generators.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::time::Duration;
@@ -111,23 +112,44 @@ pub fn run(seed: u64, options: &Options) -> Report {
 }
 
 fn run_world(seed: u64, keep: bool, echo: bool) -> Report {
-    storage::runtime::seed_raft_rng(seed);
     PANICS.with(|panics| panics.borrow_mut().clear());
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
-        .build()
-        .expect("a current-thread runtime");
-    let system = actix_rt::System::with_tokio_rt(|| runtime);
     let trace = Trace::new(keep, echo);
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| system.block_on(simulate(seed, trace.clone()))));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| simulated(seed, simulate(seed, trace.clone()))));
     let mut found = outcome.unwrap_or_else(|_| Found { simulated_ms: trace.now_ms(), ..Found::default() });
     found
         .failures
         .extend(PANICS.with(|panics| panics.borrow_mut().drain(..).map(|p| format!("panic: {p}")).collect::<Vec<_>>()));
     let (hash, events) = trace.digest();
     Report { seed, hash, events, trace: trace.events(), found }
+}
+
+/// Runs `run` to its end on a simulated runtime of its own, seeded by
+/// `seed`.
+fn simulated<T>(seed: u64, run: impl Future<Output = T>) -> T {
+    storage::runtime::seed_raft_rng(seed);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
+        .build()
+        .expect("a current-thread runtime");
+    actix_rt::System::with_tokio_rt(|| runtime).block_on(run)
+}
+
+/// Runs `script` against the whole topology, up and with a leader, on the
+/// simulated network and clock, without the crowd or the fault schedule:
+/// for tests of one operator scenario. Returns what the script returns;
+/// the world's own failures (a node that would not start) panic.
+pub fn scripted<T, F: Future<Output = T>>(seed: u64, script: impl FnOnce(Rc<World>) -> F) -> T {
+    simulated(seed, async move {
+        let world = Rc::new(World::new(seed, Trace::new(false, false)));
+        for id in world.ids() {
+            world.start(id).await.unwrap_or_else(|error| panic!("node {id} did not start: {error}"));
+        }
+        let outcome = script(world.clone()).await;
+        world.stop().await;
+        outcome
+    })
 }
 
 /// The run itself, inside the simulated runtime.
