@@ -213,8 +213,12 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
     // Once a replacement started, asking again says nothing of the role:
     // the one cut short recorded it (docs/operations.md).
     let mut first_started = false;
+    // Whether a replacement completed: the node has only to catch up, and
+    // an operator does not ask for another.
+    let mut completed = false;
+    let mut leader_had = None;
     loop {
-        if replaced(world, id, voter) {
+        if replaced(world, id, voter, &mut leader_had) {
             world.copy_restored(id);
             world.disks_replaced.set(world.disks_replaced.get() + 1);
             let role = if voter { "voter" } else { "learner" };
@@ -228,6 +232,7 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
             return;
         }
         let report = asked.as_ref().and_then(|(coordinator, report)| coordinator.drill_report(*report));
+        completed |= report.as_ref().is_some_and(|report| report.state == "completed");
         let added_back = report.as_ref().is_some_and(|report| report.added_back);
         if added_back && !started && world.trace.now_ms() >= disk_in_at_ms {
             started = true;
@@ -236,7 +241,7 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
                 world.fail(format!("starting node {id} on its new disk: {error}"));
             }
         }
-        if report.is_none_or(|report| report.state != "running") {
+        if !completed && report.is_none_or(|report| report.state != "running") {
             if !first_started {
                 // The role is the node's as the operator asks: a switchover
                 // that ran while the replacement was refused may have made
@@ -265,15 +270,18 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
     }
 }
 
-/// Whether node `id` is up and, as the leader sees it, a member with the
-/// whole log: a voter again if it was one.
-fn replaced(world: &World, id: u64, voter: bool) -> bool {
+/// Whether node `id` is up and, as the leader sees it, a member holding
+/// all the log the leader had when last asked (`leader_had`, updated):
+/// a voter again if it was one. Under a steady stream of appends, what a
+/// follower acknowledged trails the leader's last entry by a round trip.
+fn replaced(world: &World, id: u64, voter: bool, leader_had: &mut Option<u64>) -> bool {
     let Some(leader) = leader(world) else { return false };
     let metrics = leader.group().raft().metrics().borrow().clone();
+    let had = std::mem::replace(leader_had, metrics.last_log_index);
     let membership = metrics.membership_config.membership();
     let role_back = membership.get_node(&id).is_some() && (!voter || membership.voter_ids().any(|v| v == id));
     let matched = metrics.replication.as_ref().and_then(|replication| replication.get(&id).copied().flatten());
-    let whole_log = matched.map(|log_id| log_id.index) >= metrics.last_log_index;
+    let whole_log = had.is_some() && matched.map(|log_id| log_id.index) >= had;
     let up_with_a_log =
         world.node(id).is_some_and(|node| node.group().raft().metrics().borrow().last_log_index.is_some());
     up_with_a_log && role_back && whole_log
