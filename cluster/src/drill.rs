@@ -115,7 +115,8 @@ pub struct DrillReport {
     pub reconciliation: Option<domain::Reconciliation>,
     /// A node replacement: the node has left the group and is a learner
     /// again, with nothing acknowledged. It may start wiped from now on,
-    /// not before (see [`crate::replace`]).
+    /// not before (see [`crate::replace`]); one that left running catches
+    /// up from its log.
     #[serde(default)]
     pub added_back: bool,
     /// A node replacement: whether the node ends as a voter. Recorded

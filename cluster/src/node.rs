@@ -262,7 +262,8 @@ impl Node {
     }
 
     /// Replaces node `target`, whose data is gone for good, with a wiped
-    /// node in its place (see [`crate::replace`]), and returns its first
+    /// node in its place, or adds back one that a replacement cut short
+    /// left outside the group (see [`crate::replace`]), and returns its first
     /// report; it runs on in the background. Only the leader can run one.
     /// `voter`: whether the node ends as a voter; by default, what it is now.
     pub async fn start_replace(

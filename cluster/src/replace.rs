@@ -17,7 +17,8 @@
 //!    member, with nothing acknowledged;
 //! 3. waits until N has the whole log, for up to [`JOIN_WAIT`]: the
 //!    operator starts it wiped, with `join = true`, so it founds no group
-//!    of its own and votes for no one until a leader has given it a log;
+//!    of its own and votes for no one until a leader has given it a log
+//!    (a node that left running, below, catches up from its own log);
 //! 4. makes N a voter again if it was one (or if asked to).
 //!
 //! A node outside the region that takes writes comes back a voter only if
@@ -30,12 +31,16 @@
 //! Only a node that does not answer with a log may be replaced: one that
 //! is down (as it should be until step 3), or already started wiped. A
 //! node that still holds its copy would give it up for nothing, and the
-//! group would be a copy short while it caught up again. A question or an
-//! answer lost on the way is asked again for up to [`ASK_FOR`] before the
-//! node counts as silent. The exception is a node that is no member at
-//! all any more, as a replacement cut short once the node had left may
-//! leave it: it gives up nothing, and is added back to catch up from the
-//! log it holds.
+//! group would be a copy short while it caught up again. The node is asked
+//! again for up to [`ASK_FOR`] before it counts as silent: a question or
+//! an answer lost on the way looks like a node that is down. One exception:
+//! a replacement cut short right after a running node left (it was taken
+//! for silent all the same) leaves it no member, on its log, of the
+//! group's generation, with the replacement on record unfinished. Asked
+//! again, the replacement adds it back to catch up from that log: it gives
+//! up nothing. A node outside the group that holds a log in any other
+//! case is refused: a returning node of a lost primary holds a copy that
+//! failback has yet to reconcile.
 //!
 //! A replacement cut short (its leader lost, the wait run out) is asked
 //! for again, of whichever node leads. Its report is in the replicated
@@ -56,7 +61,8 @@ use openraft::{BasicNode, ChangeMembers};
 use tokio::time::Instant;
 
 use crate::drill::{self, DrillReport, Timeline};
-use crate::{DrillError, Node, ProposeError};
+use crate::status::GroupStatus;
+use crate::{DrillError, Node};
 
 /// How long a replacement waits for the wiped node to start and catch up.
 pub const JOIN_WAIT: Duration = Duration::from_secs(300);
@@ -119,7 +125,9 @@ pub(crate) async fn plan(
     };
     let member_now = members.contains(&target);
     let voter_now = voters.contains(&target);
-    let mut voter_after = voter.or_else(|| unfinished_intent(node, target)).unwrap_or(voter_now);
+    let unfinished = unfinished_replacement(node, target);
+    let recorded_intent = unfinished.as_ref().and_then(|report| report.voter_after);
+    let mut voter_after = voter.or(recorded_intent).unwrap_or(voter_now);
     if voter_after && !voter_now && is_last_dr_copy(node, target, &members, &voters) {
         if voter == Some(true) {
             return Err(DrillError::LeavesNoDrCopy { node: target, region: node.primary_region() });
@@ -128,9 +136,17 @@ pub(crate) async fn plan(
         // DR copy: it stays one.
         voter_after = false;
     }
-    let held_log = held_log(node, target).await;
+    let held = asked_status(node, target).await;
+    let held_log = held.as_ref().map_or(0, |group| group.last_log_index);
     let promote_only = member_now && !voter_now && voter_after;
-    if held_log > 0 && member_now && !promote_only {
+    // A replacement cut short once the node had left leaves it no member,
+    // running on its log. Any other node outside the group that holds a
+    // log keeps it: a returning node of a lost primary, above all, holds a
+    // copy failback has yet to reconcile (its generation is older).
+    let left_half_way = !member_now
+        && unfinished.is_some()
+        && held.as_ref().is_some_and(|group| group.generation == node.group().fence().generation());
+    if held_log > 0 && !promote_only && !left_half_way {
         return Err(DrillError::HoldsItsCopy { node: target, last_log_index: held_log });
     }
     let report = DrillReport {
@@ -151,25 +167,22 @@ pub(crate) async fn plan(
     Ok((report, plan))
 }
 
-/// The last log index node `target` answers with; 0 if it holds none or
-/// does not answer. An answer lost on the way is asked for again until
-/// [`ASK_FOR`] runs out: taken for silence, it would have a node that
-/// holds its copy removed from the group.
-async fn held_log(node: &Node, target: u64) -> u64 {
+/// Node `target`'s view of its group, `None` if it does not answer. A
+/// question or an answer lost on the way, or a connection torn down, looks
+/// like a node that is down; so it is asked again until [`ASK_FOR`] runs
+/// out. Taken for silence, it would have a node that holds its copy
+/// removed from the group.
+async fn asked_status(node: &Node, target: u64) -> Option<GroupStatus> {
     let deadline = Instant::now() + ASK_FOR;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let tries_left = left >= ASK_ONCE;
-        match tokio::time::timeout(left.min(ASK_ONCE), node.node_status(target)).await {
-            Ok(Ok(status)) => return status.groups.first().map_or(0, |group| group.last_log_index),
-            // Silence or a busy node: the question or its answer may have
-            // been lost on the way.
-            Err(_) | Ok(Err(ProposeError::Timeout | ProposeError::Overloaded)) if tries_left => {
-                tokio::time::sleep(ASK_PAUSE).await
-            }
-            // Nothing listens at its address, or the time is up.
-            _ => return 0,
+        if let Ok(Ok(status)) = tokio::time::timeout(left.min(ASK_ONCE), node.node_status(target)).await {
+            return status.groups.into_iter().next();
         }
+        if left < ASK_ONCE {
+            return None;
+        }
+        tokio::time::sleep(ASK_PAUSE).await;
     }
 }
 
@@ -185,12 +198,11 @@ fn is_last_dr_copy(node: &Node, target: u64, members: &[u64], voters: &BTreeSet<
     outside(target) && !members.iter().any(|&id| id != target && !voters.contains(&id) && outside(id))
 }
 
-/// Whether the latest replacement of `target` on record meant it to end a
-/// voter, if that replacement did not complete.
-fn unfinished_intent(node: &Node, target: u64) -> Option<bool> {
+/// The latest replacement of `target` on record, if it did not complete.
+fn unfinished_replacement(node: &Node, target: u64) -> Option<DrillReport> {
     let reports = drill::reports(node);
-    let latest = reports.iter().rev().find(|report| report.kind == "replace-node" && report.nodes == [target])?;
-    (latest.state != "completed").then_some(latest.voter_after).flatten()
+    let latest = reports.into_iter().rev().find(|report| report.kind == "replace-node" && report.nodes == [target])?;
+    (latest.state != "completed").then_some(latest)
 }
 
 /// Carries a planned replacement out and records its report.

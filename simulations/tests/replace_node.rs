@@ -1,62 +1,129 @@
-//! `replace-node` on a node that left the group but holds its log: a
-//! replacement cut short after its first step (the node removed, the
-//! leader lost before it added the node back) leaves it so. Asked again,
-//! the replacement adds the node back to catch up from that log; refusing
-//! it because it answers with a log would leave the group a voter short
-//! for good.
+//! `replace-node` on a node outside the group that holds a log. A
+//! replacement cut short right after a running node left (its leader lost
+//! before it added the node back) leaves it so; asked again, the
+//! replacement adds it back to catch up from that log, instead of
+//! refusing it for good and leaving the group a voter short. A returning
+//! node of a lost primary is outside the group too, holding a copy that
+//! failback has yet to reconcile: it is refused.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use cluster::{DrillError, DrillReport, Node};
+use domain::GroupState;
 use openraft::ChangeMembers;
 use simulations::faults::leader;
-use simulations::sim;
 use simulations::world::World;
+use simulations::{sim, workload};
 
-/// Bound on each wait of the scenario, in simulated time.
+/// Bound on each wait of a scenario, in simulated time.
 const WAIT_MAX: Duration = Duration::from_secs(60);
 
-/// Waits until `holds` of the world, or panics saying `what` did not happen.
-async fn until(world: &World, what: &str, holds: impl Fn(&World) -> bool) {
+/// Waits until `holds`, or panics saying `what` did not happen.
+async fn until(what: &str, holds: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT_MAX;
-    while !holds(world) {
+    while !holds() {
         assert!(tokio::time::Instant::now() < deadline, "{what} within {WAIT_MAX:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-fn voters(world: &World) -> BTreeSet<u64> {
-    let leader = leader(world).expect("a leader");
-    let metrics = leader.group().raft().metrics().borrow().clone();
-    metrics.membership_config.membership().voter_ids().collect()
+async fn a_leader(world: &World) -> Node {
+    until("a leader", || leader(world).is_some()).await;
+    leader(world).unwrap()
+}
+
+fn voters(node: &Node) -> BTreeSet<u64> {
+    node.group().raft().metrics().borrow().membership_config.membership().voter_ids().collect()
+}
+
+/// Drill `id` of `node` once it has ended.
+async fn ended(node: &Node, id: u64) -> DrillReport {
+    until("the drill ends", || node.drill_report(id).is_some_and(|report| report.state != "running")).await;
+    node.drill_report(id).unwrap()
+}
+
+/// Waits until replacement `id`, run by `node`, has added its node back.
+async fn added_back(node: &Node, id: u64) {
+    until("the node is added back", || node.drill_report(id).is_some_and(|report| report.added_back)).await;
+}
+
+/// A voter of zone b that does not lead: it can leave, and a zone-a leader
+/// can be lost, without costing the group its majority.
+fn voter_to_replace(world: &World, leader: &Node) -> u64 {
+    let zone_b = world.zone("b");
+    voters(leader).into_iter().find(|id| zone_b.contains(id) && *id != leader.id()).unwrap()
 }
 
 #[test]
-fn a_voter_that_left_the_group_holding_its_log_is_added_back_a_voter() {
+fn a_voter_a_replacement_left_outside_the_group_on_its_log_is_added_back_a_voter() {
     sim::scripted(7, |world| async move {
-        until(&world, "a leader", |world| leader(world).is_some()).await;
-        let leader_node = leader(&world).unwrap();
-        let target = voters(&world).into_iter().find(|&id| id != leader_node.id()).unwrap();
+        let first = a_leader(&world).await;
+        let target = voter_to_replace(&world, &first);
 
-        // What the first run of a replacement cut short did: the node left.
-        let leave = ChangeMembers::RemoveVoters(BTreeSet::from([target]));
-        leader_node.group().raft().change_membership(leave, false).await.expect("the voter leaves");
-        assert!(!leader_node.group().members().contains(&target));
+        // The first run: it takes the node for silent (here it is down),
+        // records that it ends a voter, removes it and adds it back. The
+        // node stays outside the group, as if the leader were lost before
+        // it added it back; then the leader is lost.
+        world.crash(target).await;
+        let report = first.start_replace(target, None, "test").await.expect("a silent voter is replaced");
+        added_back(&first, report.id).await;
+        let leave = ChangeMembers::RemoveNodes(BTreeSet::from([target]));
+        first.group().raft().change_membership(leave, false).await.expect("the node leaves");
+        world.crash(first.id()).await;
+        world.start(target).await.expect("the node starts on its disk");
         let held = world.node(target).unwrap().group().status().last_log_index;
-        assert!(held > 0, "the node that left holds its log");
+        assert!(held > 0, "the node holds its log");
 
-        let report = leader_node
-            .start_replace(target, Some(true), "test")
-            .await
-            .expect("a node that is no member is replaced, log or not");
-        until(&world, "the replacement ends", |_| {
-            leader_node.drill_report(report.id).is_some_and(|report| report.state != "running")
-        })
-        .await;
-        let report = leader_node.drill_report(report.id).unwrap();
+        // Asked again, of the new leader, without the role.
+        let second = a_leader(&world).await;
+        assert!(!second.group().members().contains(&target));
+        let report = second.start_replace(target, None, "test").await.expect("the node is added back, log and all");
+        let report = ended(&second, report.id).await;
         assert_eq!(report.state, "completed", "{report:?}");
-        assert!(voters(&world).contains(&target), "the node is a voter again: {report:?}");
+        let notes: Vec<&str> = report.timeline.iter().map(|event| event.what.as_str()).collect();
+        assert!(notes.iter().any(|note| note.contains("catches up from the log it holds")), "{notes:?}");
+        assert!(voters(&second).contains(&target), "a voter again, as the first run recorded: {notes:?}");
         let own = world.node(target).unwrap().group().status();
-        assert!(own.last_log_index > held, "the node went on from its log: {own:?}");
+        assert!(own.last_log_index > held, "it went on from its log: {own:?}");
     });
+}
+
+#[test]
+fn a_returning_node_of_a_lost_primary_is_not_replaced_while_it_holds_its_copy() {
+    sim::scripted(11, |world| async move {
+        // On sale, so that escrow bounds what a failover may lose.
+        workload::create_sales(&world).await.expect("the sales open");
+        let primary_leader = a_leader(&world).await;
+        until("the DR copy confirms escrow", || primary_leader.read_local(GroupState::escrow_confirmed) > 0).await;
+        let target = voter_to_replace(&world, &primary_leader);
+        // A replacement of it is on record, unfinished, when the region is
+        // lost: its copy must still not be given up.
+        world.crash(target).await;
+        let report = primary_leader.start_replace(target, None, "test").await.expect("a silent voter is replaced");
+        added_back(&primary_leader, report.id).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        world.lose_region("primary").await;
+
+        let promoted = forced_failover(&world).await;
+        world.return_region("primary").await;
+        assert!(!promoted.group().members().contains(&target), "the new group holds no node of the lost region");
+        assert!(world.node(target).unwrap().group().status().last_log_index > 0);
+        match promoted.start_replace(target, None, "test").await {
+            Err(DrillError::HoldsItsCopy { node, .. }) => assert_eq!(node, target),
+            other => panic!("a lost primary's node holding its copy was replaced: {other:?}"),
+        }
+    });
+}
+
+/// Forces a failover to the DR region, on its most advanced copy; the
+/// node that leads the new group.
+async fn forced_failover(world: &World) -> Node {
+    let mut copies: Vec<Node> = world.region("dr").into_iter().filter_map(|id| world.node(id)).collect();
+    copies.sort_by_key(|node| std::cmp::Reverse(node.group().status().applied_index));
+    let node = copies.into_iter().next().expect("a DR node");
+    let report = node.start_failover("dr", "test").await.expect("the failover starts");
+    let report = ended(&node, report.id).await;
+    assert_eq!(report.state, "completed", "{report:?}");
+    node
 }
