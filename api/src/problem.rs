@@ -102,6 +102,9 @@ impl ApiError {
             ApiError::Drill(DrillError::HoldsItsCopy { .. }) => {
                 (StatusCode::CONFLICT, "holds-its-copy", "The node answers with its log: its disk is not lost")
             }
+            ApiError::Drill(DrillError::AwaitsFailback { .. }) => {
+                (StatusCode::CONFLICT, "awaits-failback", "Fail back first: the node holds a lost primary's copy")
+            }
             ApiError::Drill(DrillError::LeavesNoDrCopy { .. }) => {
                 (StatusCode::CONFLICT, "leaves-no-dr-copy", "No DR copy would be left to confirm escrow")
             }

@@ -265,7 +265,8 @@ impl Node {
     /// node in its place, or adds back one that a replacement cut short
     /// left outside the group (see [`crate::replace`]), and returns its first
     /// report; it runs on in the background. Only the leader can run one.
-    /// `voter`: whether the node ends as a voter; by default, what it is now.
+    /// `voter`: whether the node ends as a voter; by default, what an
+    /// unfinished replacement of it on record meant, or else what it is now.
     pub async fn start_replace(
         &self,
         target: u64,

@@ -39,8 +39,11 @@
 //! group's generation, with the replacement on record unfinished. Asked
 //! again, the replacement adds it back to catch up from that log: it gives
 //! up nothing. A node outside the group that holds a log in any other
-//! case is refused: a returning node of a lost primary holds a copy that
-//! failback has yet to reconcile.
+//! case is refused. And while a forced failover awaits its failback, no
+//! node outside the group is replaced at all, silent or not: it is a node
+//! of the lost primary, whose copy may hold orders only it knows, and
+//! failback reads that copy (or goes without it, its disk lost) before it
+//! takes the node back.
 //!
 //! A replacement cut short (its leader lost, the wait run out) is asked
 //! for again, of whichever node leads. Its report is in the replicated
@@ -125,6 +128,11 @@ pub(crate) async fn plan(
     };
     let member_now = members.contains(&target);
     let voter_now = voters.contains(&target);
+    let (generation, settled) = node.read_local(|state| (state.generation(), state.failover_settled()));
+    if !member_now && !settled {
+        // Silent or not, it may hold orders only it knows.
+        return Err(DrillError::AwaitsFailback { node: target });
+    }
     let unfinished = unfinished_replacement(node, target);
     let recorded_intent = unfinished.as_ref().and_then(|report| report.voter_after);
     let mut voter_after = voter.or(recorded_intent).unwrap_or(voter_now);
@@ -141,11 +149,10 @@ pub(crate) async fn plan(
     let promote_only = member_now && !voter_now && voter_after;
     // A replacement cut short once the node had left leaves it no member,
     // running on its log. Any other node outside the group that holds a
-    // log keeps it: a returning node of a lost primary, above all, holds a
-    // copy failback has yet to reconcile (its generation is older).
-    let left_half_way = !member_now
-        && unfinished.is_some()
-        && held.as_ref().is_some_and(|group| group.generation == node.group().fence().generation());
+    // log keeps it: a node of a primary lost before the last failover,
+    // above all, holds a copy of an older generation.
+    let left_half_way =
+        !member_now && unfinished.is_some() && held.as_ref().is_some_and(|group| group.generation == generation);
     if held_log > 0 && !promote_only && !left_half_way {
         return Err(DrillError::HoldsItsCopy { node: target, last_log_index: held_log });
     }

@@ -2,9 +2,9 @@
 //! replacement cut short right after a running node left (its leader lost
 //! before it added the node back) leaves it so; asked again, the
 //! replacement adds it back to catch up from that log, instead of
-//! refusing it for good and leaving the group a voter short. A returning
-//! node of a lost primary is outside the group too, holding a copy that
-//! failback has yet to reconcile: it is refused.
+//! refusing it for good and leaving the group a voter short. The nodes of
+//! a primary a forced failover lost are outside the group too, and may
+//! hold orders only they know: until failback, none is replaced.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -89,30 +89,57 @@ fn a_voter_a_replacement_left_outside_the_group_on_its_log_is_added_back_a_voter
     });
 }
 
+/// A node outside the group that no replacement on record took out did
+/// not leave through one: its copy is not given up for it.
 #[test]
-fn a_returning_node_of_a_lost_primary_is_not_replaced_while_it_holds_its_copy() {
+fn a_node_outside_the_group_with_no_replacement_on_record_is_refused() {
+    sim::scripted(5, |world| async move {
+        let leader_node = a_leader(&world).await;
+        let target = voter_to_replace(&world, &leader_node);
+        let leave = ChangeMembers::RemoveVoters(BTreeSet::from([target]));
+        leader_node.group().raft().change_membership(leave, false).await.expect("the voter leaves");
+        assert!(!leader_node.group().members().contains(&target));
+        match leader_node.start_replace(target, None, "test").await {
+            Err(DrillError::HoldsItsCopy { node, .. }) => assert_eq!(node, target),
+            other => panic!("a node holding its copy was taken back without a replacement on record: {other:?}"),
+        }
+    });
+}
+
+/// Until failback has read (or gone without) the copies of the primary a
+/// forced failover lost, none of its nodes is replaced: not one that is
+/// silent, as all of them are while the region is down, and not one that
+/// holds its copy, even with a replacement of it on record unfinished.
+#[test]
+fn no_node_of_a_lost_primary_is_replaced_before_failback() {
     sim::scripted(11, |world| async move {
         // On sale, so that escrow bounds what a failover may lose.
         workload::create_sales(&world).await.expect("the sales open");
         let primary_leader = a_leader(&world).await;
         until("the DR copy confirms escrow", || primary_leader.read_local(GroupState::escrow_confirmed) > 0).await;
         let target = voter_to_replace(&world, &primary_leader);
-        // A replacement of it is on record, unfinished, when the region is
-        // lost: its copy must still not be given up.
         world.crash(target).await;
         let report = primary_leader.start_replace(target, None, "test").await.expect("a silent voter is replaced");
         added_back(&primary_leader, report.id).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
         world.lose_region("primary").await;
 
         let promoted = forced_failover(&world).await;
+        assert!(
+            promoted
+                .drill_reports()
+                .iter()
+                .any(|report| report.kind == "replace-node" && report.nodes == [target] && report.state != "completed"),
+            "the DR copy holds the replacement cut short by the region's loss"
+        );
+        let refused = |node: u64, answer: Result<DrillReport, DrillError>| match answer {
+            Err(DrillError::AwaitsFailback { node: refused }) => assert_eq!(refused, node),
+            other => panic!("node {node} of the lost primary was replaced before failback: {other:?}"),
+        };
+        // Silent, as a node whose disk is gone would be.
+        refused(target, promoted.start_replace(target, None, "test").await);
         world.return_region("primary").await;
-        assert!(!promoted.group().members().contains(&target), "the new group holds no node of the lost region");
-        assert!(world.node(target).unwrap().group().status().last_log_index > 0);
-        match promoted.start_replace(target, None, "test").await {
-            Err(DrillError::HoldsItsCopy { node, .. }) => assert_eq!(node, target),
-            other => panic!("a lost primary's node holding its copy was replaced: {other:?}"),
-        }
+        assert!(world.node(target).unwrap().group().status().last_log_index > 0, "it holds its copy");
+        refused(target, promoted.start_replace(target, None, "test").await);
     });
 }
 
