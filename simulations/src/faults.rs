@@ -217,6 +217,8 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
     // an operator does not ask for another.
     let mut completed = false;
     let mut leader_had = None;
+    // Switchovers completed when the first replacement started.
+    let mut switchovers_then = 0;
     loop {
         if replaced(world, id, voter, &mut leader_had) {
             world.copy_restored(id);
@@ -233,6 +235,14 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
         }
         let report = asked.as_ref().and_then(|(coordinator, report)| coordinator.drill_report(*report));
         completed |= report.as_ref().is_some_and(|report| report.state == "completed");
+        if let Some(settled) = report.as_ref().filter(|report| report.state == "completed") {
+            // A switchover since the first one started moved every role,
+            // and one started later took the node's from the group then
+            // (seed 990184): the node ends as the replacement settled.
+            if switchovers_done(world).is_some_and(|done| done > switchovers_then) {
+                voter = settled.voter_after.unwrap_or(voter);
+            }
+        }
         let added_back = report.as_ref().is_some_and(|report| report.added_back);
         if added_back && !started && world.trace.now_ms() >= disk_in_at_ms {
             started = true;
@@ -251,6 +261,9 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
             asked = match leader(world) {
                 Some(leader) => match leader.start_replace(id, (!first_started).then_some(voter), "simulator").await {
                     Ok(report) => {
+                        if !first_started {
+                            switchovers_then = switchovers_done(world).unwrap_or(0);
+                        }
                         first_started = true;
                         world.trace.event(format!(
                             "replacement {} of node {id} started by node {}",
@@ -268,6 +281,13 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// How many switchovers have completed, as the node that leads has them
+/// on record.
+fn switchovers_done(world: &World) -> Option<usize> {
+    let reports = leader(world)?.drill_reports();
+    Some(reports.iter().filter(|report| report.kind == "switchover" && report.state == "completed").count())
 }
 
 /// Whether node `id` is up and, as the leader sees it, a member holding
