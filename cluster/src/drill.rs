@@ -319,17 +319,20 @@ pub enum DrillError {
         /// Its last log index.
         last_log_index: u64,
     },
-    /// The node is outside the group while a forced failover awaits its
-    /// failback: it is a node of the lost primary, whose copy failback
-    /// reads (or, if its disk is gone, goes without) and then replaces.
+    /// The node is a node of the region a forced failover lost, outside
+    /// the group, and failback has not run: its copy, which failback reads
+    /// (or, if its disk is gone, goes without), may hold orders only it
+    /// knows.
     #[error(
-        "node {node} is a node of the region a forced failover lost, and failback has not run: its copy may \
-         hold orders only it knows. Fail back first (`surge ctl failback`), which reconciles its copy or goes \
-         without it and then takes the node back"
+        "node {node} is a node of region {region}, which a forced failover lost, and failback has not run: its \
+         copy may hold orders only it knows. Fail back first (`surge ctl failback --from {region}`); the node \
+         then rejoins as docs/operations.md says"
     )]
     AwaitsFailback {
         /// The node.
         node: u64,
+        /// Its region.
+        region: String,
     },
     /// Made a voter, the node would leave no learner outside the region
     /// that takes writes to confirm escrow: sales would stop.

@@ -40,10 +40,11 @@
 //! again, the replacement adds it back to catch up from that log: it gives
 //! up nothing. A node outside the group that holds a log in any other
 //! case is refused. And while a forced failover awaits its failback, no
-//! node outside the group is replaced at all, silent or not: it is a node
-//! of the lost primary, whose copy may hold orders only it knows, and
-//! failback reads that copy (or goes without it, its disk lost) before it
-//! takes the node back.
+//! node of the region it lost is replaced at all, silent or not: its copy
+//! may hold orders only it knows, and failback reads that copy (or goes
+//! without it, its disk lost) before the node rejoins. A forced failover
+//! also ends what earlier replacements on record meant: the group they
+//! were for is gone.
 //!
 //! A replacement cut short (its leader lost, the wait run out) is asked
 //! for again, of whichever node leads. Its report is in the replicated
@@ -129,9 +130,10 @@ pub(crate) async fn plan(
     let member_now = members.contains(&target);
     let voter_now = voters.contains(&target);
     let (generation, settled) = node.read_local(|state| (state.generation(), state.failover_settled()));
-    if !member_now && !settled {
-        // Silent or not, it may hold orders only it knows.
-        return Err(DrillError::AwaitsFailback { node: target });
+    if !member_now && !settled && spec.region != node.primary_region() {
+        // A node of the lost primary: silent or not, it may hold orders
+        // only it knows.
+        return Err(DrillError::AwaitsFailback { node: target, region: spec.region.clone() });
     }
     let unfinished = unfinished_replacement(node, target);
     let recorded_intent = unfinished.as_ref().and_then(|report| report.voter_after);
@@ -205,11 +207,17 @@ fn is_last_dr_copy(node: &Node, target: u64, members: &[u64], voters: &BTreeSet<
     outside(target) && !members.iter().any(|&id| id != target && !voters.contains(&id) && outside(id))
 }
 
-/// The latest replacement of `target` on record, if it did not complete.
+/// The latest replacement of `target` on record, if it did not complete
+/// and no forced failover came after it: a failover founds a group of
+/// other members, and what the replacement meant for the old one holds
+/// no more.
 fn unfinished_replacement(node: &Node, target: u64) -> Option<DrillReport> {
     let reports = drill::reports(node);
-    let latest = reports.into_iter().rev().find(|report| report.kind == "replace-node" && report.nodes == [target])?;
-    (latest.state != "completed").then_some(latest)
+    let latest = reports.into_iter().rev().find(|report| {
+        (report.kind == "failover" && report.state == "completed")
+            || (report.kind == "replace-node" && report.nodes == [target])
+    })?;
+    (latest.kind == "replace-node" && latest.state != "completed").then_some(latest)
 }
 
 /// Carries a planned replacement out and records its report.

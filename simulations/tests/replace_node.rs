@@ -132,7 +132,9 @@ fn no_node_of_a_lost_primary_is_replaced_before_failback() {
             "the DR copy holds the replacement cut short by the region's loss"
         );
         let refused = |node: u64, answer: Result<DrillReport, DrillError>| match answer {
-            Err(DrillError::AwaitsFailback { node: refused }) => assert_eq!(refused, node),
+            Err(DrillError::AwaitsFailback { node: refused, region }) => {
+                assert_eq!((refused, region.as_str()), (node, "primary"))
+            }
             other => panic!("node {node} of the lost primary was replaced before failback: {other:?}"),
         };
         // Silent, as a node whose disk is gone would be.
