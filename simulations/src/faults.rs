@@ -2,6 +2,7 @@
 //! while the crowd shops, and all healed by its end. Faults overlap: a zone
 //! may be cut off while another node crashes and the network drops packets.
 
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -218,7 +219,7 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
     let mut completed = false;
     let mut leader_had = None;
     // Switchovers completed when the first replacement started.
-    let mut switchovers_then = 0;
+    let mut switchovers_then = BTreeSet::new();
     loop {
         if replaced(world, id, voter, &mut leader_had) {
             world.copy_restored(id);
@@ -235,12 +236,14 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
         }
         let report = asked.as_ref().and_then(|(coordinator, report)| coordinator.drill_report(*report));
         completed |= report.as_ref().is_some_and(|report| report.state == "completed");
-        if let Some(settled) = report.as_ref().filter(|report| report.state == "completed") {
-            // A switchover since the first one started moved every role,
-            // and one started later took the node's from the group then
-            // (seed 990184): the node ends as the replacement settled.
-            if switchovers_done(world).is_some_and(|done| done > switchovers_then) {
-                voter = settled.voter_after.unwrap_or(voter);
+        if first_started {
+            // A switchover since the first replacement started moved every
+            // role, and a replacement started later took the node's from the
+            // group then (seed 990184): the node ends as the latest one
+            // left its region, a voter if it is among that one's voters.
+            let switchovers = switchovers_done(world);
+            if let Some(latest) = switchovers.iter().rev().find(|report| !switchovers_then.contains(&report.id)) {
+                voter = latest.nodes.contains(&id);
             }
         }
         let added_back = report.as_ref().is_some_and(|report| report.added_back);
@@ -262,7 +265,7 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
                 Some(leader) => match leader.start_replace(id, (!first_started).then_some(voter), "simulator").await {
                     Ok(report) => {
                         if !first_started {
-                            switchovers_then = switchovers_done(world).unwrap_or(0);
+                            switchovers_then = switchovers_done(world).iter().map(|report| report.id).collect();
                         }
                         first_started = true;
                         world.trace.event(format!(
@@ -283,11 +286,11 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
     }
 }
 
-/// How many switchovers have completed, as the node that leads has them
-/// on record.
-fn switchovers_done(world: &World) -> Option<usize> {
-    let reports = leader(world)?.drill_reports();
-    Some(reports.iter().filter(|report| report.kind == "switchover" && report.state == "completed").count())
+/// The switchovers that completed, oldest first, as the node that leads
+/// (if any) has them on record.
+fn switchovers_done(world: &World) -> Vec<cluster::DrillReport> {
+    let reports = leader(world).map(|leader| leader.drill_reports()).unwrap_or_default();
+    reports.into_iter().filter(|report| report.kind == "switchover" && report.state == "completed").collect()
 }
 
 /// Whether node `id` is up and, as the leader sees it, a member holding
