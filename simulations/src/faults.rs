@@ -241,8 +241,10 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
             // role, and a replacement started later took the node's from the
             // group then (seed 990184): the node ends as the latest one
             // left its region, a voter if it is among that one's voters.
-            let switchovers = switchovers_done(world);
-            if let Some(latest) = switchovers.iter().rev().find(|report| !switchovers_then.contains(&report.id)) {
+            let switchovers: Vec<_> =
+                leader(world).map(|leader| completed_switchovers(leader.drill_reports()).collect()).unwrap_or_default();
+            if let Some(latest) = switchovers.iter().rev().find(|report| !switchovers_then.contains(&drill_key(report)))
+            {
                 voter = latest.nodes.contains(&id);
             }
         }
@@ -265,7 +267,10 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
                 Some(leader) => match leader.start_replace(id, (!first_started).then_some(voter), "simulator").await {
                     Ok(report) => {
                         if !first_started {
-                            switchovers_then = switchovers_done(world).iter().map(|report| report.id).collect();
+                            // As the leader that took the request has them.
+                            switchovers_then = completed_switchovers(leader.drill_reports())
+                                .map(|report| drill_key(&report))
+                                .collect();
                         }
                         first_started = true;
                         world.trace.event(format!(
@@ -286,11 +291,14 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
     }
 }
 
-/// The switchovers that completed, oldest first, as the node that leads
-/// (if any) has them on record.
-fn switchovers_done(world: &World) -> Vec<cluster::DrillReport> {
-    let reports = leader(world).map(|leader| leader.drill_reports()).unwrap_or_default();
-    reports.into_iter().filter(|report| report.kind == "switchover" && report.state == "completed").collect()
+/// The switchovers that completed among `reports`, oldest first.
+fn completed_switchovers(reports: Vec<cluster::DrillReport>) -> impl Iterator<Item = cluster::DrillReport> {
+    reports.into_iter().filter(|report| report.kind == "switchover" && report.state == "completed")
+}
+
+/// What tells drills apart: ids are unique per coordinator.
+fn drill_key(report: &cluster::DrillReport) -> (u64, u64) {
+    (report.id, report.coordinator)
 }
 
 /// Whether node `id` is up and, as the leader sees it, a member holding
