@@ -239,8 +239,8 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
         if first_started {
             // A switchover since the first replacement started moved every
             // role, and a replacement started later took the node's from the
-            // group then (seed 990184): the node ends as the latest one
-            // left its region, a voter if it is among that one's voters.
+            // group then (seed 990184): the node is to end a voter only if
+            // the latest such switchover made it one.
             let switchovers: Vec<_> =
                 leader(world).map(|leader| completed_switchovers(leader.drill_reports()).collect()).unwrap_or_default();
             if let Some(latest) = switchovers.iter().rev().find(|report| !switchovers_then.contains(&drill_key(report)))

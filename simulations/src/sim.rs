@@ -136,9 +136,10 @@ fn simulated<T>(seed: u64, run: impl Future<Output = T>) -> T {
     actix_rt::System::with_tokio_rt(|| runtime).block_on(run)
 }
 
-/// Runs `script` against the whole topology, up and with a leader, on the
-/// simulated network and clock, without the crowd or the fault schedule:
-/// for tests of one operator scenario. Returns what the script returns;
+/// Runs `script` against the whole topology, every node started (the
+/// script waits for a leader itself), on the simulated network and clock,
+/// without the crowd or the fault schedule: for tests of one operator
+/// scenario. Returns what the script returns;
 /// the world's own failures (a node that would not start) panic.
 pub fn scripted<T, F: Future<Output = T>>(seed: u64, script: impl FnOnce(Rc<World>) -> F) -> T {
     simulated(seed, async move {
