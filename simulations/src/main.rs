@@ -32,6 +32,10 @@ struct Args {
     /// Print every event of the run as it happens (with --seed).
     #[arg(long)]
     trace: bool,
+    /// Also print the nodes' own log lines that pass this filter
+    /// (`tracing` directives, e.g. `cluster=info,openraft=warn`).
+    #[arg(long)]
+    log: Option<String>,
     /// Switch a known bug on (skip-stock-check, apply-retry-twice,
     /// ack-before-fsync, deposed-leader-acks, confirm-unheard-escrow,
     /// ignore-fence, replace-in-place): the runs should fail.
@@ -57,6 +61,18 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     sim::capture_panics();
+    if let Some(filter) = &args.log {
+        // Wall-clock stamps would say nothing here: each line falls between
+        // the trace events around it, in simulated order.
+        let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log")?;
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .without_time()
+            .with_ansi(ansi)
+            .with_writer(std::io::stdout)
+            .init();
+    }
     if let Some(seed) = args.seed {
         let started = Instant::now();
         let report = sim::run(seed, &Options { echo: args.trace, mutation: args.mutation, ..Options::default() });
