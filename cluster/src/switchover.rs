@@ -159,8 +159,16 @@ async fn steps(node: &Node, log: &Timeline, region: &str, voters: &BTreeSet<u64>
     log.update(|report| report.caught_up_ms = Some(copied_ms));
 
     if let Err(error) = node.group().raft().change_membership(voters.clone(), true).await {
-        thaw(node, log, epoch).await;
-        return Err(format!("the membership change failed: {error}"));
+        // Cut short once the joint configuration was in the log, the change
+        // may still go through, and a thaw would let the old region write
+        // with the new region's voters: the next leader finishes it instead.
+        if moving_to(node) != Some(voters.clone()) {
+            thaw(node, log, epoch).await;
+            return Err(format!("the membership change failed: {error}"));
+        }
+        return Err(format!(
+            "the membership change was cut short ({error}); writes stay frozen until the leader finishes it"
+        ));
     }
     log.note(format!("voters now {voters:?}; every other node follows as a learner"));
 
@@ -260,10 +268,10 @@ const FINISH_MAX: Duration = Duration::from_secs(5);
 
 /// While this node leads and the group stays frozen with no switchover of
 /// its own under way for [`STALLED_AFTER`], finishes the switchover the
-/// freeze began: if every voter but one (the old leader, kept as the
-/// tiebreaker) is in another region, the membership change happened and
-/// that region is promoted; otherwise the freeze is thawed. Ends when Raft
-/// stops.
+/// freeze began: a membership change left joint is completed first; then,
+/// if every voter but one (the old leader, kept as the tiebreaker) is in
+/// another region, the membership change happened and that region is
+/// promoted; otherwise the freeze is thawed. Ends when Raft stops.
 pub(crate) async fn finish_stalled(node: Node, tick: Duration) {
     let mut frozen_since: Option<(u64, Instant)> = None;
     loop {
@@ -288,6 +296,19 @@ pub(crate) async fn finish_stalled(node: Node, tick: Duration) {
         if since.elapsed() < STALLED_AFTER || !node.group().is_leader() || node.drills().running("switchover") {
             continue;
         }
+        // A coordinator lost between the halves of its membership change
+        // left the group joint: it is completed, as the voters-to-be held
+        // the log up to the freeze before it began, and the region it makes
+        // the voters' is promoted on a later tick.
+        if let Some(goal) = joint_goal(&node) {
+            tracing::warn!(epoch, ?goal, "a switchover stalled mid-way through its membership change; completing it");
+            match tokio::time::timeout(FINISH_MAX, node.group().raft().change_membership(goal, true)).await {
+                Ok(Ok(_)) => tracing::warn!("the stalled membership change completed"),
+                Ok(Err(error)) => tracing::warn!(%error, "completing a stalled membership change failed; retrying"),
+                Err(_) => tracing::warn!("completing a stalled membership change got no outcome in time; retrying"),
+            }
+            continue;
+        }
         let command = match promoted_region(&node) {
             Some(region) => Command::Promote { region, epoch },
             None => Command::Thaw { epoch },
@@ -300,6 +321,21 @@ pub(crate) async fn finish_stalled(node: Node, tick: Duration) {
         }
         frozen_since = None;
     }
+}
+
+/// The voters the membership is moving to: its last configuration, joint
+/// with the one before it or on its own.
+fn moving_to(node: &Node) -> Option<BTreeSet<u64>> {
+    node.group().raft().metrics().borrow().membership_config.membership().get_joint_config().last().cloned()
+}
+
+/// The voters a membership change cut short was moving to, while the group
+/// is still joint (the old voters and these both).
+fn joint_goal(node: &Node) -> Option<BTreeSet<u64>> {
+    let metrics = node.group().raft().metrics();
+    let metrics = metrics.borrow();
+    let configs = metrics.membership_config.membership().get_joint_config();
+    (configs.len() > 1).then(|| configs.last().cloned()).flatten()
 }
 
 /// The region other than the one taking writes that holds every voter but

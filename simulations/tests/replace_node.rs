@@ -6,42 +6,15 @@
 //! a primary a forced failover lost are outside the group too, and may
 //! hold orders only they know: until failback, none is replaced.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use cluster::{DrillError, DrillReport, Node};
-use domain::GroupState;
+use common::{a_leader, ended, on_sale, until, voters};
 use openraft::ChangeMembers;
-use simulations::faults::leader;
+use simulations::sim;
 use simulations::world::World;
-use simulations::{sim, workload};
-
-/// Bound on each wait of a scenario, in simulated time.
-const WAIT_MAX: Duration = Duration::from_secs(60);
-
-/// Waits until `holds`, or panics saying `what` did not happen.
-async fn until(what: &str, holds: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT_MAX;
-    while !holds() {
-        assert!(tokio::time::Instant::now() < deadline, "{what} within {WAIT_MAX:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn a_leader(world: &World) -> Node {
-    until("a leader", || leader(world).is_some()).await;
-    leader(world).unwrap()
-}
-
-fn voters(node: &Node) -> BTreeSet<u64> {
-    node.group().raft().metrics().borrow().membership_config.membership().voter_ids().collect()
-}
-
-/// Drill `id` of `node` once it has ended.
-async fn ended(node: &Node, id: u64) -> DrillReport {
-    until("the drill ends", || node.drill_report(id).is_some_and(|report| report.state != "running")).await;
-    node.drill_report(id).unwrap()
-}
 
 /// Waits until replacement `id`, run by `node`, has added its node back.
 async fn added_back(node: &Node, id: u64) {
@@ -113,10 +86,7 @@ fn a_node_outside_the_group_with_no_replacement_on_record_is_refused() {
 #[test]
 fn no_node_of_a_lost_primary_is_replaced_before_failback() {
     sim::scripted(11, |world| async move {
-        // On sale, so that escrow bounds what a failover may lose.
-        workload::create_sales(&world).await.expect("the sales open");
-        let primary_leader = a_leader(&world).await;
-        until("the DR copy confirms escrow", || primary_leader.read_local(GroupState::escrow_confirmed) > 0).await;
+        let primary_leader = on_sale(&world).await;
         let target = voter_to_replace(&world, &primary_leader);
         world.crash(target).await;
         let report = primary_leader.start_replace(target, None, "test").await.expect("a silent voter is replaced");
