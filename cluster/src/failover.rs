@@ -26,10 +26,12 @@
 //!    epoch, and a new **generation**.
 //! 3. It learns the new generation in its fence (on disk) and tells every
 //!    node of its region, so none of them accepts the old primary's
-//!    messages from now on (see [`crate::fence`]).
+//!    messages from now on (see [`crate::fence`]). Each answers with where
+//!    its log ends once its Raft has taken in every append the fence let
+//!    through before ([`crate::transport::LogEnd`]).
 //! 4. It founds a new group: openraft's `install_full_snapshot` installs
-//!    the failed-over copy as a snapshot after every index and under a vote
-//!    above every term the region's nodes have seen, with this node as the
+//!    the failed-over copy as a snapshot past the end of every log of the
+//!    region and under a vote above every term its nodes have seen, with this node as the
 //!    only voter and the region's other nodes as learners. It elects itself
 //!    and replicates the snapshot to them.
 //! 5. A probe shopper checks out until it works; the report holds what the
@@ -53,6 +55,11 @@ use crate::{DrillError, Node};
 /// How long a node of either region gets to answer while a forced failover
 /// checks who is reachable.
 const ASK_FOR: Duration = Duration::from_secs(1);
+
+/// How long a node of the region gets, once fenced, to take in the appends
+/// already queued for its Raft and say where its log ends: a slow disk
+/// takes a while. A failover that runs out of it may be forced again.
+const LOG_END_MAX: Duration = Duration::from_secs(10);
 
 /// A failover's cost, as computed from one node's copy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,21 +260,25 @@ async fn promote(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String>
     ));
     log.update(|report| report.failover = Some(preview));
 
+    // Each node of the region learns the generation from the question's
+    // stamp, and answers only once Raft has taken in every append its fence
+    // let through before: the plan's status may predate some, still queued
+    // behind a slow disk, and the new group must be founded past them all.
+    // A node holding an old-generation entry at or beyond the founding index
+    // would take the new group's log for its own.
     group.fence().learn(generation);
-    for &peer in plan.region_nodes.keys().filter(|&&peer| peer != node.id()) {
-        // A status request carries the new generation in its stamp.
-        if let Err(error) = node.node_status(peer).await {
-            return Err(format!("telling node {peer} of generation {generation}: {error}"));
+    let mut ends = Vec::new();
+    for &peer in plan.region_nodes.keys() {
+        match tokio::time::timeout(LOG_END_MAX, node.log_end(peer)).await {
+            Ok(Ok(end)) => ends.push(end),
+            Ok(Err(error)) => return Err(format!("telling node {peer} of generation {generation}: {error}")),
+            Err(_) => return Err(format!("node {peer}'s log did not settle within {LOG_END_MAX:?} of the fence")),
         }
     }
     log.note(format!("generation {generation} fences the old primary on every node of {region:?}"));
 
-    // Past every copy of the region, this one as it is now included: the
-    // plan's status of it may predate appends that landed before the fence.
-    let own = group.raft().metrics().borrow().clone();
-    let term = plan.region_nodes.values().map(|status| status.term).chain([own.current_term]).max().unwrap_or(0) + 1;
-    let last_logs = plan.region_nodes.values().map(|status| status.last_log_index);
-    let index = last_logs.chain(own.last_log_index).max().unwrap_or(0) + 1;
+    let term = ends.iter().map(|end| end.term).max().unwrap_or(0) + 1;
+    let index = ends.iter().filter_map(|end| end.last_log.map(|id| id.index)).max().unwrap_or(0) + 1;
     // Node 0 names no node: the vote only has to outrank every earlier one.
     let log_id = LogId::new(CommittedLeaderId::new(term, 0), index);
     let nodes: BTreeMap<u64, BasicNode> = plan

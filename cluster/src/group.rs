@@ -21,6 +21,7 @@ use crate::escrow::Tender;
 use crate::fence::Fence;
 use crate::read_rounds::ReadRounds;
 use crate::status::{GroupStatus, ReplicaLag};
+use crate::transport::LogEnd;
 use crate::ProposeError;
 
 type Metrics = openraft::RaftMetrics<u64, BasicNode>;
@@ -940,6 +941,22 @@ impl Group {
         }
         self.note_replica_sync(&metrics);
         self.lock_sync().synced_at.map(|synced| synced.elapsed().as_millis() as u64)
+    }
+
+    /// Where this replica's log ends once Raft has taken in every request
+    /// already handed to it, an append the fence admitted a moment ago
+    /// included, which its metrics may not show yet. The question queues
+    /// behind them; Raft writes each append to the store before it takes
+    /// the next request, so the store holds them all when it is answered.
+    pub async fn log_end(&self) -> Result<LogEnd, ProposeError> {
+        let term = self
+            .raft
+            .with_raft_state(|state| state.vote_ref().leader_id().term)
+            .await
+            .map_err(|fatal| ProposeError::Unavailable(fatal.to_string()))?;
+        let last_log =
+            self.log.last_log_id().map_err(|e| ProposeError::Unavailable(format!("reading this node's log: {e}")))?;
+        Ok(LogEnd { last_log, term })
     }
 
     /// This replica's view of the group, for `surge ctl status`.

@@ -18,7 +18,8 @@ use crate::network::NoPeers;
 use crate::status::NodeStatus;
 use crate::topology::Topology;
 use crate::transport::{
-    ClientLimits, GroupHandler, PeerBody, PeerClients, PeerForwarder, PeerNetwork, PeerServer, PeerTls, ServerLimits,
+    ClientLimits, GroupHandler, LogEnd, PeerBody, PeerClients, PeerForwarder, PeerNetwork, PeerServer, PeerTls,
+    ServerLimits,
 };
 use crate::ProposeError;
 
@@ -312,6 +313,16 @@ impl Node {
         match &self.peers {
             _ if node == self.id() => self.group.copy_with_log(),
             Some(peers) => peers.forwarder.copy_of(node).await,
+            None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
+        }
+    }
+
+    /// Where node `node`'s log ends once every request it admitted before
+    /// the question has reached its Raft (this node's own, if asked).
+    pub(crate) async fn log_end(&self, node: u64) -> Result<LogEnd, ProposeError> {
+        match &self.peers {
+            _ if node == self.id() => self.group.log_end().await,
+            Some(peers) => peers.forwarder.log_end(node).await,
             None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
         }
     }

@@ -137,6 +137,7 @@ impl PeerHandler for Echo {
                 | PeerBody::HoldElections { .. }
                 | PeerBody::Campaign
                 | PeerBody::Copy
+                | PeerBody::LogEnd
                 | PeerBody::PreVote { .. }) => return Err(Refusal::Unsupported(other.kind().into())),
             })
         })
@@ -1219,7 +1220,7 @@ async fn a_dr_copy_can_be_reseeded_as_a_group_of_its_own() {
 /// The generation fence over the real transport: a node that knows of a
 /// newer generation refuses a request from an older copy and tells it why;
 /// the sender is fenced from then on, and its stamp fences the next node
-/// it reaches. Status requests are still answered.
+/// it reaches. Status and log-end questions are still answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_generation_is_refused_and_learns_it_is_fenced() {
     bounded(30, async {
@@ -1251,6 +1252,10 @@ async fn an_older_generation_is_refused_and_learns_it_is_fenced() {
             Ok(PeerResponse::Status(_))
         ));
         assert!(!sender.confirmed(), "a status answer, which even a fenced node gets, confirmed the sender");
+        // So is where the log ends, which a forced failover asks before it
+        // founds its group: no group here, so the refusal is the lookup's.
+        let asked = to_newer.call(PeerRequest::new(0, PeerBody::LogEnd), SECOND).await.unwrap_err();
+        assert!(matches!(asked, TransportError::Refused { refusal: Refusal::UnknownGroup(0), .. }), "{asked:?}");
         // It stays fenced through a restart.
         let reopened = Fence::open(&dir.path().join("fence"), Some("primary".into()), regions).unwrap();
         assert_eq!(reopened.fenced_by(), Some(1));

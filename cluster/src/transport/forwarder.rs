@@ -14,7 +14,7 @@ use super::client::TransportError;
 use super::isolation::Isolation;
 use super::network::{PeerClients, RaftHandler};
 use super::server::PeerHandler;
-use super::wire::{PeerBody, PeerRequest, PeerResponse, Refusal};
+use super::wire::{LogEnd, PeerBody, PeerRequest, PeerResponse, Refusal};
 use crate::fence::Fence;
 use crate::group::{Forwarder, Group};
 use crate::status::NodeStatus;
@@ -104,6 +104,15 @@ impl PeerForwarder {
             PeerResponse::Copy(encoded) => storage::codec::decode(&encoded?)
                 .map_err(|e| ProposeError::Unavailable(format!("node {node}'s copy is unreadable: {e}"))),
             other => Err(mismatch("copy", &other)),
+        }
+    }
+
+    /// Where node `node`'s log ends, behind every request it admitted before
+    /// this one (see [`PeerBody::LogEnd`]).
+    pub async fn log_end(&self, node: u64) -> Result<LogEnd, ProposeError> {
+        match self.call(node, 0, PeerBody::LogEnd).await? {
+            PeerResponse::LogEnd(end) => end,
+            other => Err(mismatch("log_end", &other)),
         }
     }
 
@@ -229,13 +238,15 @@ impl GroupHandler {
         // that the node is cut off and for how long; nothing else does.
         let isolated = self.isolation.is_isolated();
         let admitted = if isolated { Ok(()) } else { self.fence.admit(request.stamp) };
-        if !request.body.is_fenced() {
+        if let PeerBody::Status = request.body {
             return Ok(PeerResponse::Status(self.status()));
         }
         if isolated {
             return Err(Refusal::Isolated);
         }
-        admitted.map_err(Refusal::Fenced)?;
+        if request.body.is_fenced() {
+            admitted.map_err(Refusal::Fenced)?;
+        }
         if let PeerBody::Isolate { for_ms } = request.body {
             tracing::warn!(for_ms, "a drill isolates this node from its peers");
             self.isolation.isolate_for(Duration::from_millis(for_ms));
@@ -264,6 +275,9 @@ impl GroupHandler {
             PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
             PeerBody::Vote(rpc) => Ok(PeerResponse::Vote(group.vote(rpc).await)),
             PeerBody::PreVote { last_log } => Ok(PeerResponse::PreVote(group.pre_vote(last_log))),
+            // After the stamp was learned above: no request the fence
+            // admits from now on is from the old generation.
+            PeerBody::LogEnd => Ok(PeerResponse::LogEnd(group.log_end().await)),
             _ => self.raft.dispatch(request).await,
         }
     }

@@ -42,4 +42,4 @@ pub use isolation::Isolation;
 pub use network::{PeerClients, PeerConnection, PeerNetwork, RaftHandler};
 pub use server::{serve, PeerHandler, PeerServer, ServerLimits};
 pub use tls::{node_dns_name, server_name, PeerTls, TlsError};
-pub use wire::{PeerBody, PeerRequest, PeerResponse, Refusal};
+pub use wire::{LogEnd, PeerBody, PeerRequest, PeerResponse, Refusal};

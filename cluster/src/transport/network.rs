@@ -273,6 +273,7 @@ impl RaftHandler {
             | PeerBody::HoldElections { .. }
             | PeerBody::Campaign
             | PeerBody::Copy
+            | PeerBody::LogEnd
             | PeerBody::PreVote { .. }) => return Err(Refusal::Unsupported(other.kind().into())),
         })
     }

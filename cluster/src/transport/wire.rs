@@ -100,14 +100,31 @@ pub enum PeerBody {
         /// The would-be candidate's last log id.
         last_log: Option<LogId<u64>>,
     },
+    /// Where the peer's log ends, read through Raft's own queue: behind
+    /// every request its fence admitted before this one. A forced failover
+    /// founds the new group past it (see [`LogEnd`]). Not fenced, and
+    /// refused while the peer is isolated.
+    LogEnd,
+}
+
+/// The end of a replica's log and the term of its vote, as its Raft sees
+/// them once every request queued before the question has been taken in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEnd {
+    /// The last entry of its log, committed or not.
+    pub last_log: Option<LogId<u64>>,
+    /// The term of the vote it holds: at least that of any leader it followed.
+    pub term: u64,
 }
 
 impl PeerBody {
     /// Whether the receiver's fence checks this request (see
-    /// [`crate::fence`]): everything but a status request, which even a
-    /// fenced sender may ask, and whose answer therefore confirms nothing.
+    /// [`crate::fence`]): everything but the two questions that change
+    /// nothing, status and where the log ends, which even a fenced sender
+    /// may ask (a forced failover asks the latter before it founds its
+    /// group), and whose answers therefore confirm nothing.
     pub fn is_fenced(&self) -> bool {
-        !matches!(self, PeerBody::Status)
+        !matches!(self, PeerBody::Status | PeerBody::LogEnd)
     }
 
     /// A short name for logs and metrics.
@@ -124,6 +141,7 @@ impl PeerBody {
             PeerBody::HoldElections { .. } => "hold_elections",
             PeerBody::Campaign => "campaign",
             PeerBody::Copy => "copy",
+            PeerBody::LogEnd => "log_end",
             PeerBody::PreVote { .. } => "pre_vote",
         }
     }
@@ -156,6 +174,8 @@ pub enum PeerResponse {
     Copy(Result<Vec<u8>, ProposeError>),
     /// Answers [`PeerBody::PreVote`]: whether the peer would vote.
     PreVote(bool),
+    /// Answers [`PeerBody::LogEnd`].
+    LogEnd(Result<LogEnd, ProposeError>),
 }
 
 impl PeerResponse {
@@ -172,6 +192,7 @@ impl PeerResponse {
             PeerResponse::Done(_) => "done",
             PeerResponse::Copy(_) => "copy",
             PeerResponse::PreVote(_) => "pre_vote",
+            PeerResponse::LogEnd(_) => "log_end",
         }
     }
 }
