@@ -50,7 +50,7 @@ use tokio::time::Instant;
 
 use crate::drill::{self, DrillReport, Outages, Probe, Timeline, PROBE_EVERY, SETTLE_MAX};
 use crate::status::GroupStatus;
-use crate::{DrillError, Node};
+use crate::{DrillError, Node, ProposeError};
 
 /// How long a node of either region gets to answer while a forced failover
 /// checks who is reachable.
@@ -269,10 +269,12 @@ async fn promote(node: &Node, log: &Timeline, plan: &Plan) -> Result<(), String>
     group.fence().learn(generation);
     let mut ends = Vec::new();
     for &peer in plan.region_nodes.keys() {
-        match tokio::time::timeout(LOG_END_MAX, node.log_end(peer)).await {
-            Ok(Ok(end)) => ends.push(end),
-            Ok(Err(error)) => return Err(format!("telling node {peer} of generation {generation}: {error}")),
-            Err(_) => return Err(format!("node {peer}'s log did not settle within {LOG_END_MAX:?} of the fence")),
+        match node.log_end(peer, LOG_END_MAX).await {
+            Ok(end) => ends.push(end),
+            Err(ProposeError::Timeout) => {
+                return Err(format!("node {peer}'s log did not settle within {LOG_END_MAX:?} of the fence"))
+            }
+            Err(error) => return Err(format!("telling node {peer} of generation {generation}: {error}")),
         }
     }
     log.note(format!("generation {generation} fences the old primary on every node of {region:?}"));

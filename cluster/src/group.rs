@@ -948,15 +948,28 @@ impl Group {
     /// included, which its metrics may not show yet. The question queues
     /// behind them; Raft writes each append to the store before it takes
     /// the next request, so the store holds them all when it is answered.
+    /// The end is the furthest of the store's last entry, the commit index
+    /// and the last snapshot (the log below a snapshot may lag it). A
+    /// stopped Raft appends nothing more: the store and the last metrics
+    /// answer for it.
     pub async fn log_end(&self) -> Result<LogEnd, ProposeError> {
-        let term = self
+        let seen = self
             .raft
-            .with_raft_state(|state| state.vote_ref().leader_id().term)
-            .await
-            .map_err(|fatal| ProposeError::Unavailable(fatal.to_string()))?;
-        let last_log =
+            .with_raft_state(|state| {
+                let term = state.vote_ref().leader_id().term;
+                (term, [state.committed, state.snapshot_meta.last_log_id].into_iter().flatten().max())
+            })
+            .await;
+        let (term, known) = match seen {
+            Ok(seen) => seen,
+            Err(_stopped) => {
+                let metrics = self.raft.metrics().borrow().clone();
+                (metrics.current_term, [metrics.last_applied, metrics.snapshot].into_iter().flatten().max())
+            }
+        };
+        let stored =
             self.log.last_log_id().map_err(|e| ProposeError::Unavailable(format!("reading this node's log: {e}")))?;
-        Ok(LogEnd { last_log, term })
+        Ok(LogEnd { last_log: stored.into_iter().chain(known).max(), term })
     }
 
     /// This replica's view of the group, for `surge ctl status`.

@@ -318,11 +318,14 @@ impl Node {
     }
 
     /// Where node `node`'s log ends once every request it admitted before
-    /// the question has reached its Raft (this node's own, if asked).
-    pub(crate) async fn log_end(&self, node: u64) -> Result<LogEnd, ProposeError> {
+    /// the question has reached its Raft (this node's own, if asked),
+    /// waiting at most `within`.
+    pub(crate) async fn log_end(&self, node: u64, within: Duration) -> Result<LogEnd, ProposeError> {
         match &self.peers {
-            _ if node == self.id() => self.group.log_end().await,
-            Some(peers) => peers.forwarder.log_end(node).await,
+            _ if node == self.id() => {
+                tokio::time::timeout(within, self.group.log_end()).await.unwrap_or(Err(ProposeError::Timeout))
+            }
+            Some(peers) => peers.forwarder.log_end(node, within).await,
             None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
         }
     }

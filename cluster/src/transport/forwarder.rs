@@ -9,6 +9,7 @@ use std::time::Duration;
 use domain::{Command, GroupState, Response};
 use futures::future::BoxFuture;
 use openraft::LogId;
+use tokio::sync::watch;
 
 use super::client::TransportError;
 use super::isolation::Isolation;
@@ -108,9 +109,11 @@ impl PeerForwarder {
     }
 
     /// Where node `node`'s log ends, behind every request it admitted before
-    /// this one (see [`PeerBody::LogEnd`]).
-    pub async fn log_end(&self, node: u64) -> Result<LogEnd, ProposeError> {
-        match self.call(node, 0, PeerBody::LogEnd).await? {
+    /// this one (see [`PeerBody::LogEnd`]), waiting at most `within`: a slow
+    /// disk may hold it longer than an ordinary request.
+    pub async fn log_end(&self, node: u64, within: Duration) -> Result<LogEnd, ProposeError> {
+        let call = self.link.call(node, PeerRequest::new(0, PeerBody::LogEnd), within);
+        match call.await.map_err(propose_error)? {
             PeerResponse::LogEnd(end) => end,
             other => Err(mismatch("log_end", &other)),
         }
@@ -198,8 +201,8 @@ impl Forwarder for PeerForwarder {
 /// It also answers what peers ask of the node as a whole (its status; a
 /// drill's isolation), and while the node is isolated it refuses everything
 /// but status requests, so no peer's message reaches its Raft groups. A
-/// request from a fenced copy gets nothing but a status either (see
-/// [`crate::fence`]).
+/// request from a fenced copy gets nothing but a status, or where the log
+/// ends, either (see [`crate::fence`]).
 #[derive(Clone)]
 pub struct GroupHandler {
     node_id: u64,
@@ -207,6 +210,26 @@ pub struct GroupHandler {
     raft: RaftHandler,
     isolation: Isolation,
     fence: Fence,
+    /// How many Raft requests (appends, snapshots, votes) the fence has
+    /// admitted that Raft has not answered yet.
+    raft_calls: Arc<watch::Sender<usize>>,
+}
+
+/// One admitted Raft request, counted in [`GroupHandler`]'s `raft_calls`
+/// until it is answered or dropped.
+struct RaftCall(Arc<watch::Sender<usize>>);
+
+impl RaftCall {
+    fn begin(calls: &Arc<watch::Sender<usize>>) -> RaftCall {
+        calls.send_modify(|n| *n += 1);
+        RaftCall(calls.clone())
+    }
+}
+
+impl Drop for RaftCall {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl GroupHandler {
@@ -214,7 +237,8 @@ impl GroupHandler {
     /// everything while `isolation` is set.
     pub fn new(node_id: u64, groups: BTreeMap<u32, Group>, isolation: Isolation) -> GroupHandler {
         let raft = RaftHandler::new(groups.iter().map(|(&id, group)| (id, group.raft().clone())).collect());
-        GroupHandler { node_id, groups: Arc::new(groups), raft, isolation, fence: Fence::default() }
+        let raft_calls = Arc::new(watch::Sender::new(0));
+        GroupHandler { node_id, groups: Arc::new(groups), raft, isolation, fence: Fence::default(), raft_calls }
     }
 
     /// The same handler, checking every request's stamp against `fence`.
@@ -247,6 +271,11 @@ impl GroupHandler {
         if request.body.is_fenced() {
             admitted.map_err(Refusal::Fenced)?;
         }
+        // Counted in the same poll as the fence admitted it: a question of
+        // where the log ends that comes later waits for it.
+        let _counted =
+            matches!(request.body, PeerBody::AppendEntries(_) | PeerBody::InstallSnapshot(_) | PeerBody::Vote(_))
+                .then(|| RaftCall::begin(&self.raft_calls));
         if let PeerBody::Isolate { for_ms } = request.body {
             tracing::warn!(for_ms, "a drill isolates this node from its peers");
             self.isolation.isolate_for(Duration::from_millis(for_ms));
@@ -275,9 +304,14 @@ impl GroupHandler {
             PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
             PeerBody::Vote(rpc) => Ok(PeerResponse::Vote(group.vote(rpc).await)),
             PeerBody::PreVote { last_log } => Ok(PeerResponse::PreVote(group.pre_vote(last_log))),
-            // After the stamp was learned above: no request the fence
-            // admits from now on is from the old generation.
-            PeerBody::LogEnd => Ok(PeerResponse::LogEnd(group.log_end().await)),
+            // The stamp was learned above, so no request of an older
+            // generation is admitted from now on; those admitted before
+            // (a snapshot takes several steps to reach Raft) finish first.
+            PeerBody::LogEnd => {
+                let mut calls = self.raft_calls.subscribe();
+                let _ = calls.wait_for(|calls| *calls == 0).await;
+                Ok(PeerResponse::LogEnd(group.log_end().await))
+            }
             _ => self.raft.dispatch(request).await,
         }
     }

@@ -100,10 +100,10 @@ pub enum PeerBody {
         /// The would-be candidate's last log id.
         last_log: Option<LogId<u64>>,
     },
-    /// Where the peer's log ends, read through Raft's own queue: behind
-    /// every request its fence admitted before this one. A forced failover
-    /// founds the new group past it (see [`LogEnd`]). Not fenced, and
-    /// refused while the peer is isolated.
+    /// Where the peer's log ends, once every Raft request its fence
+    /// admitted before this one has been answered, read through Raft's own
+    /// queue. A forced failover founds the new group past it (see
+    /// [`LogEnd`]). Not fenced, and refused while the peer is isolated.
     LogEnd,
 }
 
