@@ -322,9 +322,11 @@ impl Node {
     /// waiting at most `within`.
     pub(crate) async fn log_end(&self, node: u64, within: Duration) -> Result<LogEnd, ProposeError> {
         match &self.peers {
-            _ if node == self.id() => {
-                tokio::time::timeout(within, self.group.log_end()).await.unwrap_or(Err(ProposeError::Timeout))
+            Some(peers) if node == self.id() => {
+                let own = peers.handler.log_end(&self.group);
+                tokio::time::timeout(within, own).await.unwrap_or(Err(ProposeError::Timeout))
             }
+            _ if node == self.id() => self.group.log_end().await,
             Some(peers) => peers.forwarder.log_end(node, within).await,
             None => Err(ProposeError::Unavailable(format!("node {node} is not in this single-node cluster"))),
         }

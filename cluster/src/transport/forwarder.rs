@@ -256,8 +256,25 @@ impl GroupHandler {
         }
     }
 
+    /// Where `group`'s log ends on this node, once every Raft request the
+    /// fence admitted so far has been answered (a snapshot takes several
+    /// steps to reach Raft): asked after this node learned a generation,
+    /// no older one is admitted any more, and the answer is past all of
+    /// them (see [`PeerBody::LogEnd`]).
+    pub async fn log_end(&self, group: &Group) -> Result<LogEnd, ProposeError> {
+        let _ = self.raft_calls.subscribe().wait_for(|calls| *calls == 0).await;
+        group.log_end().await
+    }
+
     /// Handles one request addressed to this node or one of its groups.
     pub async fn dispatch(&self, request: PeerRequest) -> Result<PeerResponse, Refusal> {
+        // A Raft request is counted before the fence admits it, so that a
+        // question of where the log ends that learns a newer generation in
+        // between (on another thread) still waits for it; dropped if it is
+        // refused.
+        let _counted =
+            matches!(request.body, PeerBody::AppendEntries(_) | PeerBody::InstallSnapshot(_) | PeerBody::Vote(_))
+                .then(|| RaftCall::begin(&self.raft_calls));
         // Status still answers, so operators (and a second drill) can see
         // that the node is cut off and for how long; nothing else does.
         let isolated = self.isolation.is_isolated();
@@ -271,11 +288,6 @@ impl GroupHandler {
         if request.body.is_fenced() {
             admitted.map_err(Refusal::Fenced)?;
         }
-        // Counted in the same poll as the fence admitted it: a question of
-        // where the log ends that comes later waits for it.
-        let _counted =
-            matches!(request.body, PeerBody::AppendEntries(_) | PeerBody::InstallSnapshot(_) | PeerBody::Vote(_))
-                .then(|| RaftCall::begin(&self.raft_calls));
         if let PeerBody::Isolate { for_ms } = request.body {
             tracing::warn!(for_ms, "a drill isolates this node from its peers");
             self.isolation.isolate_for(Duration::from_millis(for_ms));
@@ -304,14 +316,8 @@ impl GroupHandler {
             PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
             PeerBody::Vote(rpc) => Ok(PeerResponse::Vote(group.vote(rpc).await)),
             PeerBody::PreVote { last_log } => Ok(PeerResponse::PreVote(group.pre_vote(last_log))),
-            // The stamp was learned above, so no request of an older
-            // generation is admitted from now on; those admitted before
-            // (a snapshot takes several steps to reach Raft) finish first.
-            PeerBody::LogEnd => {
-                let mut calls = self.raft_calls.subscribe();
-                let _ = calls.wait_for(|calls| *calls == 0).await;
-                Ok(PeerResponse::LogEnd(group.log_end().await))
-            }
+            // The stamp was learned above.
+            PeerBody::LogEnd => Ok(PeerResponse::LogEnd(self.log_end(group).await)),
             _ => self.raft.dispatch(request).await,
         }
     }
