@@ -365,9 +365,12 @@ impl Drills {
         self.lock().iter().find(|report| report.id == id).cloned()
     }
 
-    /// Whether a drill runs on this node.
-    pub(crate) fn any_running(&self) -> bool {
-        self.lock().iter().any(|report| report.state == "running")
+    /// Whether a drill that changes the group's membership runs on this
+    /// node: a switchover, a replacement, a failover or a failback (a
+    /// zone-loss drill only cuts nodes off).
+    pub(crate) fn changing_membership(&self) -> bool {
+        let changes = |kind: &str| matches!(kind, "switchover" | "replace-node" | "failover" | "failback");
+        self.lock().iter().any(|report| report.state == "running" && changes(&report.kind))
     }
 
     /// Adds `report` unless a drill is still running.

@@ -267,7 +267,8 @@ const STALLED_AFTER: Duration = Duration::from_secs(5);
 const FINISH_MAX: Duration = Duration::from_secs(5);
 
 /// While this node leads and the group stays frozen with no drill of its
-/// own under way for [`STALLED_AFTER`], finishes the switchover the
+/// own that changes the membership under way for [`STALLED_AFTER`],
+/// finishes the switchover the
 /// freeze began: a membership change left joint is completed first; then,
 /// if every voter but one (the old leader, kept as the tiebreaker) is in
 /// another region, the membership change happened and that region is
@@ -295,7 +296,7 @@ pub(crate) async fn finish_stalled(node: Node, tick: Duration) {
         };
         // A drill of this node's own may be changing the membership itself
         // (a replacement does too).
-        if since.elapsed() < STALLED_AFTER || !node.group().is_leader() || node.drills().any_running() {
+        if since.elapsed() < STALLED_AFTER || !node.group().is_leader() || node.drills().changing_membership() {
             continue;
         }
         // A coordinator lost between the halves of its membership change
