@@ -24,8 +24,10 @@
 //!
 //! A coordinator that dies between the freeze and the promotion would leave
 //! writes refused for good; [`finish_stalled`] has whichever node leads
-//! then finish the switchover (the voters are the target region's already)
-//! or abandon it.
+//! then finish the switchover (completing a membership change left joint,
+//! once the voters are the target region's) or abandon it (while they are
+//! not). A coordinator whose membership change fails once the joint entry
+//! is in its log leaves the freeze to that leader rather than thaw.
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -268,11 +270,11 @@ const FINISH_MAX: Duration = Duration::from_secs(5);
 
 /// While this node leads and the group stays frozen with no drill of its
 /// own that changes the membership under way for [`STALLED_AFTER`],
-/// finishes the switchover the
-/// freeze began: a membership change left joint is completed first; then,
-/// if every voter but one (the old leader, kept as the tiebreaker) is in
-/// another region, the membership change happened and that region is
-/// promoted; otherwise the freeze is thawed. Ends when Raft stops.
+/// finishes the switchover the freeze began: a membership change left
+/// joint is completed first; then, if every voter but one (the old leader,
+/// kept as the tiebreaker) is in another region, the membership change
+/// happened and that region is promoted; otherwise the freeze is thawed.
+/// Ends when Raft stops.
 pub(crate) async fn finish_stalled(node: Node, tick: Duration) {
     let mut frozen_since: Option<(u64, Instant)> = None;
     loop {
