@@ -227,6 +227,10 @@ pub(crate) async fn run(node: Node, id: u64, plan: Plan) {
     let outcome = if drill::record(&node, id).await {
         replace(&node, &log, &plan).await
     } else {
+        // Its plan never held: nothing was changed, and a later replacement
+        // inherits no role from it. It may have been a leader's with a
+        // stale view of the group (seed 15900075).
+        log.update(|report| report.voter_after = None);
         Err("the replacement could not be recorded; nothing was changed".into())
     };
     drill::finish(&node, id, outcome).await;
