@@ -6,7 +6,8 @@
 //! the device's current image at once (the page cache); `sync_data` makes
 //! them durable. [`Disk::crash`] throws away everything written since the
 //! last sync and retires the incarnation: whatever the dead process's
-//! leftover tasks still write goes nowhere, as after a real power cut.
+//! leftover tasks still write goes nowhere, and their reads fail, as after
+//! a real power cut.
 //! A failing device ([`Disk::set_failing`]) refuses writes and syncs: redb's
 //! commit fails, the storage reports it, and openraft stops the node. A
 //! slow one ([`Disk::set_slow`]) makes every durable log write wait, as a
@@ -108,17 +109,24 @@ fn failed() -> io::Error {
     io::Error::other("the simulated disk failed")
 }
 
+fn powered_off() -> io::Error {
+    io::Error::other("the simulated node lost power")
+}
+
 fn out_of_range() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the simulated disk")
 }
 
 impl StorageBackend for Incarnation {
     fn len(&self) -> Result<u64, io::Error> {
-        Ok(self.disk.lock().current.len() as u64)
+        let device = self.live().ok_or_else(powered_off)?;
+        Ok(device.current.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        let device = self.disk.lock();
+        // A retired incarnation's process is dead: the image under it is
+        // the durable one, not what its redb wrote, so it reads nothing.
+        let device = self.live().ok_or_else(powered_off)?;
         let start = usize::try_from(offset).map_err(|_| out_of_range())?;
         let bytes = device.current.get(start..start + out.len()).ok_or_else(out_of_range)?;
         out.copy_from_slice(bytes);
@@ -179,8 +187,9 @@ mod tests {
         first.sync_data().unwrap();
         first.write(0, b"volatile").unwrap();
         disk.crash();
-        // The dead incarnation writes into the void.
+        // The dead incarnation writes into the void and reads nothing.
         first.write(0, b"zombie!!").unwrap();
+        assert!(first.read(0, &mut [0u8; 8]).is_err());
         let second = disk.incarnation();
         let mut out = [0u8; 8];
         second.read(0, &mut out).unwrap();

@@ -50,7 +50,8 @@ impl Weather {
 /// Why a message got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lost {
-    /// It never reached the target (lost, cut off, or the target is down).
+    /// It never reached the target (lost, cut off, or the target is down),
+    /// or its sender is down.
     Request,
     /// The target handled it, but the answer was lost.
     Reply,
@@ -65,6 +66,10 @@ pub struct Net {
 struct State {
     /// Each node's peer handler while it runs; absent while it is down.
     handlers: BTreeMap<u64, GroupHandler>,
+    /// Each node's current life, bumped when it goes down: what a dead
+    /// life's tasks still send as they wind down is lost, and so are the
+    /// answers to what it sent before.
+    lives: BTreeMap<u64, u64>,
     /// `(from, to)` pairs that cannot reach each other in that direction,
     /// with how many faults cut each (faults overlap and heal separately).
     cut: BTreeMap<(u64, u64), u32>,
@@ -75,7 +80,13 @@ struct State {
 impl Net {
     /// A network with no nodes yet, drawing from `rng`.
     pub fn new(rng: StdRng, trace: Trace) -> Arc<Net> {
-        let state = State { handlers: BTreeMap::new(), cut: BTreeMap::new(), weather: Weather::CALM, rng };
+        let state = State {
+            handlers: BTreeMap::new(),
+            lives: BTreeMap::new(),
+            cut: BTreeMap::new(),
+            weather: Weather::CALM,
+            rng,
+        };
         Arc::new(Net { state: Mutex::new(state), trace })
     }
 
@@ -84,9 +95,22 @@ impl Net {
         self.lock().handlers.insert(id, handler);
     }
 
-    /// Node `id` is down: messages to it are lost.
+    /// Node `id` is down: messages to it are lost, and so is whatever its
+    /// life that ended still sends.
     pub fn detach(&self, id: u64) {
-        self.lock().handlers.remove(&id);
+        let mut state = self.lock();
+        state.handlers.remove(&id);
+        *state.lives.entry(id).or_default() += 1;
+    }
+
+    /// Node `id`'s current life: the one a node starting now lives.
+    pub fn life(&self, id: u64) -> u64 {
+        self.lock().lives.get(&id).copied().unwrap_or_default()
+    }
+
+    /// Whether `life` is still node `id`'s current one.
+    fn lives(&self, id: u64, life: u64) -> bool {
+        self.life(id) == life
     }
 
     /// Cuts `from` → `to` (one way).
@@ -115,23 +139,24 @@ impl Net {
         !self.lock().cut.contains_key(&(from, to))
     }
 
-    /// Sends `request` from node `from` to node `to` as the production
-    /// transport would: stamped by the sender's `fence`, which hears how it
-    /// ended, and bounded by `timeout`. A request that never arrived is
-    /// unreachable; a lost answer or none in time is a timeout.
+    /// Sends `request` over `link` to node `to` as the production transport
+    /// would: stamped by the sender's fence, which hears how it ended, and
+    /// bounded by `timeout`. A request that never arrived is unreachable; a
+    /// lost answer or none in time is a timeout.
     pub async fn call(
         &self,
-        from: u64,
-        fence: &Fence,
+        link: &SimLink,
         to: u64,
         mut request: PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, TransportError> {
         let (kind, checked) = (request.body.kind(), request.body.is_fenced());
+        let fence = &link.fence;
         request.stamp = fence.stamp();
         let addr = format!("sim-{to}");
         let delivery = async {
-            match self.deliver(from, to, kind, |handler| async move { handler.dispatch(request).await }).await {
+            let handle = |handler: GroupHandler| async move { handler.dispatch(request).await };
+            match self.deliver((link.id, link.life), to, kind, handle).await {
                 // The sender waits for an answer that never comes.
                 Err(Lost::Reply) => std::future::pending().await,
                 delivered => delivered,
@@ -147,14 +172,18 @@ impl Net {
         result
     }
 
-    /// Sends one message from `from` to `to`, has `handle` run it on the
-    /// target's handler, and brings the answer back, each way after a drawn
-    /// delay and subject to loss and partitions.
-    async fn deliver<T, F, Fut>(&self, from: u64, to: u64, kind: &str, handle: F) -> Result<T, Lost>
+    /// Sends one message from `from` (a node and its life) to `to`, has
+    /// `handle` run it on the target's handler, and brings the answer back,
+    /// each way after a drawn delay and subject to loss and partitions.
+    async fn deliver<T, F, Fut>(&self, (from, life): (u64, u64), to: u64, kind: &str, handle: F) -> Result<T, Lost>
     where
         F: FnOnce(GroupHandler) -> Fut,
         Fut: Future<Output = T>,
     {
+        if !self.lives(from, life) {
+            self.trace.event(format!("net {kind} {from}->{to} from a node that is down"));
+            return Err(Lost::Request);
+        }
         let Some(there) = self.leg(from, to) else {
             self.trace.event(format!("net {kind} {from}->{to} lost"));
             // A lost message is noticed after a while, not at once.
@@ -178,6 +207,10 @@ impl Net {
         tokio::time::sleep(back).await;
         if !self.reaches(to, from) {
             self.trace.event(format!("net {kind} {from}->{to} reply cut"));
+            return Err(Lost::Reply);
+        }
+        if !self.lives(from, life) {
+            self.trace.event(format!("net {kind} {from}->{to} reply to a node that went down"));
             return Err(Lost::Reply);
         }
         self.trace.event(format!("net {kind} {from}->{to} {}+{}ms", there.as_millis(), back.as_millis()));
@@ -214,6 +247,8 @@ impl Net {
 #[derive(Clone)]
 pub struct SimLink {
     pub id: u64,
+    /// The node's life this link sends for (see [`Net::life`]).
+    pub life: u64,
     pub net: Arc<Net>,
     pub fence: Fence,
 }
@@ -226,7 +261,7 @@ impl PeerLink for SimLink {
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerResponse, TransportError>> {
         let link = self.clone();
-        Box::pin(async move { link.net.call(link.id, &link.fence, node, request, timeout).await })
+        Box::pin(async move { link.net.call(&link, node, request, timeout).await })
     }
 }
 
@@ -262,7 +297,7 @@ impl SimConn {
     ) -> Result<PeerResponse, RPCError<u64, BasicNode, E>> {
         let timeout = option.hard_ttl();
         let request = PeerRequest::new(0, body);
-        match self.link.net.call(self.link.id, &self.link.fence, self.to, request, timeout).await {
+        match self.link.net.call(&self.link, self.to, request, timeout).await {
             Ok(response) => Ok(response),
             Err(TransportError::Timeout { .. }) => {
                 Err(RPCError::Timeout(Timeout { action, id: self.link.id, target: self.to, timeout }))
@@ -297,7 +332,7 @@ impl RaftNetwork<TypeConfig> for SimConn {
                 (self.link.clone(), self.to, PeerRequest::new(0, PeerBody::AppendEntries(rpc.clone())));
             let timeout = option.hard_ttl();
             tokio::spawn(async move {
-                let _ = link.net.call(link.id, &link.fence, to, copy, timeout).await;
+                let _ = link.net.call(&link, to, copy, timeout).await;
             });
         }
         match self.call(RPCTypes::AppendEntries, PeerBody::AppendEntries(rpc), &option).await? {

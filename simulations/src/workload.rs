@@ -180,15 +180,13 @@ where
     let mut at = first % endpoints.len();
     let started = Instant::now();
     while started.elapsed() < GIVE_UP {
-        if let Some(node) = world.node(endpoints[at]) {
-            match tokio::time::timeout(ATTEMPT_MAX, op(node)).await {
-                // A switchover refuses writes for a moment, and a checkout
-                // may find its SKU's escrow not yet confirmed: the API's
-                // 503s, retried with the same key.
-                Ok(Ok(Outcome::Rejected(Rejection::Frozen { .. } | Rejection::EscrowPending { .. }))) => {}
-                Ok(Ok(outcome)) => return Some(outcome),
-                _ => {}
-            }
+        match world.ask(endpoints[at], |node| tokio::time::timeout(ATTEMPT_MAX, op(node))).await {
+            // A switchover refuses writes for a moment, and a checkout may
+            // find its SKU's escrow not yet confirmed: the API's 503s,
+            // retried with the same key.
+            Some(Ok(Ok(Outcome::Rejected(Rejection::Frozen { .. } | Rejection::EscrowPending { .. })))) => {}
+            Some(Ok(Ok(outcome))) => return Some(outcome),
+            _ => {}
         }
         at = (at + 1) % endpoints.len();
         let pause = world.draw(|rng| rng.gen_range(20..200));
@@ -584,11 +582,12 @@ async fn definite_read(world: &World, first: usize) -> Option<u64> {
     let started = Instant::now();
     let mut at = first % endpoints.len();
     while started.elapsed() < GIVE_UP {
-        if let Some(node) = world.node(endpoints[at]) {
+        let read = |node: Node| async move {
             let read = node.read(|state| state.sku_view(LIN).map(|view| view.stock.for_sale()));
-            if let Ok(Ok(Some(available))) = tokio::time::timeout(ATTEMPT_MAX, read).await {
-                return Some(available);
-            }
+            tokio::time::timeout(ATTEMPT_MAX, read).await
+        };
+        if let Some(Ok(Ok(Some(available)))) = world.ask(endpoints[at], read).await {
+            return Some(available);
         }
         at = (at + 1) % endpoints.len();
         let pause = world.draw(|rng| rng.gen_range(20..200));
