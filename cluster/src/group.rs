@@ -32,23 +32,26 @@ fn cut_off_error() -> ProposeError {
     ProposeError::Unavailable("this node lost contact with a quorum of the group; retry with the same key".into())
 }
 
-/// Turns an append-entries call whose entries do not start right after its
-/// `prev_log_id` into a heartbeat.
+/// Where an append-entries call's entries start, if not right after its
+/// `prev_log_id`: (the first entry's index, the index expected).
 ///
 /// A leader's replication stream can read its log just after a purge
-/// removed the entries it asked for; openraft 0.9 then sends the entries
-/// after the purge as if they followed `prev_log_id` (it checks only in
-/// debug builds). A follower whose commit index covers `prev_log_id` would
-/// append them and get a hole in its log (found by the simulator: the node
-/// stopped on the next read of the missing entries). As a heartbeat, the
-/// call confirms `prev_log_id`, and the leader sends a snapshot next.
-pub(crate) fn drop_unmoored_entries(rpc: &mut openraft::raft::AppendEntriesRequest<TypeConfig>) {
-    let first = rpc.entries.first().map(|entry| entry.log_id.index);
+/// removed entries it asked for; openraft 0.9 then sends the entries after
+/// the purge as if they followed `prev_log_id` (it checks only in debug
+/// builds). A follower whose commit index covers `prev_log_id` would append
+/// them and get a hole in its log (found by the simulator: the node stopped
+/// on the next read of the missing entries). Such a call is refused whole
+/// ([`crate::transport::Refusal::UnmooredEntries`]). Taking it as a
+/// heartbeat instead, as Surge once did, is no answer: the leader reads a
+/// success as the follower holding every entry it sent, and counts it
+/// toward the commit of entries it never got (seed 4018284767593846214,
+/// where a follower's log went back). A refusal makes the leader drop the
+/// attempt and plan the next one from its log as it is now: the entries
+/// after the purge, or a snapshot.
+pub(crate) fn unmoored_entries(rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> Option<(u64, u64)> {
+    let first = rpc.entries.first()?.log_id.index;
     let expected = rpc.prev_log_id.map_or(0, |prev| prev.index + 1);
-    if first.is_some_and(|first| first != expected) {
-        tracing::warn!(?first, expected, "append-entries with a gap after prev_log_id; taken as a heartbeat");
-        rpc.entries.clear();
-    }
+    (first != expected).then_some((first, expected))
 }
 
 /// How a group's Raft instance is tuned.
@@ -659,12 +662,12 @@ impl Group {
 
     /// Hands a leader's append-entries call (replication or heartbeat) to
     /// Raft, noting that a leader is alive. Every transport delivers them
-    /// through here.
+    /// through here, once the node's handler has refused a call whose
+    /// entries do not follow its `prev_log_id` ([`unmoored_entries`]).
     pub async fn append_entries(
         &self,
-        mut rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
     ) -> Result<openraft::raft::AppendEntriesResponse<u64>, RaftError<u64>> {
-        drop_unmoored_entries(&mut rpc);
         let now = Instant::now();
         if let Some(commit) = rpc.leader_commit {
             self.lock_sync().leader_commit = Some((commit.index, now));
@@ -1071,15 +1074,17 @@ mod tests {
     }
 
     #[test]
-    fn entries_that_do_not_follow_prev_log_id_are_dropped() {
-        let mut gap = request(143, 256..=299);
-        drop_unmoored_entries(&mut gap);
-        assert!(gap.entries.is_empty(), "a gap after prev_log_id makes a heartbeat");
-        assert_eq!(gap.prev_log_id.map(|id| id.index), Some(143));
-
-        let mut fine = request(143, 144..=150);
-        drop_unmoored_entries(&mut fine);
-        assert_eq!(fine.entries.len(), 7);
+    fn entries_that_do_not_follow_prev_log_id_are_unmoored() {
+        assert_eq!(unmoored_entries(&request(143, 256..=299)), Some((256, 144)));
+        assert_eq!(unmoored_entries(&request(143, 144..=150)), None);
+        let mut heartbeat = request(143, 144..=150);
+        heartbeat.entries.clear();
+        assert_eq!(unmoored_entries(&heartbeat), None, "a heartbeat has no entries to misplace");
+        let mut from_the_start = request(0, 250..=260);
+        from_the_start.prev_log_id = None;
+        assert_eq!(unmoored_entries(&from_the_start), Some((250, 0)));
+        from_the_start.entries = (0..=3).map(|index| blank_ent::<TypeConfig>(1, 1, index)).collect();
+        assert_eq!(unmoored_entries(&from_the_start), None);
     }
 
     #[tokio::test]

@@ -22,9 +22,10 @@ use cluster::{Group, GroupConfig, ProposeError, SystemClock};
 use domain::{Command, Outcome, Response, Sale};
 use futures::future::BoxFuture;
 use openraft::raft::{
-    AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
-use openraft::{BasicNode, CommittedLeaderId, LogId, Raft, SnapshotMeta, Vote};
+use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Raft, SnapshotMeta, Vote};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use storage::TypeConfig;
@@ -1000,6 +1001,53 @@ async fn followers_forward_writes_and_read_indexes_to_the_leader() {
         assert_eq!((group.role.as_str(), group.leader), ("leader", Some(leader)));
         assert!(group.commit_index.is_some_and(|commit| commit >= 2), "{group:?}");
         assert_eq!(group.follower_lag.len(), 2, "{group:?}");
+        trio.shutdown().await;
+    })
+    .await;
+}
+
+/// An append-entries call whose entries do not start right after its
+/// `prev_log_id`, as openraft 0.9 sends when a purge races its replication
+/// stream, is refused whole: the follower appends none of it (a hole in its
+/// log), and the leader gets no success that would count the follower as
+/// holding the entries sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_that_skip_past_prev_log_id_are_refused_whole() {
+    bounded(60, async {
+        let trio = Trio::start().await;
+        let leader = trio.leader();
+        let follower = (1..=3).find(|id| *id != leader).unwrap();
+        trio.groups[&leader].propose(vec![Command::CreateSale(sale("moored"))]).await.unwrap();
+        let last = trio.groups[&leader].raft().metrics().borrow().last_log_index;
+        let follower_raft = trio.groups[&follower].raft();
+        assert!(wait_for(10, || follower_raft.metrics().borrow().last_applied.map(|id| id.index) == last).await);
+
+        let metrics = follower_raft.metrics().borrow().clone();
+        let prev = metrics.last_applied.expect("the sale applied");
+        let entry =
+            |index| Entry::<TypeConfig> { log_id: LogId::new(prev.leader_id, index), payload: EntryPayload::Blank };
+        let gap = AppendEntriesRequest {
+            vote: metrics.vote,
+            prev_log_id: Some(prev),
+            leader_commit: Some(prev),
+            entries: (prev.index + 5..=prev.index + 7).map(entry).collect(),
+        };
+        let to_follower = client(trio.pki.node(leader).client, follower, trio.peers[&follower].parse().unwrap());
+        let refused = to_follower.call(PeerRequest::new(0, PeerBody::AppendEntries(gap)), SECOND).await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                TransportError::Refused { refusal: Refusal::UnmooredEntries { first, expected }, .. }
+                    if (first, expected) == (prev.index + 5, prev.index + 1)
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(follower_raft.metrics().borrow().last_log_index, Some(prev.index), "the follower appended some");
+
+        // The group goes on replicating as before.
+        trio.groups[&follower].propose(vec![Command::CreateSale(sale("after"))]).await.unwrap();
+        let seen = trio.groups[&follower].read_linearizable(|s| s.sku_view("after")).await.unwrap();
+        assert_eq!(seen.map(|v| v.sale), Some(sale("after")));
         trio.shutdown().await;
     })
     .await;

@@ -17,7 +17,7 @@ use super::network::{PeerClients, RaftHandler};
 use super::server::PeerHandler;
 use super::wire::{LogEnd, PeerBody, PeerRequest, PeerResponse, Refusal};
 use crate::fence::Fence;
-use crate::group::{Forwarder, Group};
+use crate::group::{unmoored_entries, Forwarder, Group};
 use crate::status::NodeStatus;
 use crate::ProposeError;
 
@@ -313,7 +313,13 @@ impl GroupHandler {
                 });
                 Ok(PeerResponse::Copy(copy))
             }
-            PeerBody::AppendEntries(rpc) => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
+            PeerBody::AppendEntries(rpc) => match unmoored_entries(&rpc) {
+                Some((first, expected)) => {
+                    tracing::warn!(first, expected, "refused an append-entries call with a gap after prev_log_id");
+                    Err(Refusal::UnmooredEntries { first, expected })
+                }
+                None => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
+            },
             PeerBody::Vote(rpc) => Ok(PeerResponse::Vote(group.vote(rpc).await)),
             PeerBody::PreVote { last_log } => Ok(PeerResponse::PreVote(group.pre_vote(last_log))),
             // The stamp was learned above.

@@ -225,6 +225,17 @@ pub enum Refusal {
     /// says how. The request may have had its effect.
     #[error("peer failed to answer: {0}")]
     Failed(String),
+    /// An append-entries call whose entries start at `first`, not right
+    /// after its `prev_log_id` (at `expected`): the peer took none of it
+    /// (see `crate::group::unmoored_entries`). Last, so that the variants
+    /// before it keep their encoding.
+    #[error("append-entries whose entries start at index {first}, not at {expected} right after prev_log_id")]
+    UnmooredEntries {
+        /// The first entry's index.
+        first: u64,
+        /// The index right after `prev_log_id`.
+        expected: u64,
+    },
 }
 
 /// A request on the wire: the id its answer will carry.
