@@ -193,13 +193,21 @@ impl Net {
         tokio::time::sleep(there).await;
         let target = {
             let state = self.lock();
-            state.handlers.get(&to).filter(|_| !state.cut.contains_key(&(from, to))).cloned()
+            let life = state.lives.get(&to).copied().unwrap_or_default();
+            state.handlers.get(&to).filter(|_| !state.cut.contains_key(&(from, to))).map(|h| (h.clone(), life))
         };
-        let Some(handler) = target else {
+        let Some((handler, target_life)) = target else {
             self.trace.event(format!("net {kind} {from}->{to} undeliverable"));
             return Err(Lost::Request);
         };
         let answer = handle(handler).await;
+        if !self.lives(to, target_life) {
+            // The target went down while it handled the message: whatever
+            // its dead life concluded (an append on a disk that kept
+            // nothing) is not sent.
+            self.trace.event(format!("net {kind} {from}->{to} answered by a node that went down"));
+            return Err(Lost::Reply);
+        }
         let Some(back) = self.leg(to, from) else {
             self.trace.event(format!("net {kind} {from}->{to} reply lost"));
             return Err(Lost::Reply);
@@ -327,7 +335,7 @@ impl RaftNetwork<TypeConfig> for SimConn {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        if self.link.net.duplicate() {
+        if self.link.net.lives(self.link.id, self.link.life) && self.link.net.duplicate() {
             let (link, to, copy) =
                 (self.link.clone(), self.to, PeerRequest::new(0, PeerBody::AppendEntries(rpc.clone())));
             let timeout = option.hard_ttl();

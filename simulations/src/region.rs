@@ -273,12 +273,17 @@ async fn fail_over(world: &World, mut racing: bool) -> Result<Failover, String> 
             }
         }
         for (_, node) in candidates {
+            let life = world.life(node.id());
             match node.start_failover(DR, "simulator").await {
                 Ok(report) => {
                     world.trace.event(format!("failover {} forced on node {}", report.id, node.id()));
                     // Until it ends, or founds the group and its node crashes.
                     while promoted(world).is_none() && tokio::time::Instant::now() < deadline {
                         match node.drill_report(report.id) {
+                            _ if world.life(node.id()) != life => {
+                                last = format!("failover on node {}: the node went down", node.id());
+                                break;
+                            }
                             Some(report) if report.state == "running" => {}
                             other => {
                                 last = format!("failover on node {}: {:?}", node.id(), other.map(|r| r.failure));

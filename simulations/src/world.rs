@@ -224,15 +224,21 @@ impl World {
         self.machines.borrow().get(&id).and_then(|m| m.node.clone())
     }
 
+    /// Node `id`'s current life: a handle to the node taken in another
+    /// life speaks for a node that is gone (see [`World::crash`]).
+    pub fn life(&self, id: u64) -> u64 {
+        self.net.life(id)
+    }
+
     /// Runs a client's request `op` on node `id` as over a connection to
     /// it: `None` if the node is down, or goes down before it answers. What
     /// its dead life still answers dies with the connection; a shopper
     /// never hears it.
     pub async fn ask<T, Fut: Future<Output = T>>(&self, id: u64, op: impl FnOnce(Node) -> Fut) -> Option<T> {
         let node = self.node(id)?;
-        let life = self.net.life(id);
+        let life = self.life(id);
         let answer = op(node).await;
-        (self.net.life(id) == life).then_some(answer)
+        (self.life(id) == life).then_some(answer)
     }
 
     /// Whether node `id` is up or starting.
@@ -280,10 +286,22 @@ impl World {
             let bootstrap = machine.lives == 1 && !machine.join && self.topology.bootstrapper() == Some(id);
             (machine.disk.clone(), machine.clock.clone(), machine.fence.clone(), bootstrap, machine.join)
         };
-        let started = self.open(id, disk, clock, fence, bootstrap, join).await;
+        let life = self.net.life(id);
+        let started = self.open(id, disk.clone(), clock, fence, bootstrap, join).await;
         let mut machines = self.machines.borrow_mut();
         let machine = machines.get_mut(&id).expect("checked");
         machine.starting = false;
+        if self.net.life(id) != life {
+            // Cut while it opened: that life is over before it began (its
+            // disk may have failed it first).
+            disk.crash();
+            if let Ok((node, _)) = started {
+                tokio::spawn(async move {
+                    let _ = node.group().raft().shutdown().await;
+                });
+            }
+            return Ok(());
+        }
         let (node, handler) = started?;
         self.net.attach(id, handler);
         machine.node = Some(node);
@@ -341,19 +359,29 @@ impl World {
     /// (seed 4018284767593846214: a late cut retired the replacement disk's
     /// live incarnation, and the restarted node's log went nowhere), and a
     /// power cut of several nodes cut them seconds apart.
+    ///
+    /// A node still starting is cut too: [`World::start`] then drops what
+    /// it opened.
     pub async fn crash(&self, id: u64) {
         let node = {
             let mut machines = self.machines.borrow_mut();
             let machine = machines.get_mut(&id).expect("a node of the topology");
-            let Some(node) = machine.node.take() else { return };
+            let node = machine.node.take();
+            if node.is_none() && !machine.starting {
+                return;
+            }
             machine.disk.crash();
+            // What the dead life learns from here on is not on its disk.
+            machine.fence = machine.fence.restarted();
             node
         };
         self.net.detach(id);
         self.trace.event(format!("node {id} crashed"));
-        tokio::spawn(async move {
-            let _ = node.group().raft().shutdown().await;
-        });
+        if let Some(node) = node {
+            tokio::spawn(async move {
+                let _ = node.group().raft().shutdown().await;
+            });
+        }
     }
 
     /// Loses the nodes of `region` at once, as a disaster would: each is
