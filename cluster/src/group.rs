@@ -32,8 +32,9 @@ fn cut_off_error() -> ProposeError {
     ProposeError::Unavailable("this node lost contact with a quorum of the group; retry with the same key".into())
 }
 
-/// Where an append-entries call's entries start, if not right after its
-/// `prev_log_id`: (the first entry's index, the index expected).
+/// The first of an append-entries call's entries out of place, if any, as
+/// (its index, the index it should have): the entries must run on from
+/// `prev_log_id` with no gap.
 ///
 /// A leader's replication stream can read its log just after a purge
 /// removed entries it asked for; openraft 0.9 then sends the entries after
@@ -49,9 +50,11 @@ fn cut_off_error() -> ProposeError {
 /// attempt and plan the next one from its log as it is now: the entries
 /// after the purge, or a snapshot.
 pub(crate) fn unmoored_entries(rpc: &openraft::raft::AppendEntriesRequest<TypeConfig>) -> Option<(u64, u64)> {
-    let first = rpc.entries.first()?.log_id.index;
-    let expected = rpc.prev_log_id.map_or(0, |prev| prev.index + 1);
-    (first != expected).then_some((first, expected))
+    let first = rpc.prev_log_id.map_or(0, |prev| prev.index + 1);
+    (first..)
+        .zip(&rpc.entries)
+        .find(|(expected, entry)| entry.log_id.index != *expected)
+        .map(|(expected, entry)| (entry.log_id.index, expected))
 }
 
 /// How a group's Raft instance is tuned.
@@ -664,7 +667,7 @@ impl Group {
     /// Raft, noting that a leader is alive. Every transport delivers them
     /// through here, once the node's handler has refused a call whose
     /// entries do not follow its `prev_log_id` ([`unmoored_entries`]).
-    pub async fn append_entries(
+    pub(crate) async fn append_entries(
         &self,
         rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
     ) -> Result<openraft::raft::AppendEntriesResponse<u64>, RaftError<u64>> {
@@ -1085,6 +1088,9 @@ mod tests {
         assert_eq!(unmoored_entries(&from_the_start), Some((250, 0)));
         from_the_start.entries = (0..=3).map(|index| blank_ent::<TypeConfig>(1, 1, index)).collect();
         assert_eq!(unmoored_entries(&from_the_start), None);
+        let mut holed = request(143, 144..=150);
+        holed.entries.remove(3);
+        assert_eq!(unmoored_entries(&holed), Some((148, 147)), "a hole inside the batch");
     }
 
     #[tokio::test]

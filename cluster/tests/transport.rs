@@ -1037,8 +1037,8 @@ async fn entries_that_skip_past_prev_log_id_are_refused_whole() {
         assert!(
             matches!(
                 refused,
-                TransportError::Refused { refusal: Refusal::UnmooredEntries { first, expected }, .. }
-                    if (first, expected) == (prev.index + 5, prev.index + 1)
+                TransportError::Refused { refusal: Refusal::UnmooredEntries { found, expected }, .. }
+                    if (found, expected) == (prev.index + 5, prev.index + 1)
             ),
             "{refused:?}"
         );

@@ -314,9 +314,9 @@ impl GroupHandler {
                 Ok(PeerResponse::Copy(copy))
             }
             PeerBody::AppendEntries(rpc) => match unmoored_entries(&rpc) {
-                Some((first, expected)) => {
-                    tracing::warn!(first, expected, "refused an append-entries call with a gap after prev_log_id");
-                    Err(Refusal::UnmooredEntries { first, expected })
+                Some((found, expected)) => {
+                    tracing::warn!(found, expected, "refused an append-entries call whose entries have a gap");
+                    Err(Refusal::UnmooredEntries { found, expected })
                 }
                 None => Ok(PeerResponse::AppendEntries(group.append_entries(rpc).await)),
             },

@@ -225,15 +225,15 @@ pub enum Refusal {
     /// says how. The request may have had its effect.
     #[error("peer failed to answer: {0}")]
     Failed(String),
-    /// An append-entries call whose entries start at `first`, not right
-    /// after its `prev_log_id` (at `expected`): the peer took none of it
-    /// (see `crate::group::unmoored_entries`). Last, so that the variants
-    /// before it keep their encoding.
-    #[error("append-entries whose entries start at index {first}, not at {expected} right after prev_log_id")]
+    /// An append-entries call whose entries do not run on from its
+    /// `prev_log_id` with no gap: the peer took none of it (see
+    /// `crate::group::unmoored_entries`). Last, so that the variants before
+    /// it keep their encoding.
+    #[error("append-entries with an entry at index {found} where index {expected} belongs")]
     UnmooredEntries {
-        /// The first entry's index.
-        first: u64,
-        /// The index right after `prev_log_id`.
+        /// The first entry out of place: its index.
+        found: u64,
+        /// The index that belongs there.
         expected: u64,
     },
 }
