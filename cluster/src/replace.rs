@@ -50,7 +50,8 @@
 //! for again, of whichever node leads. Its report is in the replicated
 //! state before step 1, with whether the node ends as a voter; asked
 //! again without saying, a replacement takes that from the latest one of
-//! the node on record that did not complete. Without it, a voter removed
+//! the node on record that did not complete (passing over any that could
+//! not record its start: it changed nothing). Without it, a voter removed
 //! by a run cut short would come back a learner, and the group would be a
 //! voter short for good: four voters, two of them in the zone that is
 //! lost, keep no majority. A node that is no member at all any more
@@ -210,12 +211,15 @@ fn is_last_dr_copy(node: &Node, target: u64, members: &[u64], voters: &BTreeSet<
 /// The latest replacement of `target` on record, if it did not complete
 /// and no forced failover came after it: a failover founds a group of
 /// other members, and what the replacement meant for the old one holds
-/// no more.
+/// no more. A replacement whose start could not be recorded is passed
+/// over: it changed nothing, and the one before it still says what the
+/// node is to be (seed 23500047: found first, it left the voter a
+/// learner).
 fn unfinished_replacement(node: &Node, target: u64) -> Option<DrillReport> {
     let reports = drill::reports(node);
     let latest = reports.into_iter().rev().find(|report| {
         (report.kind == "failover" && report.state == "completed")
-            || (report.kind == "replace-node" && report.nodes == [target])
+            || (report.kind == "replace-node" && report.nodes == [target] && report.voter_after.is_some())
     })?;
     (latest.kind == "replace-node" && latest.state != "completed").then_some(latest)
 }

@@ -62,6 +62,50 @@ fn a_voter_a_replacement_left_outside_the_group_on_its_log_is_added_back_a_voter
     });
 }
 
+/// A replacement whose start could not be recorded changed nothing, and
+/// says nothing of the node's role: asked again without the role, of the
+/// same leader, the replacement finishes what the run cut short before it
+/// recorded, and the voter ends a voter (seed 23500047, where it ended a
+/// learner).
+#[test]
+fn a_replacement_never_recorded_leaves_the_role_to_the_one_before_it() {
+    sim::scripted(7, |world| async move {
+        let first = a_leader(&world).await;
+        let target = voter_to_replace(&world, &first);
+        world.crash(target).await;
+        let report = first.start_replace(target, None, "test").await.expect("a silent voter is replaced");
+        added_back(&first, report.id).await;
+
+        // The primary's nodes restart cut off from the DR region: their
+        // leader, not having heard from another region since it started,
+        // takes no writes, and records no replacement.
+        let (primary, dr) = (world.region("primary"), world.region("dr"));
+        let between = || primary.iter().flat_map(|&p| dr.iter().flat_map(move |&d| [(p, d), (d, p)]));
+        for &id in &primary {
+            world.crash(id).await;
+        }
+        between().for_each(|(from, to)| world.net.cut(from, to));
+        for &id in primary.iter().filter(|&&id| id != target) {
+            world.start(id).await.expect("the node restarts on its disk");
+        }
+        let second = a_leader(&world).await;
+        let unrecorded = second.start_replace(target, None, "test").await.expect("the replacement is planned");
+        let unrecorded = ended(&second, unrecorded.id).await;
+        assert_eq!((unrecorded.state.as_str(), unrecorded.voter_after), ("failed", None), "{unrecorded:?}");
+
+        between().for_each(|(from, to)| world.net.uncut(from, to));
+        world.start(target).await.expect("the node starts on its log, a learner");
+        until("the leader takes writes again", || {
+            second.group().status().role == "leader" && !second.group().is_cut_off()
+        })
+        .await;
+        let report = second.start_replace(target, None, "test").await.expect("the replacement is asked again");
+        let report = ended(&second, report.id).await;
+        assert_eq!((report.state.as_str(), report.voter_after), ("completed", Some(true)), "{report:?}");
+        assert!(voters(&second).contains(&target), "a voter again, as the first run recorded");
+    });
+}
+
 /// A node outside the group that no replacement on record took out did
 /// not leave through one: its copy is not given up for it.
 #[test]
