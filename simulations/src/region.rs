@@ -250,15 +250,14 @@ async fn fail_over(world: &World, mut racing: bool) -> Result<Failover, String> 
         if let Some(failover) = promoted(world) {
             return Ok(failover);
         }
-        let mut candidates: Vec<(u64, Node)> = world
+        let mut candidates: Vec<(u64, Node, u64)> = world
             .region(DR)
             .into_iter()
-            .filter_map(|id| world.node(id))
-            .map(|node| (node.group().status().applied_index, node))
+            .filter_map(|id| world.node(id).map(|node| (node.group().status().applied_index, node, world.life(id))))
             .collect();
-        candidates.sort_by_key(|(applied, node)| (std::cmp::Reverse(*applied), node.id()));
+        candidates.sort_by_key(|(applied, node, _)| (std::cmp::Reverse(*applied), node.id()));
         if std::mem::take(&mut racing) {
-            for (_, node) in candidates.iter().skip(1) {
+            for (_, node, _) in candidates.iter().skip(1) {
                 let (node, trace) = (node.clone(), world.trace.clone());
                 actix_rt::spawn(async move {
                     match node.start_failover(DR, "a second operator").await {
@@ -272,8 +271,7 @@ async fn fail_over(world: &World, mut racing: bool) -> Result<Failover, String> 
                 });
             }
         }
-        for (_, node) in candidates {
-            let life = world.life(node.id());
+        for (_, node, life) in candidates {
             match node.start_failover(DR, "simulator").await {
                 Ok(report) => {
                     world.trace.event(format!("failover {} forced on node {}", report.id, node.id()));

@@ -91,9 +91,14 @@ struct Machine {
     disk_lost: bool,
     /// The running node; `None` while it is down or starting.
     node: Option<Node>,
-    /// A start is under way (opening the database, starting Raft): a second
-    /// start must not put two processes on one disk.
-    starting: bool,
+    /// A start is under way (opening the database, starting Raft), for
+    /// this life of the node on the network: a second start must not put
+    /// two processes on one disk. A cut ends that life, and the start
+    /// with it.
+    starting: Option<u64>,
+    /// A start was asked for while one was under way since the last cut:
+    /// if that one was cut, it is made again.
+    start_asked: bool,
     /// Starts so far.
     lives: u32,
 }
@@ -153,7 +158,8 @@ impl World {
                     lost: false,
                     disk_lost: false,
                     node: None,
-                    starting: false,
+                    starting: None,
+                    start_asked: false,
                     lives: 0,
                 };
                 (id, machine)
@@ -241,9 +247,10 @@ impl World {
         (self.life(id) == life).then_some(answer)
     }
 
-    /// Whether node `id` is up or starting.
+    /// Whether node `id` is up or starting (and not cut since).
     pub fn is_up(&self, id: u64) -> bool {
-        self.machines.borrow().get(&id).is_some_and(|m| m.node.is_some() || m.starting)
+        let life = self.net.life(id);
+        self.machines.borrow().get(&id).is_some_and(|m| m.node.is_some() || m.starting == Some(life))
     }
 
     /// Moves node `id`'s clock by `delta_ms`.
@@ -260,53 +267,63 @@ impl World {
     /// Starts node `id` from what its disk holds (nothing, the first time;
     /// the lowest id then bootstraps the cluster).
     pub async fn start(&self, id: u64) -> Result<(), String> {
-        let (disk, clock, fence, bootstrap, join) = {
+        loop {
+            let (disk, clock, fence, bootstrap, join, life) = {
+                let mut machines = self.machines.borrow_mut();
+                let machine = machines.get_mut(&id).expect("a node of the topology");
+                if machine.node.is_some() {
+                    return Ok(());
+                }
+                if machine.starting.is_some() {
+                    machine.start_asked = true;
+                    return Ok(());
+                }
+                if machine.disk.is_failing() {
+                    // It comes up when its disk heals (see the DiskFails fault).
+                    self.trace.event(format!("node {id} stays down: its disk fails"));
+                    return Ok(());
+                }
+                if machine.lost {
+                    self.trace.event(format!("node {id} stays down: its region is lost"));
+                    return Ok(());
+                }
+                if machine.disk_lost {
+                    self.trace.event(format!("node {id} stays down: its disk is being replaced"));
+                    return Ok(());
+                }
+                let life = self.net.life(id);
+                machine.starting = Some(life);
+                machine.start_asked = false;
+                machine.lives += 1;
+                // What it heard of before still holds; nothing confirms it yet.
+                machine.fence = machine.fence.restarted();
+                let bootstrap = machine.lives == 1 && !machine.join && self.topology.bootstrapper() == Some(id);
+                (machine.disk.clone(), machine.clock.clone(), machine.fence.clone(), bootstrap, machine.join, life)
+            };
+            let started = self.open(id, disk, clock, fence, bootstrap, join).await;
             let mut machines = self.machines.borrow_mut();
-            let machine = machines.get_mut(&id).expect("a node of the topology");
-            if machine.node.is_some() || machine.starting {
+            let machine = machines.get_mut(&id).expect("checked");
+            machine.starting = None;
+            if self.net.life(id) != life {
+                // Cut while it opened (its disk, retired, may have failed
+                // it first): that life is over before it began. A start
+                // asked for since the cut is made now.
+                if let Ok((node, _)) = started {
+                    tokio::spawn(async move {
+                        let _ = node.group().raft().shutdown().await;
+                    });
+                }
+                if std::mem::take(&mut machine.start_asked) {
+                    continue;
+                }
                 return Ok(());
             }
-            if machine.disk.is_failing() {
-                // It comes up when its disk heals (see the DiskFails fault).
-                self.trace.event(format!("node {id} stays down: its disk fails"));
-                return Ok(());
-            }
-            if machine.lost {
-                self.trace.event(format!("node {id} stays down: its region is lost"));
-                return Ok(());
-            }
-            if machine.disk_lost {
-                self.trace.event(format!("node {id} stays down: its disk is being replaced"));
-                return Ok(());
-            }
-            machine.starting = true;
-            machine.lives += 1;
-            // What it heard of before still holds; nothing confirms it yet.
-            machine.fence = machine.fence.restarted();
-            let bootstrap = machine.lives == 1 && !machine.join && self.topology.bootstrapper() == Some(id);
-            (machine.disk.clone(), machine.clock.clone(), machine.fence.clone(), bootstrap, machine.join)
-        };
-        let life = self.net.life(id);
-        let started = self.open(id, disk.clone(), clock, fence, bootstrap, join).await;
-        let mut machines = self.machines.borrow_mut();
-        let machine = machines.get_mut(&id).expect("checked");
-        machine.starting = false;
-        if self.net.life(id) != life {
-            // Cut while it opened: that life is over before it began (its
-            // disk may have failed it first).
-            disk.crash();
-            if let Ok((node, _)) = started {
-                tokio::spawn(async move {
-                    let _ = node.group().raft().shutdown().await;
-                });
-            }
+            let (node, handler) = started?;
+            self.net.attach(id, handler);
+            machine.node = Some(node);
+            self.trace.event(format!("node {id} up"));
             return Ok(());
         }
-        let (node, handler) = started?;
-        self.net.attach(id, handler);
-        machine.node = Some(node);
-        self.trace.event(format!("node {id} up"));
-        Ok(())
     }
 
     /// Opens node `id`'s database and group and assembles the node, with
@@ -367,9 +384,11 @@ impl World {
             let mut machines = self.machines.borrow_mut();
             let machine = machines.get_mut(&id).expect("a node of the topology");
             let node = machine.node.take();
-            if node.is_none() && !machine.starting {
+            if node.is_none() && machine.starting != Some(self.net.life(id)) {
                 return;
             }
+            // A start asked for before the cut is not for the next life.
+            machine.start_asked = false;
             machine.disk.crash();
             // What the dead life learns from here on is not on its disk.
             machine.fence = machine.fence.restarted();
