@@ -122,7 +122,8 @@ pub struct DrillReport {
     /// A node replacement: whether the node ends as a voter. Recorded
     /// before anything changes, so that asking again after a run was cut
     /// short finishes what it meant to do. `None` once a run could not
-    /// record its start: it changed nothing and says nothing of the role.
+    /// record its start: it changed nothing and says nothing of the role
+    /// (and on a report recorded before Surge kept this).
     #[serde(default)]
     pub voter_after: Option<bool>,
 }

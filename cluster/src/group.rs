@@ -664,9 +664,10 @@ impl Group {
     }
 
     /// Hands a leader's append-entries call (replication or heartbeat) to
-    /// Raft, noting that a leader is alive. Every transport delivers them
-    /// through here, once the node's handler has refused a call whose
-    /// entries do not follow its `prev_log_id` ([`unmoored_entries`]).
+    /// Raft, noting that a leader is alive. The node's handler
+    /// (`GroupHandler`) delivers them through here, once it has refused a
+    /// call whose entries do not run on from its `prev_log_id`
+    /// ([`unmoored_entries`]).
     pub(crate) async fn append_entries(
         &self,
         rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,

@@ -219,7 +219,9 @@ fn unfinished_replacement(node: &Node, target: u64) -> Option<DrillReport> {
     let reports = drill::reports(node);
     let latest = reports.into_iter().rev().find(|report| {
         (report.kind == "failover" && report.state == "completed")
-            || (report.kind == "replace-node" && report.nodes == [target] && report.voter_after.is_some())
+            || (report.kind == "replace-node"
+                && report.nodes == [target]
+                && (report.voter_after.is_some() || report.state == "completed"))
     })?;
     (latest.kind == "replace-node" && latest.state != "completed").then_some(latest)
 }
