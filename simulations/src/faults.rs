@@ -209,7 +209,9 @@ pub fn leader(world: &World) -> Option<cluster::Node> {
 /// `id`'s new disk is in from `disk_in_at_ms`.
 async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
     let mut voter = was_voter(world, id);
-    let mut asked: Option<(cluster::Node, u64)> = None;
+    // The replacement asked for: its coordinator, in the life it was asked
+    // in, and its id.
+    let mut asked: Option<(cluster::Node, u64, u64)> = None;
     let mut started = false;
     // Once a replacement started, asking again says nothing of the role:
     // the one cut short recorded it (docs/operations.md).
@@ -234,7 +236,13 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
             let _ = world.start_wiped(id).await;
             return;
         }
-        let report = asked.as_ref().and_then(|(coordinator, report)| coordinator.drill_report(*report));
+        // A coordinator that went down since took its report with it, even
+        // if its dead life still shows one (seed 43001350: it showed
+        // "running" for good, and nobody asked again).
+        let report = asked
+            .as_ref()
+            .filter(|(coordinator, life, _)| world.life(coordinator.id()) == *life)
+            .and_then(|(coordinator, _, report)| coordinator.drill_report(*report));
         completed |= report.as_ref().is_some_and(|report| report.state == "completed");
         if first_started {
             // A switchover since the first replacement started moved every
@@ -263,27 +271,40 @@ async fn replace_disk(world: &World, id: u64, disk_in_at_ms: u64) {
                 // a voter a learner since the disk was lost.
                 voter = was_voter(world, id);
             }
-            asked = match leader(world) {
-                Some(leader) => match leader.start_replace(id, (!first_started).then_some(voter), "simulator").await {
-                    Ok(report) => {
-                        if !first_started {
-                            // As the leader that took the request has them.
-                            switchovers_then = completed_switchovers(leader.drill_reports())
-                                .map(|report| drill_key(&report))
-                                .collect();
+            let role = (!first_started).then_some(voter);
+            let coordinator = leader(world).map(|leader| (world.life(leader.id()), leader));
+            asked = match coordinator {
+                // What a coordinator that went down before it answered said
+                // is lost with the connection.
+                Some((life, leader)) => {
+                    match world
+                        .ask(leader.id(), |node| async move { node.start_replace(id, role, "simulator").await })
+                        .await
+                    {
+                        None => {
+                            world.trace.event(format!("replacement of node {id}: node {} went down", leader.id()));
+                            None
                         }
-                        first_started = true;
-                        world.trace.event(format!(
-                            "replacement {} of node {id} started by node {}",
-                            report.id, report.coordinator
-                        ));
-                        Some((leader, report.id))
+                        Some(Ok(report)) => {
+                            if !first_started {
+                                // As the leader that took the request has them.
+                                switchovers_then = completed_switchovers(leader.drill_reports())
+                                    .map(|report| drill_key(&report))
+                                    .collect();
+                            }
+                            first_started = true;
+                            world.trace.event(format!(
+                                "replacement {} of node {id} started by node {}",
+                                report.id, report.coordinator
+                            ));
+                            Some((leader, life, report.id))
+                        }
+                        Some(Err(error)) => {
+                            world.trace.event(format!("replacement of node {id} not started: {error}"));
+                            None
+                        }
                     }
-                    Err(error) => {
-                        world.trace.event(format!("replacement of node {id} not started: {error}"));
-                        None
-                    }
-                },
+                }
                 None => None,
             };
         }
